@@ -1,0 +1,26 @@
+"""lexport: export a PyTorch Lightning checkpoint to a deployment artifact and verify it computes the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["export", "ExportOptions", "Report", "LexportError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing the package (and `lexport --help`) must not import torch.
+    if name in ("export", "ExportOptions", "run"):
+        from . import core
+
+        return getattr(core, name)
+    if name == "Report":
+        from .report import Report
+
+        return Report
+    if name == "LexportError":
+        from .errors import LexportError
+
+        return LexportError
+    raise AttributeError(f"module 'lightning_export' has no attribute {name!r}")

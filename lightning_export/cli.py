@@ -1,0 +1,286 @@
+"""The `lexport` command: parse flags → ExportOptions → core.run → render. No torch at import time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_CODES, LexportError, UsageError
+from .formats import REGISTRY
+
+_FORMATS_HELP = "; ".join(f"{f.name} ({f.suffix})" for f in REGISTRY.values())
+_EXIT_HELP = "\n\n".join(f"{code}  {text}" for code, text in EXIT_CODES.items())
+
+EPILOG = f"""Examples:
+
+  lexport run.ckpt --module pkg.models:MyModule --attr model --to onnx
+
+  lexport run.ckpt --to safetensors --attr model   (no user code imported)
+
+  lexport run.ckpt --config lightning_logs/version_0/config.yaml --to exported-program --dynamic-batch
+
+Exit codes:
+
+{_EXIT_HELP}
+
+Set LEXPORT_DEBUG=1 for full tracebacks."""
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+stderr = Console(stderr=True, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lexport {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command(
+    help="Export a PyTorch Lightning checkpoint to a deployment artifact and verify that it computes what the "
+    f"module computes. Formats: {_FORMATS_HELP}.",
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+def lexport(
+    checkpoint: Annotated[Path, typer.Argument(help="Lightning .ckpt file, or a file holding a plain state dict.")],
+    to: Annotated[list[str], typer.Option("--to", "-t", help=f"Format to write (repeatable): {', '.join(REGISTRY)}.")] = [],  # noqa: B006
+    module: Annotated[Optional[str], typer.Option("--module", "-m", help="LightningModule class: pkg.mod:Class, pkg.mod.Class or path/to/file.py:Class. Optional for state-dict and safetensors.")] = None,  # noqa: E501
+    attr: Annotated[Optional[str], typer.Option("--attr", "-a", help="Dotted path of the submodule to export (model, encoder, heads.cls). Default: the whole LightningModule.")] = None,  # noqa: E501
+    config: Annotated[Optional[Path], typer.Option(help="LightningCLI config.yaml: its model: section gives the class and init args.")] = None,  # noqa: E501
+    init_arg: Annotated[list[str], typer.Option("--init-arg", help="KEY=VALUE constructor argument (VALUE is YAML); repeatable; overrides the checkpoint's hyper_parameters.")] = [],  # noqa: B006,E501
+    init_args: Annotated[Optional[Path], typer.Option("--init-args", help="YAML/JSON file of constructor arguments; {class_path, init_args} values are instantiated.")] = None,  # noqa: E501
+    input_spec: Annotated[list[str], typer.Option("--input", help="DTYPE[D0,D1,...] per forward argument, e.g. float32[2,10]; repeatable. Default: example_input_array.")] = [],  # noqa: B006,E501
+    example_inputs: Annotated[Optional[Path], typer.Option(help=".pt file with a tensor, a tuple of args (nesting allowed) or a dict of kwargs.")] = None,  # noqa: E501
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make dim 0 of every input dynamic (onnx, exported-program); verified at another batch size.")] = False,  # noqa: E501
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (one format only).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Output directory; files are named <checkpoint stem><suffix>. Default: beside the checkpoint.")] = None,  # noqa: E501
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing outputs.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify every artifact against the eager module.")] = True,  # noqa: E501
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep an artifact that failed verification, as NAME.FAILED.<suffix>.")] = False,  # noqa: E501
+    atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default per format: torchscript and exported-program 1e-5, onnx 1e-4).")] = None,  # noqa: E501
+    rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default per format: torchscript and exported-program 1e-5, onnx 1e-3).")] = None,  # noqa: E501
+    seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+    random_inputs: Annotated[int, typer.Option(help="Random inputs checked besides the example.", min=0)] = 5,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset version (default: the exporter's).")] = None,
+    torchscript_mode: Annotated[str, typer.Option(help="trace or script.")] = "trace",
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint fully. This RUNS CODE FROM THE FILE: only for files you trust.")] = False,  # noqa: E501
+    allow_global: Annotated[list[str], typer.Option("--allow-global", help="Allow one class in the checkpoint (pkg.mod.Name) for the safe loader; repeatable.")] = [],  # noqa: B006,E501
+    strict_finite: Annotated[bool, typer.Option("--strict-finite", help="NaN/Inf in weights or example outputs is an error (exit 4), not a warning.")] = False,  # noqa: E501
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout and nothing else there.")] = False,  # noqa: E501
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
+) -> None:
+    from .model import parse_init_arg
+
+    debug = os.environ.get("LEXPORT_DEBUG", "") not in ("", "0")
+    show = not quiet and not json_out
+    report = None
+    code = 0
+    try:
+        from .core import ExportOptions, run
+
+        opts = ExportOptions(
+            checkpoint=checkpoint,
+            formats=tuple(to),
+            module=module,
+            attr=attr,
+            config=config,
+            init_args=tuple(parse_init_arg(item) for item in init_arg),
+            init_args_file=init_args,
+            inputs=tuple(input_spec),
+            example_inputs=example_inputs,
+            dynamic_batch=dynamic_batch,
+            output=output,
+            output_dir=output_dir,
+            force=force,
+            verify=verify,
+            keep_failed=keep_failed,
+            atol=atol,
+            rtol=rtol,
+            seed=seed,
+            random_inputs=random_inputs,
+            opset=opset,
+            torchscript_mode=torchscript_mode,
+            trust_checkpoint=trust_checkpoint,
+            allow_globals=tuple(allow_global),
+            strict_finite=strict_finite,
+        )
+        with _Steps(stderr if show else None) as steps:
+            report = run(opts, progress=steps.step)
+    except LexportError as e:
+        report = e.report
+        code = e.exit_code
+        if debug:
+            stderr.print_exception()
+        if report is not None and show:
+            _render(report)
+        if not json_out or code == 2 and report is None:
+            _print_error(e)
+        if json_out and report is None:
+            report_json: dict[str, Any] = {"ok": False, "error": {"code": code, "kind": e.kind, "message": str(e)}}
+            print(json.dumps(report_json, indent=2))
+            raise typer.Exit(code) from None
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]: no output was written")
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - a bug in lexport: say so, exit 70
+        if debug:
+            raise
+        stderr.print(f"[red]internal error[/red] {type(e).__name__}: {e}", markup=True)
+        stderr.print("This is a bug in lexport. Re-run with LEXPORT_DEBUG=1 and report the traceback.")
+        raise typer.Exit(70) from None
+    else:
+        if show:
+            _render(report)
+    if json_out and report is not None:
+        print(json.dumps(report.to_json(), indent=2))
+    raise typer.Exit(code)
+
+
+def _print_error(e: LexportError) -> None:
+    stderr.print(f"[bold red]error[/bold red] ({e.kind}, exit {e.exit_code}): ", end="")
+    stderr.print(e.message, markup=False)
+    if e.hint:
+        stderr.print(e.hint, markup=False, style="dim")
+
+
+class _Steps:
+    """A live status line per step with elapsed time on a terminal; one line per finished step otherwise."""
+
+    def __init__(self, console: Console | None) -> None:
+        self.console = console
+
+    def __enter__(self) -> "_Steps":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        if self.console is None:
+            yield
+            return
+        started = time.perf_counter()
+        if self.console.is_terminal:
+            with self.console.status(f"{label} …") as status:
+                with _ticker(status, label, started):
+                    yield
+        else:
+            yield
+        self.console.print(f"[green]✓[/green] {label} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+
+
+@contextlib.contextmanager
+def _ticker(status: Any, label: str, started: float) -> Iterator[None]:
+    import threading
+
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            status.update(f"{label} … {time.perf_counter() - started:.0f} s")
+
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _fmt_diff(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def _render(report: Any) -> None:
+    if not report.artifacts:
+        return
+    table = Table(title="lexport", title_justify="left")
+    for col in ("format", "path", "size", "exporter", "max abs diff", "verdict"):
+        table.add_column(col)
+    for a in report.artifacts:
+        v = a.verification
+        if a.error:
+            verdict = f"[red]✗ {a.error['kind']} error[/red]"
+        elif v is None:
+            verdict = "[yellow]not verified[/yellow]"
+        elif v.passed:
+            verdict = f"[green]✓ {v.inputs_checked} inputs[/green]" if v.atol is not None else "[green]✓ bit-exact[/green]"
+        else:
+            verdict = "[red]✗ FAILED[/red]"
+        table.add_row(
+            a.format,
+            a.path or "[dim](not written)[/dim]",
+            _fmt_bytes(a.bytes),
+            a.exporter or "-",
+            _fmt_diff(v.max_abs_diff) if v and v.atol is not None else "-",
+            verdict,
+        )
+    stderr.print(table)
+    details = Table(title="outputs", title_justify="left")
+    for col in ("format", "output", "shape", "max abs diff", "max rel diff", "atol / rtol", "verdict"):
+        details.add_column(col)
+    rows = 0
+    for a in report.artifacts:
+        v = a.verification
+        if v is None:
+            continue
+        for o in v.outputs:
+            rows += 1
+            details.add_row(
+                a.format,
+                o.name,
+                str(list(o.shape)),
+                _fmt_diff(o.max_abs_diff),
+                _fmt_diff(o.max_rel_diff),
+                f"{v.atol:g} / {v.rtol:g}",
+                "[green]✓[/green]" if o.passed else f"[red]✗[/red] {o.problem or ''}",
+            )
+    if rows:
+        stderr.print(details)
+    for a in report.artifacts:
+        if a.error:
+            stderr.print(f"[red]{a.format}[/red]: {a.error['message']}", markup=True, highlight=False)
+        if a.verification:
+            for p in a.verification.problems:
+                stderr.print(f"[red]{a.format}[/red]: {p}")
+        for n in a.notes:
+            stderr.print(f"[dim]{a.format}: {n}[/dim]")
+    for n in report.notes:
+        stderr.print(f"[dim]note: {n}[/dim]")
+    for w in report.warnings:
+        stderr.print(f"[yellow]warning[/yellow]: {w}")
+
+
+def main() -> None:
+    try:
+        app(prog_name="lexport")
+    except UsageError as e:  # pragma: no cover - raised only before typer runs
+        _print_error(e)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""The pipeline: load once, build once, reference outputs once, then write → verify → publish per format."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+from . import outputs
+from .errors import ExportError, LexportError, OutputError, UsageError, UserModuleError, VerificationError
+from .report import ArtifactResult, Report, versions
+
+DEFAULT_RANDOM_INPUTS = 5
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of a run; the CLI builds one of these and calls `run`."""
+
+    checkpoint: Path
+    formats: tuple[str, ...] = ("state-dict",)
+    module: str | None = None
+    attr: str | None = None
+    config: Path | None = None
+    init_args: tuple[tuple[str, Any], ...] = ()
+    init_args_file: Path | None = None
+    inputs: tuple[str, ...] = ()
+    example_inputs: Path | None = None
+    dynamic_batch: bool = False
+    output: Path | None = None
+    output_dir: Path | None = None
+    force: bool = False
+    verify: bool = True
+    keep_failed: bool = False
+    atol: float | None = None
+    rtol: float | None = None
+    seed: int = 0
+    random_inputs: int = DEFAULT_RANDOM_INPUTS
+    opset: int | None = None
+    torchscript_mode: str = "trace"
+    trust_checkpoint: bool = False
+    allow_globals: tuple[str, ...] = ()
+    strict_finite: bool = False
+    meta_build: bool = True
+
+
+Step = Callable[[str], ContextManager[Any]]
+
+
+@contextlib.contextmanager
+def _no_status(label: str) -> Iterator[None]:
+    yield
+
+
+def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None, **options: Any) -> Report:
+    """Export a Lightning checkpoint; returns the Report, raises a LexportError (with `.report`) on failure.
+
+    Options are the fields of ExportOptions, e.g. ``export("m.ckpt", module="pkg:M", attr="model",
+    formats=("onnx",))``.
+    """
+    if isinstance(options.get("formats"), str):
+        options["formats"] = (options["formats"],)
+    for key in ("formats", "inputs", "allow_globals"):
+        if key in options:
+            options[key] = tuple(options[key])
+    if isinstance(options.get("init_args"), dict):
+        options["init_args"] = tuple(options["init_args"].items())
+    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
+    try:
+        opts = ExportOptions(checkpoint=Path(checkpoint), **options)
+    except TypeError as e:
+        raise UsageError(str(e)) from e
+    return run(opts, progress=progress)
+
+
+def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
+    report = Report(module=opts.module, attr=opts.attr, versions=versions())
+    try:
+        _run(opts, report, progress or _no_status)
+    except LexportError as e:
+        e.report = report
+        report.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
+        raise
+    failed = [a for a in report.artifacts if not a.ok]
+    if failed:
+        first = failed[0]
+        if first.error:
+            err: LexportError = ExportError(first.error["message"])
+            err.exit_code = first.error["code"]
+            err.kind = first.error["kind"]
+        else:
+            err = VerificationError(
+                "verification failed for " + ", ".join(a.format for a in failed if a.error is None),
+            )
+        err.report = report
+        report.error = {"code": err.exit_code, "kind": err.kind, "message": str(err)}
+        raise err
+    return report
+
+
+def _run(opts: ExportOptions, report: Report, step: Step) -> None:
+    from .formats import get_format
+    from .inputs import parse_input_spec
+
+    # Everything a user can get wrong in flags fails before any slow work.
+    if not opts.formats:
+        raise UsageError("nothing to do: pass --to FORMAT (state-dict, safetensors, torchscript, onnx, ...)")
+    formats = [get_format(name) for name in dict.fromkeys(opts.formats)]
+    outputs.validate_output_flags(opts.output, [f.name for f in formats])
+    specs = [parse_input_spec(s) for s in opts.inputs]
+    if specs and opts.example_inputs:
+        raise UsageError("pass either --input or --example-inputs, not both")
+    if opts.torchscript_mode not in ("trace", "script"):
+        raise UsageError(f"--torchscript-mode must be 'trace' or 'script', not {opts.torchscript_mode!r}")
+    if opts.attr is not None and (not opts.attr or any(not p for p in opts.attr.split("."))):
+        raise UsageError(f"--attr {opts.attr!r} is not a dotted path such as 'model' or 'encoder.blocks.0'")
+    ckpt_path = opts.checkpoint
+    if opts.output_dir is not None and not opts.output_dir.exists():
+        try:
+            opts.output_dir.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"cannot create --output-dir {opts.output_dir}: {e.strerror or e}") from e
+    destinations = {
+        f.name: outputs.output_path(ckpt_path, f.suffix, opts.output, opts.output_dir) for f in formats
+    }
+    for dest in destinations.values():
+        outputs.check_destination(dest, ckpt_path, force=opts.force)
+    graph = [f for f in formats if f.kind == "graph"]
+    wants_module = opts.module or opts.config or any(f.needs_module for f in formats)
+
+    from .checkpoint import load_checkpoint
+
+    with step("loading checkpoint"):
+        ckpt = load_checkpoint(ckpt_path, trust=opts.trust_checkpoint, allow_globals=opts.allow_globals)
+    report.checkpoint = {
+        "path": str(ckpt_path),
+        "sha256": None,
+        "lightning_version": ckpt.lightning_version,
+        "epoch": ckpt.epoch,
+        "global_step": ckpt.global_step,
+        "plain_state_dict": ckpt.plain,
+        "tensors": len(ckpt.state_dict),
+    }
+
+    from .formats import ExportContext
+
+    if wants_module:
+        with step("building module"):
+            built = _build(opts, ckpt, report)
+        target, state_dict = built.target, built.state_dict
+        report.notes.extend(built.notes)
+    else:
+        from .model import strip_prefix
+
+        target = None
+        state_dict = strip_prefix(ckpt.state_dict, f"{opts.attr}." if opts.attr else "")
+        if opts.attr and not state_dict:
+            prefixes = sorted({k.split(".", 1)[0] for k in ckpt.state_dict})
+            raise UserModuleError(
+                f"--attr {opts.attr!r}: no tensors in the checkpoint start with {opts.attr + '.'!r}",
+                hint=f"Top-level prefixes in the checkpoint: {', '.join(prefixes)}",
+            )
+    _check_finite_weights(state_dict, opts, report)
+
+    example = None
+    refs: _References | None = None
+    if graph:
+        with step("running the module on the example inputs"):
+            example = _example_inputs(opts, specs, target, built.module)
+            refs = _References(target, example, opts)
+            _check_finite_outputs(refs.get(0), opts, report)
+
+    ctx = ExportContext(
+        target=target,
+        state_dict=state_dict,
+        example=example,
+        is_lightning_module=target is not None and opts.attr is None,
+        opset=opts.opset,
+        dynamic_batch=opts.dynamic_batch,
+        torchscript_mode=opts.torchscript_mode,
+    )
+    if any(f.kind == "weights" for f in formats):
+        needed = sum(t.numel() * t.element_size() for t in state_dict.values())
+        outputs.check_free_space(Path(destinations[formats[0].name]).parent, needed)
+    for d in {dest.parent for dest in destinations.values()}:
+        outputs.remove_stale_temp_dirs(d)
+    with outputs.TerminateOnSignal():
+        for fmt in formats:
+            result = ArtifactResult(format=fmt.name)
+            report.artifacts.append(result)
+            with step(f"exporting {fmt.name}"):
+                _export_one(fmt, ctx, destinations[fmt.name], opts, refs, result)
+    report.checkpoint["sha256"] = ckpt.sha256
+
+
+def _build(opts: ExportOptions, ckpt: Any, report: Report) -> Any:
+    from . import model
+
+    class_path = opts.module
+    supplied: dict[str, Any] = {}
+    if opts.config:
+        cfg_class, cfg_args = model.config_model_section(opts.config)
+        class_path = class_path or cfg_class
+        supplied.update(cfg_args)
+    if opts.init_args_file:
+        supplied.update(model.load_args_file(opts.init_args_file, flag="--init-args"))
+    supplied.update(dict(opts.init_args))
+    if class_path is None:
+        named = ckpt.hparams.get("_class_path")
+        if named and opts.trust_checkpoint:
+            class_path = str(named)
+        else:
+            needs = ", ".join(f"--to {n}" for n in opts.formats)
+            hint = (
+                f"The checkpoint names its class: pass --module {named!r} (lexport never imports a class named "
+                "inside a checkpoint on its own)."
+                if named
+                else "Pass --module pkg.module:YourLightningModule (or --config config.yaml from LightningCLI)."
+            )
+            raise UsageError(f"{needs} needs the LightningModule class", hint=hint)
+    report.module = class_path
+    cls = model.resolve_class(class_path)
+    kwargs = model.constructor_arguments(cls, ckpt.hparams, ckpt.raw, supplied, trust=opts.trust_checkpoint)
+    built = model.build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
+    built.module.eval()
+    return built
+
+
+def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightning_module: Any) -> Any:
+    from . import inputs
+
+    if specs:
+        return inputs.from_specs(specs, opts.seed)
+    if opts.example_inputs:
+        return inputs.from_file(opts.example_inputs)
+    example = inputs.from_module(target, lightning_module)
+    if example is None:
+        raise UsageError(
+            f"no example inputs for {type(target).__name__}.forward: it has no example_input_array",
+            hint="Pass one --input DTYPE[D0,D1,...] per forward argument, e.g. --input float32[2,10], "
+            "or --example-inputs FILE (.pt).",
+        )
+    return example
+
+
+class _References:
+    """Input sets for verification and the eager outputs on each, computed once and shared by all formats."""
+
+    def __init__(self, target: Any, example: Any, opts: ExportOptions) -> None:
+        from . import inputs
+
+        self.target = target
+        self.sets = [example] + [inputs.random_like(example, opts.seed + i) for i in range(1, opts.random_inputs + 1)]
+        self.labels = ["example input"] + [f"random input {i}" for i in range(1, opts.random_inputs + 1)]
+        self.dynamic_set: Any = None
+        b = inputs.batch_size(example)
+        if opts.dynamic_batch and b is not None:
+            self.dynamic_set = inputs.random_like(example, opts.seed + 1000, batch=b + 1)
+        self._cache: dict[int, Any] = {}
+
+    def get(self, i: int) -> Any:
+        from .inputs import run_forward
+
+        if i not in self._cache:
+            data = self.sets[i] if i >= 0 else self.dynamic_set
+            self._cache[i] = _detach(run_forward(self.target, data))
+        return self._cache[i]
+
+    def runs(self, dynamic: bool) -> list[tuple[str, Any, Any]]:
+        out = [(label, data, self.get(i)) for i, (label, data) in enumerate(zip(self.labels, self.sets))]
+        if dynamic and self.dynamic_set is not None:
+            out.append((f"batch of {self.dynamic_set.tensors()[0].shape[0]}", self.dynamic_set, self.get(-1)))
+        return out
+
+
+def _detach(value: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    def clone(x: Any) -> Any:
+        return x.detach().clone() if hasattr(x, "detach") else x
+
+    return tree_map(clone, value)
+
+
+def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, result: ArtifactResult) -> None:
+    from .checkpoint import file_sha256
+
+    started = time.perf_counter()
+    staging = outputs.stage(dest)
+    try:
+        try:
+            written = fmt.write(ctx, staging.path)
+        except LexportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"{fmt.name} export failed: {type(e).__name__}: {_first_line(e)}") from e
+        result.exporter = written.exporter
+        result.notes.extend(written.notes)
+        staging.fsync()
+        if opts.verify:
+            result.verification = _verify(fmt, staging.path, ctx, opts, refs)
+        passed = result.verification is None or result.verification.passed
+        files = staging.files()
+        result.bytes = sum(f.stat().st_size for f in files)
+        result.sha256 = file_sha256(files[0])
+        if passed:
+            published = staging.publish()
+        elif opts.keep_failed:
+            published = staging.publish(outputs.failed_name(dest, fmt.suffix))
+            result.notes.append("kept although verification failed (--keep-failed)")
+        else:
+            published = []
+        if published:
+            result.path = str(published[0])
+            result.companions = [str(p) for p in published[1:]]
+        if not opts.verify:
+            result.notes.append("not verified (--no-verify)")
+    except LexportError as e:
+        result.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
+    finally:
+        staging.discard()
+        result.seconds = time.perf_counter() - started
+
+
+def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> Any:
+    from .verify import Verification, compare_outputs, compare_tensor_maps
+
+    try:
+        loaded = fmt.load(path)
+    except Exception as e:  # noqa: BLE001 - an artifact its own runtime cannot load has failed verification
+        return Verification(False, 0, float("nan"), float("nan"), None, None, problems=[
+            f"{fmt.name} runtime cannot load the artifact: {type(e).__name__}: {_first_line(e)}"
+        ])
+    if fmt.kind == "weights":
+        return compare_tensor_maps(ctx.state_dict, loaded)
+    atol = opts.atol if opts.atol is not None else fmt.atol
+    rtol = opts.rtol if opts.rtol is not None else fmt.rtol
+    runs = refs.runs(dynamic=opts.dynamic_batch and fmt.name in ("onnx", "exported-program"))
+    expected, actual, labels, problems = [], [], [], []
+    for label, data, ref in runs:
+        try:
+            out = loaded(*data.args, **data.kwargs)
+        except Exception as e:  # noqa: BLE001 - the artifact fails where the module does not
+            problems.append(f"{label} ({data.describe()}): the artifact failed: {type(e).__name__}: {_first_line(e)}")
+            continue
+        expected.append(ref)
+        actual.append(out)
+        labels.append(label)
+    v = compare_outputs(expected, actual, atol=atol, rtol=rtol, labels=labels)
+    v.problems[:0] = problems
+    v.inputs_checked = len(runs)
+    v.passed = v.passed and not problems
+    return v
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:500] if lines else type(e).__name__
+
+
+def _check_finite_weights(state_dict: dict[str, Any], opts: ExportOptions, report: Report) -> None:
+    import torch
+
+    bad = []
+    for name, t in state_dict.items():
+        if t.dtype.is_floating_point and t.numel():
+            flat = t.reshape(-1)
+            for start in range(0, flat.numel(), 1 << 22):
+                if not bool(torch.isfinite(flat[start : start + (1 << 22)]).all()):
+                    bad.append(name)
+                    break
+    if bad:
+        msg = f"non-finite values (NaN or Inf) in the weights: {', '.join(bad[:10])}"
+        if opts.strict_finite:
+            raise UserModuleError(msg, hint="Drop --strict-finite to export anyway.")
+        report.warnings.append(msg)
+
+
+def _check_finite_outputs(value: Any, opts: ExportOptions, report: Report) -> None:
+    import torch
+
+    from .verify import flatten_outputs
+
+    bad = [
+        name
+        for name, t in flatten_outputs(value)
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        msg = f"the module's outputs on the example inputs are not finite: {', '.join(bad)}"
+        if opts.strict_finite:
+            raise UserModuleError(msg, hint="Drop --strict-finite to export anyway.")
+        report.warnings.append(msg)
+
+

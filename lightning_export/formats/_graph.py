@@ -1,0 +1,92 @@
+"""What every graph format shares: inference mode while exporting, quiet exporters, dynamic batch specs."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+import tempfile
+import warnings
+from typing import Any, Iterator
+
+from . import ExportContext
+
+
+@contextlib.contextmanager
+def captured_stdout() -> Iterator[list[str]]:
+    """Send fd 1 (Python prints and C++ writes alike) to a temp file; the text lands in the yielded list.
+
+    Exporters print progress on stdout, and stdout belongs to --json.
+    """
+    out: list[str] = []
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        try:
+            with contextlib.redirect_stdout(sys.stderr if False else open(os.devnull, "w")) as devnull:  # noqa: SIM115
+                try:
+                    yield out
+                finally:
+                    devnull.close()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+@contextlib.contextmanager
+def exporting(ctx: ExportContext) -> Iterator[list[str]]:
+    """Eval mode, no_grad, no MHA fast path, Lightning's trainer check off, exporter chatter captured."""
+    import torch
+
+    module = ctx.target
+    was_training = module.training
+    module.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # The fused transformer fast path (aten::_transformer_encoder_layer_fwd) cannot be exported by the
+    # TorchScript-based ONNX exporter; the unfused path computes the same thing.
+    torch.backends.mha.set_fastpath_enabled(False)
+    # Tracing a LightningModule touches its `trainer` property, which raises without a Trainer; this is
+    # the switch Lightning's own to_torchscript uses.
+    lm_cls = _lightning_base(module)
+    scripting = getattr(lm_cls, "_jit_is_scripting", None) if lm_cls else None
+    if lm_cls is not None:
+        lm_cls._jit_is_scripting = True
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), captured_stdout() as chatter:
+            warnings.simplefilter("ignore")
+            yield chatter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        if lm_cls is not None:
+            lm_cls._jit_is_scripting = scripting
+        module.train(was_training)
+
+
+def _lightning_base(module: Any) -> Any:
+    for c in type(module).__mro__:
+        if c.__name__ == "LightningModule" and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}:
+            return c
+    return None
+
+
+def dynamic_shapes_for(module: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """dim 0 of every input tensor of rank >= 1 dynamic, keyed by forward's parameter names."""
+    import torch
+    from torch.export import Dim
+    from torch.utils._pytree import tree_map
+
+    def spec(x: Any) -> Any:
+        return {0: Dim.DYNAMIC} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def tail(chatter: list[str], lines: int = 8) -> str:
+    text = "".join(chatter).strip().splitlines()
+    return "\n".join(text[-lines:])

@@ -1,0 +1,40 @@
+"""`exported-program`: torch.export.export + torch.export.save (.pt2), TorchScript's successor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import ExportContext, Format, Written, register
+from ._graph import dynamic_shapes_for, exporting
+
+
+def write(ctx: ExportContext, path: Path) -> Written:
+    import torch
+
+    ex = ctx.example
+    with exporting(ctx):
+        dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
+        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+        torch.export.save(program, str(path))
+    return Written("torch.export", [path])
+
+
+def load(path: Path) -> Any:
+    import torch
+
+    return torch.export.load(str(path)).module()
+
+
+register(
+    Format(
+        "exported-program",
+        ".pt2",
+        "graph",
+        "torch.export program (.pt2) for torch.export.load, AOTInductor, ExecuTorch",
+        write,
+        load,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+)

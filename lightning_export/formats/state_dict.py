@@ -1,0 +1,34 @@
+"""`state-dict`: torch.save of the stripped state dict, written straight from the memory-mapped tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import ExportContext, Format, Written, register
+
+
+def write(ctx: ExportContext, path: Path) -> Written:
+    import torch
+
+    torch.save(dict(ctx.state_dict), str(path))
+    return Written("torch.save", [path])
+
+
+def load(path: Path) -> Any:
+    import torch
+
+    return torch.load(str(path), weights_only=True, mmap=True, map_location="cpu")
+
+
+register(
+    Format(
+        "state-dict",
+        ".pt",
+        "weights",
+        "bare state dict for model.load_state_dict (torch.save)",
+        write,
+        load,
+        needs_module=False,
+    )
+)

@@ -1,0 +1,55 @@
+"""`torchscript`: torch.jit.trace (default) or torch.jit.script. Deprecated upstream; `exported-program` succeeds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import ExportContext, Format, Written, register
+from ._graph import exporting
+
+NOTE = "TorchScript is deprecated in torch >= 2.10; exported-program (.pt2) is its successor"
+
+
+def write(ctx: ExportContext, path: Path) -> Written:
+    import torch
+
+    with exporting(ctx):
+        if ctx.torchscript_mode == "script":
+            scripted = torch.jit.script(ctx.target)
+            exporter = "torch.jit.script"
+        else:
+            ex = ctx.example
+            scripted = torch.jit.trace(
+                ctx.target,
+                example_inputs=ex.args if ex.args else None,
+                example_kwarg_inputs=ex.kwargs or None,
+                check_trace=False,  # lexport's own verification runs on more inputs than the trace check
+                strict=False,  # allow list and dict outputs
+            )
+            exporter = "torch.jit.trace"
+        torch.jit.save(scripted, str(path))
+    return Written(exporter, [path], [NOTE])
+
+
+def load(path: Path) -> Any:
+    import torch
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+register(
+    Format(
+        "torchscript",
+        ".torchscript.pt",
+        "graph",
+        "TorchScript file for torch.jit.load / libtorch C++ (trace, or --torchscript-mode script)",
+        write,
+        load,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+)

@@ -1,0 +1,165 @@
+"""Example inputs: --input specs, --example-inputs files, example_input_array, and random inputs like them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError, UserModuleError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+_SPEC = re.compile(r"^\s*([a-z0-9]+)\s*\[\s*([0-9]+(?:\s*,\s*[0-9]+)*)?\s*\]\s*$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse `float32[2,10]`; raises UsageError with an example when malformed."""
+    m = _SPEC.match(text)
+    if not m:
+        raise UsageError(
+            f"--input {text!r} is malformed: expected DTYPE[D0,D1,...], e.g. --input float32[2,10]",
+        )
+    dtype, dims = m.group(1), m.group(2)
+    if dtype not in DTYPES:
+        raise UsageError(f"--input {text!r}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    return InputSpec(dtype, shape)
+
+
+@dataclass
+class Inputs:
+    """Positional and keyword arguments of one forward call."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def describe(self) -> str:
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        parts = [
+            f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+            for t in leaves
+        ]
+        return ", ".join(parts) or "(no inputs)"
+
+    def tensors(self) -> list[Any]:
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def from_value(value: Any) -> Inputs:
+    """Lightning's convention: a tuple/list are positional args, a dict keyword args, else one argument."""
+    if isinstance(value, dict):
+        return Inputs((), dict(value))
+    if isinstance(value, (tuple, list)):
+        return Inputs(tuple(value), {})
+    return Inputs((value,), {})
+
+
+def from_specs(specs: list[InputSpec], seed: int) -> Inputs:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    args = []
+    for spec in specs:
+        dtype = getattr(torch, spec.dtype)
+        if dtype.is_floating_point:
+            t = torch.randn(spec.shape, generator=g).to(dtype)
+        elif dtype == torch.bool:
+            t = torch.randint(0, 2, spec.shape, generator=g).bool()
+        else:
+            t = torch.randint(0, 10, spec.shape, generator=g).to(dtype)
+        args.append(t)
+    return Inputs(tuple(args), {})
+
+
+def from_file(path: str | Path) -> Inputs:
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--example-inputs {p}: file not found")
+    try:
+        value = torch.load(str(p), weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise UsageError(
+            f"--example-inputs {p}: cannot load it with weights_only ({type(e).__name__}: {str(e).splitlines()[0]})",
+            hint="Save a tensor, a tuple/list of tensors (nesting allowed) or a dict of them with torch.save.",
+        ) from e
+    return from_value(value)
+
+
+def from_module(target: Any, lightning_module: Any) -> Inputs | None:
+    for m in (target, lightning_module):
+        value = getattr(m, "example_input_array", None) if m is not None else None
+        if value is not None:
+            return from_value(value)
+    return None
+
+
+def random_like(example: Inputs, seed: int, batch: int | None = None) -> Inputs:
+    """Same structure as `example`: floats standard normal, ints uniform in the example's range, bools random.
+
+    With `batch`, dim 0 of every tensor of rank >= 1 is set to it.
+    """
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    g = torch.Generator().manual_seed(seed)
+    leaves, spec = tree_flatten((example.args, example.kwargs))
+    out = []
+    for t in leaves:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        shape = list(t.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if t.dtype.is_floating_point:
+            new = torch.randn(shape, generator=g, dtype=torch.float32).to(t.dtype)
+        elif t.dtype == torch.bool:
+            new = torch.randint(0, 2, shape, generator=g).bool()
+        elif t.dtype.is_complex:
+            new = torch.randn(shape, generator=g, dtype=t.dtype)
+        else:
+            lo = int(t.min()) if t.numel() else 0
+            hi = int(t.max()) if t.numel() else 1
+            new = torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.int64).to(t.dtype)
+        out.append(new)
+    args, kwargs = tree_unflatten(out, spec)
+    return Inputs(tuple(args), dict(kwargs))
+
+
+def batch_size(example: Inputs) -> int | None:
+    sizes = {t.shape[0] for t in example.tensors() if t.dim() >= 1}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def run_forward(module: Any, inputs: Inputs) -> Any:
+    """Eager forward, eval mode, no_grad; a failure is the user's module's (exit 4)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return module(*inputs.args, **inputs.kwargs)
+    except Exception as e:
+        raise UserModuleError(
+            f"forward of {type(module).__name__} failed on inputs {inputs.describe()}: {type(e).__name__}: {e}",
+            hint="Give the inputs forward expects with --input DTYPE[D0,D1,...] (one per argument) or "
+            "--example-inputs FILE.",
+        ) from e

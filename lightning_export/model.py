@@ -1,0 +1,413 @@
+"""Importing the user's LightningModule, building it from a checkpoint, selecting --attr, stripping the prefix."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError, UserModuleError
+
+# Keys LightningCLI adds to hyper_parameters; naming a class in a checkpoint must never import it.
+_CLI_KEYS = ("_class_path", "_instantiator")
+
+
+# ---------------------------------------------------------------------------------------------- importing
+def _ensure_cwd_importable() -> None:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def import_object(spec: str, *, what: str = "--module") -> Any:
+    """Resolve `pkg.mod:Class`, `pkg.mod.Class` or `path/to/file.py:Class`."""
+    _ensure_cwd_importable()
+    if ":" in spec:
+        mod_part, _, attr = spec.rpartition(":")
+    else:
+        mod_part, _, attr = spec.rpartition(".")
+    if not mod_part or not attr:
+        raise UsageError(
+            f"{what} {spec!r} must name a class: 'pkg.module:Class', 'pkg.module.Class' or 'path/to/file.py:Class'"
+        )
+    if mod_part.endswith(".py") or os.sep in mod_part or "/" in mod_part:
+        module = _import_file(Path(mod_part), what)
+    else:
+        module = _import_module(mod_part, what)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and not n.startswith("_"))
+            raise UserModuleError(
+                f"{what} {spec!r}: module {module.__name__!r} has no attribute {attr!r}",
+                hint=f"Classes it defines or imports: {', '.join(names) or 'none'}",
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _import_file(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserModuleError(f"{what}: file not found: {path}")
+    path = path.resolve()
+    # Siblings of the file must be importable, as when running it as a script.
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    name = path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserModuleError(f"{what}: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise UserModuleError(f"{what}: importing {path} failed: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _import_module(name: str, what: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing and (name == missing or name.startswith(missing + ".")):
+            tried = "\n  ".join(p or "(current directory)" for p in sys.path[:12])
+            raise UserModuleError(
+                f"{what}: no module named {missing!r} (while importing {name!r})",
+                hint=f"Run lexport from the directory that contains it, or set PYTHONPATH. Searched:\n  {tried}",
+            ) from e
+        raise UserModuleError(
+            f"{what}: importing {name!r} failed: it imports {missing!r}, which is not installed",
+            hint="Install the dependencies of your module in this environment.",
+        ) from e
+    except Exception as e:
+        raise UserModuleError(f"{what}: importing {name!r} failed: {type(e).__name__}: {e}") from e
+
+
+def is_lightning_module_class(cls: Any) -> bool:
+    if not inspect.isclass(cls):
+        return False
+    return any(
+        c.__name__ == "LightningModule" and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}
+        for c in cls.__mro__
+    )
+
+
+def resolve_class(spec: str) -> type:
+    cls = import_object(spec)
+    if not is_lightning_module_class(cls):
+        kind = cls.__name__ if inspect.isclass(cls) else type(cls).__name__
+        raise UserModuleError(
+            f"--module {spec!r} is {kind!r}, which is not a LightningModule subclass "
+            "(from lightning.pytorch or pytorch_lightning)",
+            hint="Pass the LightningModule class that was trained, and select the network inside it with --attr.",
+        )
+    return cls
+
+
+# ------------------------------------------------------------------------------------------- init arguments
+def instantiate_class_paths(value: Any) -> Any:
+    """Instantiate `{class_path: ..., init_args: {...}}` values (jsonargparse/LightningCLI style), recursively."""
+    if isinstance(value, dict):
+        if "class_path" in value and set(value) <= {"class_path", "init_args", "dict_kwargs"}:
+            cls = import_object(str(value["class_path"]), what="class_path")
+            kwargs = {k: instantiate_class_paths(v) for k, v in (value.get("init_args") or {}).items()}
+            kwargs.update(value.get("dict_kwargs") or {})
+            try:
+                return cls(**kwargs)
+            except Exception as e:
+                raise UserModuleError(
+                    f"building {value['class_path']}({_fmt_kwargs(kwargs)}) failed: {type(e).__name__}: {e}"
+                ) from e
+        return {k: instantiate_class_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [instantiate_class_paths(v) for v in value]
+    return value
+
+
+def _has_class_path(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "class_path" in value or any(_has_class_path(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_class_path(v) for v in value)
+    return False
+
+
+def _fmt_kwargs(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) < 40 else text[:37] + "..."
+
+
+def parse_init_arg(item: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise UsageError(f"--init-arg {item!r} must look like KEY=VALUE, e.g. --init-arg hidden_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_args_file(path: str | os.PathLike[str], *, flag: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise UsageError(f"{flag} {p}: cannot read: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise UsageError(f"{flag} {p}: not valid YAML or JSON: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{flag} {p}: expected a mapping of argument names to values, got {type(data).__name__}")
+    return data
+
+
+def config_model_section(path: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any]]:
+    """The `model:` section of a LightningCLI config.yaml: (class_path or None, init_args)."""
+    data = load_args_file(path, flag="--config")
+    model = data.get("model")
+    if model is None:
+        raise UsageError(f"--config {path}: no 'model:' section (is this the config.yaml LightningCLI saved?)")
+    if not isinstance(model, dict):
+        raise UsageError(f"--config {path}: 'model:' must be a mapping")
+    if "class_path" in model:
+        return str(model["class_path"]), dict(model.get("init_args") or {})
+    return None, dict(model)
+
+
+# ---------------------------------------------------------------------------------------------- building
+@dataclass
+class BuiltModule:
+    module: Any  # the whole LightningModule
+    target: Any  # the selected submodule (or the module itself)
+    attr: str | None
+    state_dict: dict[str, Any]  # the checkpoint's tensors under the attr's prefix, prefix stripped
+    notes: list[str] = field(default_factory=list)
+    built_on_meta: bool = False
+
+
+def constructor_arguments(
+    cls: type, hparams: dict[str, Any], raw: dict[str, Any], supplied: dict[str, Any], *, trust: bool
+) -> dict[str, Any]:
+    """What LightningModule.load_from_checkpoint would pass to cls(...), plus the user's arguments."""
+    sig = inspect.signature(cls.__init__)
+    params = list(sig.parameters.values())[1:]
+    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    has_varkw = any(p.kind == p.VAR_KEYWORD for p in params)
+
+    loaded: dict[str, Any] = {}
+    for old in ("hparams", "module_arguments"):  # Lightning's pre-1.0 keys
+        if isinstance(raw.get(old), dict):
+            loaded.update(raw[old])
+    loaded.update(hparams)
+    for key in _CLI_KEYS:
+        loaded.pop(key, None)
+    if raw.get("hparams_type") == "Namespace" or raw.get("hparams_name"):
+        args_name = raw.get("hparams_name")
+        if args_name and args_name in names:
+            from argparse import Namespace
+
+            value: Any = Namespace(**loaded) if raw.get("hparams_type") == "Namespace" else dict(loaded)
+            loaded = {args_name: value}
+    if not trust:
+        from_ckpt = [k for k, v in loaded.items() if _has_class_path(v) and k not in supplied]
+        if from_ckpt:
+            raise UserModuleError(
+                f"the checkpoint's hyper_parameters describe {', '.join(from_ckpt)} by class_path; "
+                "lexport does not import classes named inside a checkpoint",
+                hint="Pass them yourself with --init-args FILE or --config config.yaml, or --trust-checkpoint.",
+            )
+    kwargs = {**loaded, **supplied}
+    kwargs = instantiate_class_paths(kwargs)
+    if not has_varkw:
+        kwargs = {k: v for k, v in kwargs.items() if k in names}
+    missing = [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs
+    ]
+    if missing:
+        flags = " ".join(f"--init-arg {n}=VALUE" for n in missing)
+        raise UserModuleError(
+            f"{cls.__name__}.__init__ needs {', '.join(repr(m) for m in missing)}, which the checkpoint's "
+            "hyper_parameters do not hold",
+            hint=(
+                f"Pass them: {flags}  (values are YAML), or many at once with --init-args FILE; a submodule "
+                "passed to __init__ is given as {class_path: pkg.mod.Class, init_args: {...}}."
+            ),
+        )
+    return kwargs
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create parameters on the meta device while building; buffers and other tensors stay real.
+
+    Parameters are the bulk and come from the checkpoint anyway; buffers (often non-persistent, e.g. caches)
+    must keep the values __init__ computes. Same idea as accelerate's init_empty_weights(include_buffers=False).
+    """
+    import torch
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: Any) -> None:
+        original(self, name, param)
+        p = self._parameters.get(name)
+        # Already-meta parameters (tied weights assigned twice) keep their identity.
+        if type(p) is nn.Parameter and p.device.type != "meta":
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
+    obj = cls(**kwargs)
+    obj.configure_model()  # a no-op unless overridden, as in load_from_checkpoint
+    return obj
+
+
+def build_module(
+    cls: type,
+    kwargs: dict[str, Any],
+    checkpoint_raw: dict[str, Any],
+    *,
+    attr: str | None,
+    meta: bool = True,
+) -> BuiltModule:
+    """Build like load_from_checkpoint: cls(**kwargs), configure_model(), on_load_checkpoint(), strict load."""
+    notes: list[str] = []
+    built_on_meta = False
+    obj = None
+    if meta:
+        try:
+            with _parameters_on_meta():
+                obj = _construct(cls, kwargs)
+            built_on_meta = True
+        except Exception as e:  # noqa: BLE001 - any failure on meta: retry with a normal build
+            notes.append(f"built normally: the module cannot be built on the meta device ({type(e).__name__}: {e})")
+            obj = None
+    if obj is None:
+        try:
+            obj = _construct(cls, kwargs)
+        except Exception as e:
+            raise UserModuleError(
+                f"building {cls.__name__}({_fmt_kwargs(kwargs)}) failed: {type(e).__name__}: {e}",
+                hint="Check the hyper_parameters against the class, or supply arguments with --init-arg KEY=VALUE.",
+            ) from e
+    try:
+        obj.on_load_checkpoint(checkpoint_raw)
+    except Exception as e:
+        raise UserModuleError(f"{cls.__name__}.on_load_checkpoint failed: {type(e).__name__}: {e}") from e
+    full_sd = checkpoint_raw["state_dict"]
+    load_strict(obj, full_sd, what=cls.__name__)
+    leftovers = [n for n, t in [*obj.named_parameters(), *obj.named_buffers()] if t.device.type == "meta"]
+    if leftovers:
+        raise UserModuleError(f"after loading, these tensors have no values: {', '.join(leftovers[:10])}")
+    target = select_attr(obj, attr)
+    prefix = f"{attr}." if attr else ""
+    sd = strip_prefix(full_sd, prefix)
+    if attr:
+        load_strict(target, sd, what=f"{cls.__name__}.{attr}", check_only=True)
+    return BuiltModule(obj, target, attr, sd, notes, built_on_meta)
+
+
+def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if not prefix:
+        return dict(state_dict)
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_only: bool = False) -> None:
+    """Strict loading that collects every missing, unexpected and mis-shaped key before failing once."""
+    expected = module.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs module {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append("shape mismatch:\n    " + "\n    ".join(mismatched[:20]))
+        if missing:
+            parts.append(f"missing from the checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
+        if unexpected:
+            parts.append(f"in the checkpoint but not in the module ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+        raise UserModuleError(
+            f"the checkpoint does not fit {what}:\n  " + "\n  ".join(parts),
+            hint="Are the init arguments the ones it was trained with? Pass them with --init-arg KEY=VALUE.",
+        )
+    if check_only:
+        return
+    try:
+        module.load_state_dict(state_dict, strict=True, assign=True)
+    except Exception as e:
+        raise UserModuleError(f"loading the checkpoint into {what} failed: {e}") from e
+
+
+def select_attr(module: Any, attr: str | None) -> Any:
+    from torch import nn
+
+    if not attr:
+        return module
+    obj = module
+    walked = []
+    for part in attr.split("."):
+        children = _child_names(obj)
+        nxt = None
+        if isinstance(obj, nn.Module) and part in obj._modules:
+            nxt = obj._modules[part]
+        elif hasattr(obj, part):
+            nxt = getattr(obj, part, None)
+        if nxt is None:
+            where = ".".join(walked) or type(module).__name__
+            raise UserModuleError(
+                f"--attr {attr!r}: {where} has no submodule {part!r}",
+                hint=f"Its submodules: {', '.join(children) or 'none'}",
+            )
+        walked.append(part)
+        obj = nxt
+    if not isinstance(obj, nn.Module):
+        parent = module if len(walked) == 1 else select_attr(module, ".".join(walked[:-1]))
+        raise UserModuleError(
+            f"--attr {attr!r} is a {type(obj).__name__}, not an nn.Module",
+            hint=f"Submodules there: {', '.join(_child_names(parent)) or 'none'}",
+        )
+    return obj
+
+
+def _child_names(obj: Any) -> list[str]:
+    from torch import nn
+
+    if not isinstance(obj, nn.Module):
+        return []
+    return [f"{n} ({type(m).__name__})" for n, m in obj.named_children()]

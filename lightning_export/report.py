@@ -1,0 +1,94 @@
+"""The result of a run, as data: what the CLI renders as a table or JSON and what export() returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .verify import Verification
+
+
+@dataclass
+class ArtifactResult:
+    format: str
+    path: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    exporter: str | None = None
+    verification: Verification | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None  # {"code", "kind", "message"} when this format failed
+    companions: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and (self.verification is None or self.verification.passed)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": self.format,
+            "path": self.path,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "exporter": self.exporter,
+            "verification": self.verification.to_json() if self.verification else None,
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+        }
+        if self.companions:
+            out["companions"] = self.companions
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class Report:
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None
+    attr: str | None = None
+    artifacts: list[ArtifactResult] = field(default_factory=list)
+    versions: dict[str, str | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(a.ok for a in self.artifacts)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ok": self.ok,
+            "checkpoint": self.checkpoint,
+            "module": self.module,
+            "attr": self.attr,
+            "artifacts": [a.to_json() for a in self.artifacts],
+            "versions": self.versions,
+            "notes": self.notes,
+            "warnings": self.warnings,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def v(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "lexport": __version__,
+        "torch": v("torch"),
+        "onnx": v("onnx"),
+        "onnxruntime": v("onnxruntime"),
+        "lightning": v("pytorch-lightning") or v("lightning"),
+    }

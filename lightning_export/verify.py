@@ -1,0 +1,192 @@
+"""Comparing an artifact with the eager module: output trees within tolerance, weight files bit for bit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    passed: bool
+    problem: str | None = None
+
+
+@dataclass
+class Verification:
+    passed: bool
+    inputs_checked: int
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float | None
+    rtol: float | None
+    outputs: list[OutputCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "inputs_checked": self.inputs_checked,
+            "max_abs_diff": _finite_or_none(self.max_abs_diff),
+            "max_rel_diff": _finite_or_none(self.max_rel_diff),
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "outputs": [
+                {
+                    "name": o.name,
+                    "shape": list(o.shape),
+                    "max_abs_diff": _finite_or_none(o.max_abs_diff),
+                    "max_rel_diff": _finite_or_none(o.max_rel_diff),
+                    "passed": o.passed,
+                    **({"problem": o.problem} if o.problem else {}),
+                }
+                for o in self.outputs
+            ],
+            "problems": self.problems,
+        }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else (x if math.isfinite(x) else None)
+
+
+def flatten_outputs(value: Any, prefix: str = "output") -> list[tuple[str, Any]]:
+    """Leaves of an output tree in order, named like `output[0]`, `output['logits']`."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in flatten_outputs(v, f"{prefix}[{k!r}]")]
+    if isinstance(value, (tuple, list)):
+        return [leaf for i, v in enumerate(value) for leaf in flatten_outputs(v, f"{prefix}[{i}]")]
+    return [(prefix, value)]
+
+
+# Looser tolerances for low-precision outputs, whatever the format's default.
+_DTYPE_TOL = {"float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1.6e-2)}
+
+
+def compare_outputs(
+    expected_runs: list[Any], actual_runs: list[Any], *, atol: float, rtol: float, labels: list[str] | None = None
+) -> Verification:
+    """Compare every output leaf of every run; collect all mismatches, then decide once."""
+    import torch
+
+    checks: dict[str, OutputCheck] = {}
+    problems: list[str] = []
+    for run, (expected, actual) in enumerate(zip(expected_runs, actual_runs)):
+        label = labels[run] if labels else f"input {run}"
+        exp_leaves = flatten_outputs(expected)
+        act_leaves = [v for _, v in flatten_outputs(actual)]
+        if len(exp_leaves) != len(act_leaves):
+            problems.append(f"{label}: the artifact returned {len(act_leaves)} outputs, the module {len(exp_leaves)}")
+            continue
+        for (name, e), a in zip(exp_leaves, act_leaves):
+            check = checks.setdefault(name, OutputCheck(name, (), 0.0, 0.0, True))
+            if not isinstance(e, torch.Tensor):
+                if e != a and not (isinstance(a, torch.Tensor) and a.numel() == 1 and a.item() == e):
+                    check.passed = False
+                    check.problem = f"{label}: value {a!r} != {e!r}"
+                continue
+            a = torch.as_tensor(a)
+            check.shape = tuple(e.shape)
+            if tuple(a.shape) != tuple(e.shape):
+                check.passed = False
+                check.problem = f"{label}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+                continue
+            abs_d, rel_d, ok = _tensor_diff(e, a, atol, rtol)
+            check.max_abs_diff = max(check.max_abs_diff, abs_d)
+            check.max_rel_diff = max(check.max_rel_diff, rel_d)
+            if not ok:
+                check.passed = False
+                check.problem = check.problem or f"{label}: outside atol={atol:g} rtol={rtol:g}"
+    outs = list(checks.values())
+    passed = not problems and bool(outs) and all(o.passed for o in outs)
+    return Verification(
+        passed=passed,
+        inputs_checked=len(expected_runs),
+        max_abs_diff=max((o.max_abs_diff for o in outs), default=0.0),
+        max_rel_diff=max((o.max_rel_diff for o in outs), default=0.0),
+        atol=atol,
+        rtol=rtol,
+        outputs=outs,
+        problems=problems,
+    )
+
+
+def _tensor_diff(e: Any, a: Any, atol: float, rtol: float) -> tuple[float, float, bool]:
+    import torch
+
+    if not (e.dtype.is_floating_point or e.dtype.is_complex):
+        a = a.to(e.dtype)
+        if torch.equal(e, a):
+            return 0.0, 0.0, True
+        return float((e.to(torch.float64) - a.to(torch.float64)).abs().max()), math.inf, False
+    atol_d, rtol_d = _DTYPE_TOL.get(str(e.dtype).removeprefix("torch."), (0.0, 0.0))
+    atol, rtol = max(atol, atol_d), max(rtol, rtol_d)
+    e64, a64 = e.detach().to(torch.float64), a.detach().to(torch.float64)
+    both_nan = torch.isnan(e64) & torch.isnan(a64)
+    same_inf = torch.isinf(e64) & (e64 == a64)
+    diff = (e64 - a64).abs()
+    diff = torch.where(both_nan | same_inf, torch.zeros_like(diff), diff)
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
+    rel = diff / e64.abs().clamp_min(1e-12)
+    rel = torch.where(diff == 0, torch.zeros_like(rel), rel)
+    ok = bool((diff <= atol + rtol * e64.abs().nan_to_num(0.0)).all()) if e.numel() else True
+    abs_d = float(diff.max()) if e.numel() else 0.0
+    rel_d = float(rel.max()) if e.numel() else 0.0
+    return abs_d, rel_d, ok
+
+
+_CHUNK = 16 << 20  # bytes compared at a time: bounded extra memory for any tensor size
+
+
+def _bytes_view(t: Any) -> Any:
+    import torch
+
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def tensors_bit_equal(a: Any, b: Any) -> bool:
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return False
+    va, vb = _bytes_view(a), _bytes_view(b)
+    import torch
+
+    for start in range(0, va.numel(), _CHUNK):
+        if not torch.equal(va[start : start + _CHUNK], vb[start : start + _CHUNK]):
+            return False
+    return True
+
+
+def compare_tensor_maps(expected: dict[str, Any], actual: Any) -> Verification:
+    """Bit-exact: same keys, dtypes, shapes and bytes. `actual` maps names to tensors (loaded lazily)."""
+    problems: list[str] = []
+    actual_keys = set(actual.keys())
+    missing = [k for k in expected if k not in actual_keys]
+    extra = sorted(actual_keys - set(expected))
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:10])}")
+    if extra:
+        problems.append(f"unexpected keys: {', '.join(extra[:10])}")
+    for k, t in expected.items():
+        if k in actual_keys:
+            got = actual[k]
+            if got.dtype != t.dtype or tuple(got.shape) != tuple(t.shape):
+                problems.append(f"{k}: {got.dtype}{list(got.shape)} written, {t.dtype}{list(t.shape)} expected")
+            elif not tensors_bit_equal(t, got):
+                problems.append(f"{k}: values differ")
+    return Verification(
+        passed=not problems,
+        inputs_checked=len(expected),
+        max_abs_diff=0.0 if not problems else math.nan,
+        max_rel_diff=0.0 if not problems else math.nan,
+        atol=None,
+        rtol=None,
+        problems=problems,
+    )
