@@ -36,7 +36,14 @@ Exit codes:
 Set LEXPORT_DEBUG=1 for full tracebacks."""
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-stderr = Console(stderr=True, highlight=False)
+
+
+def _console() -> Console:
+    # Bound to the stderr of this call: exporters' own stderr chatter is redirected while they run, and
+    # the status line and table must not be. Wide when not a terminal, so CI logs keep full paths.
+    file = sys.stderr
+    width = None if file.isatty() else 160
+    return Console(file=file, highlight=False, width=width)
 
 
 def _version(value: bool) -> None:
@@ -82,6 +89,7 @@ def lexport(
 ) -> None:
     from .model import parse_init_arg
 
+    stderr = _console()
     debug = os.environ.get("LEXPORT_DEBUG", "") not in ("", "0")
     show = not quiet and not json_out
     report = None
@@ -123,9 +131,9 @@ def lexport(
         if debug:
             stderr.print_exception()
         if report is not None and show:
-            _render(report)
+            _render(stderr, report)
         if not json_out or code == 2 and report is None:
-            _print_error(e)
+            _print_error(stderr, e)
         if json_out and report is None:
             report_json: dict[str, Any] = {"ok": False, "error": {"code": code, "kind": e.kind, "message": str(e)}}
             print(json.dumps(report_json, indent=2))
@@ -141,13 +149,13 @@ def lexport(
         raise typer.Exit(70) from None
     else:
         if show:
-            _render(report)
+            _render(stderr, report)
     if json_out and report is not None:
         print(json.dumps(report.to_json(), indent=2))
     raise typer.Exit(code)
 
 
-def _print_error(e: LexportError) -> None:
+def _print_error(stderr: Console, e: LexportError) -> None:
     stderr.print(f"[bold red]error[/bold red] ({e.kind}, exit {e.exit_code}): ", end="")
     stderr.print(e.message, markup=False)
     if e.hint:
@@ -214,7 +222,7 @@ def _fmt_diff(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
-def _render(report: Any) -> None:
+def _render(stderr: Console, report: Any) -> None:
     if not report.artifacts:
         return
     table = Table(title="lexport", title_justify="left")
@@ -278,7 +286,7 @@ def main() -> None:
     try:
         app(prog_name="lexport")
     except UsageError as e:  # pragma: no cover - raised only before typer runs
-        _print_error(e)
+        _print_error(_console(), e)
         sys.exit(e.exit_code)
 
 

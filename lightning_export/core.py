@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 from . import outputs
-from .errors import ExportError, LexportError, OutputError, UsageError, UserModuleError, VerificationError
+from .errors import describe_exception, ExportError, LexportError, OutputError, UsageError, UserModuleError, VerificationError
 from .report import ArtifactResult, Report, versions
 
 DEFAULT_RANDOM_INPUTS = 5
@@ -298,7 +298,7 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
         except LexportError:
             raise
         except Exception as e:
-            raise ExportError(f"{fmt.name} export failed: {type(e).__name__}: {_first_line(e)}") from e
+            raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
         result.exporter = written.exporter
         result.notes.extend(written.notes)
         staging.fsync()
@@ -334,7 +334,7 @@ def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> A
         loaded = fmt.load(path)
     except Exception as e:  # noqa: BLE001 - an artifact its own runtime cannot load has failed verification
         return Verification(False, 0, float("nan"), float("nan"), None, None, problems=[
-            f"{fmt.name} runtime cannot load the artifact: {type(e).__name__}: {_first_line(e)}"
+            f"{fmt.name} runtime cannot load the artifact: {describe_exception(e)}"
         ])
     if fmt.kind == "weights":
         return compare_tensor_maps(ctx.state_dict, loaded)
@@ -346,7 +346,7 @@ def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> A
         try:
             out = loaded(*data.args, **data.kwargs)
         except Exception as e:  # noqa: BLE001 - the artifact fails where the module does not
-            problems.append(f"{label} ({data.describe()}): the artifact failed: {type(e).__name__}: {_first_line(e)}")
+            problems.append(f"{label} ({data.describe()}): the artifact failed: {describe_exception(e)}")
             continue
         expected.append(ref)
         actual.append(out)
@@ -358,9 +358,6 @@ def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> A
     return v
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0][:500] if lines else type(e).__name__
 
 
 def _check_finite_weights(state_dict: dict[str, Any], opts: ExportOptions, report: Report) -> None:

@@ -64,3 +64,16 @@ EXIT_CODES: dict[int, str] = {
     6: "output: exists without --force, would overwrite the input, not writable, disk full",
     70: "internal error in lexport (a bug: please report it with LEXPORT_DEBUG=1 output)",
 }
+
+
+def describe_exception(e: BaseException, limit: int = 400) -> str:
+    """`Type: first line` of the root cause: exporters wrap the real reason in generic 'step 1/3' errors."""
+    import re
+
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(root))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0][:limit] if lines else ""
+    return f"{type(root).__name__}: {first}" if first else type(root).__name__

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
 import sys
 import tempfile
@@ -22,14 +23,11 @@ def captured_stdout() -> Iterator[list[str]]:
     out: list[str] = []
     sys.stdout.flush()
     saved = os.dup(1)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
+    with tempfile.TemporaryFile(mode="w+b") as tmp, open(os.devnull, "w") as devnull:
         os.dup2(tmp.fileno(), 1)
         try:
-            with contextlib.redirect_stdout(sys.stderr if False else open(os.devnull, "w")) as devnull:  # noqa: SIM115
-                try:
-                    yield out
-                finally:
-                    devnull.close()
+            with contextlib.redirect_stdout(devnull):
+                yield out
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
@@ -56,15 +54,35 @@ def exporting(ctx: ExportContext) -> Iterator[list[str]]:
     scripting = getattr(lm_cls, "_jit_is_scripting", None) if lm_cls else None
     if lm_cls is not None:
         lm_cls._jit_is_scripting = True
+    err = io.StringIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad(), captured_stdout() as chatter:
+        with warnings.catch_warnings(), torch.no_grad(), quiet_torch_logs(), captured_stdout() as chatter:
             warnings.simplefilter("ignore")
-            yield chatter
+            # torch.export prints whole FX graphs to sys.stderr when it fails; keep them for the error text.
+            with contextlib.redirect_stderr(err):
+                yield chatter
+            chatter.append(err.getvalue())
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         if lm_cls is not None:
             lm_cls._jit_is_scripting = scripting
         module.train(was_training)
+
+
+@contextlib.contextmanager
+def quiet_torch_logs() -> Iterator[None]:
+    """torch's exporters log warnings and whole FX graphs on stderr when they fail; the error says enough."""
+    import logging
+
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith(("torch.", "onnxscript")))]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _lightning_base(module: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError
+from ..errors import ExportError, describe_exception
 from . import ExportContext, Format, Written, register
 from ._graph import dynamic_shapes_for, exporting, tail
 
@@ -66,15 +66,15 @@ def write(ctx: ExportContext, path: Path) -> Written:
             _dynamo(ctx, path, external)
             exporter = "torch.onnx.dynamo"
         except Exception as e:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the reason
-            errors.append(f"dynamo exporter: {type(e).__name__}: {_first_line(e)}")
+            errors.append(f"dynamo exporter: {describe_exception(e)}")
             for f in path.parent.iterdir():
                 f.unlink()
             try:
                 _torchscript(ctx, path)
                 exporter = "torch.onnx.torchscript"
-                notes.append(f"the dynamo exporter failed ({_first_line(e)}); written by the TorchScript-based one")
+                notes.append(f"the dynamo exporter failed ({describe_exception(e)}); written by the TorchScript-based one")
             except Exception as e2:  # noqa: BLE001
-                errors.append(f"TorchScript-based exporter: {type(e2).__name__}: {_first_line(e2)}")
+                errors.append(f"TorchScript-based exporter: {describe_exception(e2)}")
                 detail = tail(chatter)
                 raise ExportError(
                     "ONNX export failed with both exporters:\n  " + "\n  ".join(errors),
@@ -87,9 +87,6 @@ def write(ctx: ExportContext, path: Path) -> Written:
     return Written(exporter, files, notes)
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
 
 
 class OrtRunner:

@@ -1,0 +1,33 @@
+# The two set-up commands are `make demo` and `make test`; both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel; an open range resolved first would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) fixtures/make_checkpoints.py .demo classifier
+	$(VENV)/bin/lexport .demo/classifier.ckpt --module fixtures.modules:MyClassifierModule --attr model \
+		--to state-dict --to safetensors --to torchscript --to onnx --to exported-program \
+		--output-dir .demo/out --force
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_export tests fixtures benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf .demo .pytest_cache benchmarks/results
