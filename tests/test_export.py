@@ -325,3 +325,32 @@ def test_unknown_attr_lists_children(ckpts, tmp_path):
     res = invoke(ckpts["configurable"], "--module", "fixtures.modules:ConfigurableLightning",
                  "--attr", "nested_model.blokcs", "--to", "onnx", "--output-dir", tmp_path)
     assert res.code == 4 and "blocks (ModuleList)" in res.stderr
+
+
+def test_meta_build_keeps_non_persistent_buffers(ckpts, tmp_path):
+    report = export(ckpts["non_persistent"], module="fixtures.modules:NonPersistentBuffer", formats=GRAPH,
+                    output_dir=tmp_path)
+    assert not any("built normally" in n for n in report.notes)
+    ref, _ = reference(ckpts, "non_persistent")
+    assert_same_outputs("onnx", report.artifacts[1].path, ref, (torch.randn(2, 4),))
+
+
+def test_module_that_cannot_be_built_on_meta_falls_back(ckpts, tmp_path):
+    report = export(ckpts["reads_weights"], module="fixtures.modules:ReadsWeightsInInit",
+                    formats=["exported-program"], output_dir=tmp_path)
+    assert any("built normally" in n and "meta" in n for n in report.notes)
+    ref, _ = reference(ckpts, "reads_weights")
+    assert_same_outputs("exported-program", report.artifacts[0].path, ref, (torch.randn(2, 4),))
+
+
+def test_compare_tensor_maps_catches_one_flipped_bit():
+    from lightning_export.verify import compare_tensor_maps
+
+    a = {"w": torch.randn(100), "b": torch.zeros(3, dtype=torch.bfloat16)}
+    b = {k: v.clone() for k, v in a.items()}
+    assert compare_tensor_maps(a, b).passed
+    b["w"].view(torch.int32)[17] ^= 1
+    v = compare_tensor_maps(a, b)
+    assert not v.passed and "w: values differ" in v.problems
+    assert not compare_tensor_maps(a, {"w": a["w"], "b": a["b"].float()}).passed
+    assert not compare_tensor_maps(a, {"w": a["w"]}).passed
