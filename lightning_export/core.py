@@ -5,12 +5,21 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 from . import outputs
-from .errors import describe_exception, ExportError, LexportError, OutputError, UsageError, UserModuleError, VerificationError
+from .errors import (
+    ExportError,
+    LexportError,
+    OutputError,
+    UsageError,
+    UserModuleError,
+    VerificationError,
+    describe_exception,
+)
 from .report import ArtifactResult, Report, versions
 
 DEFAULT_RANDOM_INPUTS = 5
@@ -47,7 +56,7 @@ class ExportOptions:
     meta_build: bool = True
 
 
-Step = Callable[[str], ContextManager[Any]]
+Step = Callable[[str], contextlib.AbstractContextManager[Any]]
 
 
 @contextlib.contextmanager
@@ -179,7 +188,6 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
         target=target,
         state_dict=state_dict,
         example=example,
-        is_lightning_module=target is not None and opts.attr is None,
         opset=opts.opset,
         dynamic_batch=opts.dynamic_batch,
         torchscript_mode=opts.torchscript_mode,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UsageError
 
@@ -17,7 +18,6 @@ class ExportContext:
     target: Any  # the nn.Module to export (eval mode)
     state_dict: dict[str, Any]  # stripped checkpoint tensors
     example: Any  # inputs.Inputs or None
-    is_lightning_module: bool
     opset: int | None = None
     dynamic_batch: bool = False
     torchscript_mode: str = "trace"

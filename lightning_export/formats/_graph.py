@@ -9,7 +9,8 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from . import ExportContext
 

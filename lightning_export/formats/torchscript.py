@@ -33,8 +33,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
 
 
 def load(path: Path) -> Any:
-    import torch
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
