@@ -6,7 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,11 @@ def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
             err.exit_code = first.error["code"]
             err.kind = first.error["kind"]
         else:
+            failed_export = [a.format for a in failed if a.error]
             err = VerificationError(
-                "verification failed for " + ", ".join(a.format for a in failed if a.error is None),
+                "verification failed for "
+                + ", ".join(a.format for a in failed if a.error is None)
+                + (f"; export failed for {', '.join(failed_export)}" if failed_export else ""),
             )
         err.report = report
         report.error = {"code": err.exit_code, "kind": err.kind, "message": str(err)}
@@ -113,13 +116,13 @@ def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
 
 
 def _run(opts: ExportOptions, report: Report, step: Step) -> None:
-    from .formats import get_format
+    from .formats import get_format, parse_format_list
     from .inputs import parse_input_spec
 
     # Everything a user can get wrong in flags fails before any slow work.
     if not opts.formats:
         raise UsageError("nothing to do: pass --to FORMAT (state-dict, safetensors, torchscript, onnx, ...)")
-    formats = [get_format(name) for name in dict.fromkeys(opts.formats)]
+    formats = [get_format(name) for name in parse_format_list(opts.formats)]
     outputs.validate_output_flags(opts.output, [f.name for f in formats])
     specs = [parse_input_spec(s) for s in opts.inputs]
     if specs and opts.example_inputs:
@@ -137,9 +140,18 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     destinations = {
         f.name: outputs.output_path(ckpt_path, f.suffix, opts.output, opts.output_dir) for f in formats
     }
+    refused = []
     for dest in destinations.values():
-        outputs.check_destination(dest, ckpt_path, force=opts.force)
+        try:
+            outputs.check_destination(dest, ckpt_path, force=opts.force)
+        except OutputError as e:
+            refused.append(e)
+    if len(refused) == 1:
+        raise refused[0]
+    if refused:
+        raise OutputError("\n".join(e.message for e in refused), hint=refused[0].hint)
     graph = [f for f in formats if f.kind == "graph"]
+    opts = replace(opts, formats=tuple(f.name for f in formats))
     wants_module = opts.module or opts.config or any(f.needs_module for f in formats)
 
     from .checkpoint import load_checkpoint
@@ -180,9 +192,23 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     refs: _References | None = None
     if graph:
         with step("running the module on the example inputs"):
-            example = _example_inputs(opts, specs, target, built.module)
+            example, source = _example_inputs(opts, specs, target, built.module)
+            if opts.dynamic_batch and any(f.name in ("onnx", "exported-program") for f in graph):
+                from .inputs import batch_size
+
+                if batch_size(example) == 1:
+                    raise UsageError(
+                        "--dynamic-batch needs example inputs with a batch of 2 or more: torch.export "
+                        "specializes dimensions of size 1",
+                        hint="Pass --input with a batch >= 2, e.g. --input float32[2,...].",
+                    )
             refs = _References(target, example, opts)
-            _check_finite_outputs(refs.get(0), opts, report)
+            try:
+                reference = refs.get(0)
+            except UserModuleError as e:
+                e.message += f"\n(the inputs are {source})"
+                raise
+            _check_finite_outputs(reference, opts, report)
 
     ctx = ExportContext(
         target=target,
@@ -223,7 +249,9 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report) -> Any:
         if named and opts.trust_checkpoint:
             class_path = str(named)
         else:
-            needs = ", ".join(f"--to {n}" for n in opts.formats)
+            from .formats import REGISTRY
+
+            needs = ", ".join(f"--to {n}" for n in opts.formats if REGISTRY[n].needs_module)
             hint = (
                 f"The checkpoint names its class: pass --module {named!r} (lexport never imports a class named "
                 "inside a checkpoint on its own)."
@@ -233,27 +261,37 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report) -> Any:
             raise UsageError(f"{needs} needs the LightningModule class", hint=hint)
     report.module = class_path
     cls = model.resolve_class(class_path)
-    kwargs = model.constructor_arguments(cls, ckpt.hparams, ckpt.raw, supplied, trust=opts.trust_checkpoint)
+    kwargs = model.constructor_arguments(
+        cls,
+        ckpt.hparams,
+        ckpt.raw,
+        supplied,
+        trust=opts.trust_checkpoint,
+        explicit=tuple(k for k, _ in opts.init_args),
+        warnings=report.warnings,
+    )
     built = model.build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
     built.module.eval()
     return built
 
 
-def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightning_module: Any) -> Any:
+def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightning_module: Any) -> tuple[Any, str]:
     from . import inputs
 
     if specs:
-        return inputs.from_specs(specs, opts.seed)
+        return inputs.from_specs(specs, opts.seed), "from --input"
     if opts.example_inputs:
-        return inputs.from_file(opts.example_inputs)
+        return inputs.from_file(opts.example_inputs), f"from --example-inputs {opts.example_inputs}"
+    own = getattr(target, "example_input_array", None)
     example = inputs.from_module(target, lightning_module)
-    if example is None:
-        raise UsageError(
-            f"no example inputs for {type(target).__name__}.forward: it has no example_input_array",
-            hint="Pass one --input DTYPE[D0,D1,...] per forward argument, e.g. --input float32[2,10], "
-            "or --example-inputs FILE (.pt).",
-        )
-    return example
+    if example is not None:
+        whose = "the selected submodule's" if own is not None or target is lightning_module else "the LightningModule's"
+        return example, f"{whose} example_input_array"
+    raise UsageError(
+        f"no example inputs for {type(target).__name__}.forward: it has no example_input_array",
+        hint="Pass one --input DTYPE[D0,D1,...] per forward argument, e.g. --input float32[2,10], "
+        "or --example-inputs FILE (.pt).",
+    )
 
 
 class _References:
@@ -309,9 +347,15 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
             raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
         result.exporter = written.exporter
         result.notes.extend(written.notes)
+        result.info.update(written.info)
         staging.fsync()
+        if not dest.name.endswith(fmt.suffix):
+            result.notes.append(f"{dest.name} does not end with {fmt.suffix}, the usual suffix of {fmt.name}")
         if opts.verify:
-            result.verification = _verify(fmt, staging.path, ctx, opts, refs)
+            from .formats._graph import quiet_torch_logs
+
+            with quiet_torch_logs():
+                result.verification = _verify(fmt, staging.path, ctx, opts, refs)
         passed = result.verification is None or result.verification.passed
         files = staging.files()
         result.bytes = sum(f.stat().st_size for f in files)

@@ -75,5 +75,6 @@ def describe_exception(e: BaseException, limit: int = 400) -> str:
         root = root.__cause__
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(root))
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    first = lines[0][:limit] if lines else ""
+    # A first line ending in ':' introduces the reason on the next lines: keep a few of them.
+    first = " ".join(lines[:4] if lines and lines[0].endswith(":") else lines[:1])[:limit]
     return f"{type(root).__name__}: {first}" if first else type(root).__name__

@@ -208,9 +208,20 @@ class BuiltModule:
 
 
 def constructor_arguments(
-    cls: type, hparams: dict[str, Any], raw: dict[str, Any], supplied: dict[str, Any], *, trust: bool
+    cls: type,
+    hparams: dict[str, Any],
+    raw: dict[str, Any],
+    supplied: dict[str, Any],
+    *,
+    trust: bool,
+    explicit: tuple[str, ...] = (),
+    warnings: list[str] | None = None,
 ) -> dict[str, Any]:
-    """What LightningModule.load_from_checkpoint would pass to cls(...), plus the user's arguments."""
+    """What LightningModule.load_from_checkpoint would pass to cls(...), plus the user's arguments.
+
+    `explicit` are names the user typed (--init-arg): one the constructor does not take is an error, since it is
+    almost always a typo; names from files (--config, --init-args) it does not take are only a warning.
+    """
     sig = inspect.signature(cls.__init__)
     params = list(sig.parameters.values())[1:]
     names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -238,10 +249,24 @@ def constructor_arguments(
                 "lexport does not import classes named inside a checkpoint",
                 hint="Pass them yourself with --init-args FILE or --config config.yaml, or --trust-checkpoint.",
             )
+    if not has_varkw:
+        unknown = [k for k in explicit if k not in names]
+        if unknown:
+            import difflib
+
+            close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+            raise UserModuleError(
+                f"{cls.__name__}.__init__ takes no argument {said}",
+                hint=f"Its arguments: {', '.join(names) or 'none'}",
+            )
+        ignored = sorted(k for k in supplied if k not in names and k not in explicit)
+        if ignored and warnings is not None:
+            warnings.append(f"{cls.__name__}.__init__ does not take {', '.join(ignored)}: ignored")
     kwargs = {**loaded, **supplied}
-    kwargs = instantiate_class_paths(kwargs)
     if not has_varkw:
         kwargs = {k: v for k, v in kwargs.items() if k in names}
+    kwargs = instantiate_class_paths(kwargs)
     missing = [
         p.name
         for p in params
@@ -249,12 +274,19 @@ def constructor_arguments(
     ]
     if missing:
         flags = " ".join(f"--init-arg {n}=VALUE" for n in missing)
+        foreign = sorted(k for k in loaded if k not in names)
+        wrong_class = (
+            f"\nThe checkpoint's hyper_parameters ({', '.join(foreign[:8])}) are not {cls.__name__}'s arguments: "
+            "is --module the class this checkpoint was trained with?"
+            if foreign and not has_varkw
+            else ""
+        )
         raise UserModuleError(
             f"{cls.__name__}.__init__ needs {', '.join(repr(m) for m in missing)}, which the checkpoint's "
             "hyper_parameters do not hold",
             hint=(
                 f"Pass them: {flags}  (values are YAML), or many at once with --init-args FILE; a submodule "
-                "passed to __init__ is given as {class_path: pkg.mod.Class, init_args: {...}}."
+                "passed to __init__ is given as {class_path: pkg.mod.Class, init_args: {...}}." + wrong_class
             ),
         )
     return kwargs
@@ -362,10 +394,14 @@ def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_onl
             parts.append(f"missing from the checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
         if unexpected:
             parts.append(f"in the checkpoint but not in the module ({len(unexpected)}): " + ", ".join(unexpected[:20]))
-        raise UserModuleError(
-            f"the checkpoint does not fit {what}:\n  " + "\n  ".join(parts),
-            hint="Are the init arguments the ones it was trained with? Pass them with --init-arg KEY=VALUE.",
+        overlap = len(set(expected) & set(state_dict))
+        hint = (
+            "The checkpoint and the module have no tensor name in common: is --module the class this "
+            "checkpoint was trained with?"
+            if overlap == 0
+            else "Are the init arguments the ones it was trained with? Pass them with --init-arg KEY=VALUE."
         )
+        raise UserModuleError(f"the checkpoint does not fit {what}:\n  " + "\n  ".join(parts), hint=hint)
     if check_only:
         return
     try:

@@ -20,6 +20,7 @@ class ArtifactResult:
     notes: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None  # {"code", "kind", "message"} when this format failed
     companions: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -38,6 +39,8 @@ class ArtifactResult:
         }
         if self.companions:
             out["companions"] = self.companions
+        if self.info:
+            out["info"] = self.info
         if self.error:
             out["error"] = self.error
         return out

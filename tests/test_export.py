@@ -354,3 +354,55 @@ def test_compare_tensor_maps_catches_one_flipped_bit():
     assert not v.passed and "w: values differ" in v.problems
     assert not compare_tensor_maps(a, {"w": a["w"], "b": a["b"].float()}).passed
     assert not compare_tensor_maps(a, {"w": a["w"]}).passed
+
+
+def test_onnx_opset_below_18_is_honoured(ckpts, tmp_path):
+    import onnx
+
+    report = export(ckpts["classifier"], module="fixtures.modules:MyClassifierModule", attr="model",
+                    formats=["onnx"], opset=17, output_dir=tmp_path)
+    art = report.artifacts[0]
+    model = onnx.load(art.path)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert art.info["opset"] == 17 and art.exporter == "torch.onnx.torchscript"
+    assert art.info["inputs"] == [i.name for i in model.graph.input]
+
+
+def test_dynamic_batch_axis_is_named_batch(ckpts, tmp_path):
+    import onnx
+
+    report = export(ckpts["multi_input"], module="fixtures.modules:MultiInputTupleOutput", formats=["onnx"],
+                    dynamic_batch=True, output_dir=tmp_path)
+    graph = onnx.load(report.artifacts[0].path).graph
+    assert {i.type.tensor_type.shape.dim[0].dim_param for i in graph.input} == {"batch"}
+
+
+def test_format_names_are_forgiving_but_never_guessed(ckpts, tmp_path):
+    res = invoke(ckpts["classifier"], "--attr", "model", "--to", "state-dict,SafeTensors", "--output-dir", tmp_path)
+    assert res.code == 0, res
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.pt", "classifier.safetensors"]
+    res = invoke(ckpts["classifier"], "--to", "onxx", "--output-dir", tmp_path)
+    assert res.code == 2 and "Did you mean --to onnx?" in res.stderr
+
+
+def test_mistyped_init_arg_is_an_error(ckpts, tmp_path):
+    res = invoke(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--to", "onnx",
+                 "--init-arg", "num_clases=2", "--output-dir", tmp_path)
+    assert res.code == 4 and "num_clases" in res.stderr and "did you mean 'num_classes'" in res.stderr
+
+
+def test_wrong_module_class_is_called_out(ckpts, tmp_path):
+    res = invoke(ckpts["classifier"], "--module", "fixtures.modules:HeadsModule", "--to", "onnx",
+                 "--output-dir", tmp_path)
+    assert res.code == 4 and "no tensor name in common" in res.stderr
+
+
+def test_missing_module_names_only_the_formats_that_need_it(ckpts, tmp_path):
+    res = invoke(ckpts["classifier"], "--to", "onnx", "--to", "safetensors", "--output-dir", tmp_path)
+    assert res.code == 2 and "--to onnx needs" in res.stderr and "--to safetensors" not in res.stderr
+
+
+def test_dynamic_batch_with_batch_one_is_refused_up_front(ckpts, tmp_path):
+    res = invoke(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--attr", "model",
+                 "--to", "exported-program", "--dynamic-batch", "--input", "float32[1,10]", "--output-dir", tmp_path)
+    assert res.code == 2 and "batch of 2 or more" in res.stderr

@@ -28,6 +28,7 @@ class Written:
     exporter: str
     files: list[Path]  # the main file first, then companions (e.g. ONNX external data)
     notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # format facts for the report (ONNX opset, io names)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,11 @@ def register(fmt: Format) -> Format:
 
 
 def _load_all() -> None:
-    from . import exported_program, onnx, safetensors, state_dict, torchscript  # noqa: F401
+    # Registration order is the order of --help and of the README table.
+    import importlib
+
+    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program"):
+        importlib.import_module(f"{__name__}.{name}")
 
 
 _load_all()
@@ -60,9 +65,33 @@ _load_all()
 FORMAT_NAMES = tuple(REGISTRY)
 
 
+# Names people type for the same thing; never a guess at a typo (a typo gets a suggestion, not a pick).
+ALIASES = {
+    "pt": "state-dict",
+    "state_dict": "state-dict",
+    "statedict": "state-dict",
+    "st": "safetensors",
+    "ts": "torchscript",
+    "jit": "torchscript",
+    "pt2": "exported-program",
+    "exported_program": "exported-program",
+    "exportedprogram": "exported-program",
+    "torch.export": "exported-program",
+}
+
+
+def parse_format_list(values: tuple[str, ...] | list[str]) -> list[str]:
+    """`--to onnx --to pt2` and `--to onnx,pt2` alike; case-insensitive; duplicates dropped."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return list(dict.fromkeys(get_format(n).name for n in names))
+
+
 def get_format(name: str) -> Format:
-    if name in REGISTRY:
-        return REGISTRY[name]
-    close = difflib.get_close_matches(name, REGISTRY, n=1, cutoff=0.5)
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key in REGISTRY:
+        return REGISTRY[key]
+    close = difflib.get_close_matches(key, [*REGISTRY, *ALIASES], n=1, cutoff=0.5)
+    close = [ALIASES.get(c, c) for c in close]
     hint = f"Did you mean --to {close[0]}? " if close else ""
     raise UsageError(f"unknown format {name!r}", hint=f"{hint}Formats: {', '.join(REGISTRY)}")

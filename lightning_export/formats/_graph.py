@@ -96,11 +96,17 @@ def _lightning_base(module: Any) -> Any:
 def dynamic_shapes_for(module: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     """dim 0 of every input tensor of rank >= 1 dynamic, keyed by forward's parameter names."""
     import torch
+    import torch.utils._pytree
     from torch.export import Dim
     from torch.utils._pytree import tree_map
 
+    tensors = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    sizes = {x.shape[0] for x in tensors if x.dim() >= 1}
+    # One shared, named dim when every input has the same batch (ONNX then calls the axis "batch").
+    batch = Dim("batch") if len(sizes) == 1 else Dim.DYNAMIC
+
     def spec(x: Any) -> Any:
-        return {0: Dim.DYNAMIC} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
 
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     return {name: tree_map(spec, value) for name, value in bound.arguments.items()}

@@ -57,12 +57,18 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
     torch.onnx.export(ctx.target, args, str(path), input_names=names, dynamo=False, **kwargs)
 
 
+# The dynamo exporter writes opset >= 18 whatever is asked; older opsets come from the TorchScript-based one.
+DYNAMO_MIN_OPSET = 18
+
+
 def write(ctx: ExportContext, path: Path) -> Written:
     external = _weights_bytes(ctx.target) > EXTERNAL_DATA_ABOVE
     notes: list[str] = []
     errors: list[str] = []
     with exporting(ctx) as chatter:
         try:
+            if ctx.opset is not None and ctx.opset < DYNAMO_MIN_OPSET:
+                raise _Skip(f"opset {ctx.opset} < {DYNAMO_MIN_OPSET}")
             _dynamo(ctx, path, external)
             exporter = "torch.onnx.dynamo"
         except Exception as e:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the reason
@@ -72,7 +78,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
             try:
                 _torchscript(ctx, path)
                 exporter = "torch.onnx.torchscript"
-                notes.append(f"the dynamo exporter failed ({describe_exception(e)}); written by the TorchScript-based one")
+                reason = str(e) if isinstance(e, _Skip) else f"the dynamo exporter failed ({describe_exception(e)})"
+                notes.append(f"{reason}; written by the TorchScript-based exporter")
             except Exception as e2:  # noqa: BLE001
                 errors.append(f"TorchScript-based exporter: {describe_exception(e2)}")
                 detail = tail(chatter)
@@ -83,8 +90,28 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 ) from e2
     if external:
         notes.append("weights are over 1.8 GB: stored as ONNX external data beside the .onnx file")
+    info = _describe(path)
+    if ctx.opset is not None and info["opset"] != ctx.opset:
+        raise ExportError(f"--opset {ctx.opset} was asked for, but {exporter} wrote opset {info['opset']}")
     files = [path, *sorted(f for f in path.parent.iterdir() if f != path)]
-    return Written(exporter, files, notes)
+    return Written(exporter, files, notes, info)
+
+
+class _Skip(Exception):
+    """Not an error: the dynamo exporter cannot produce what was asked for."""
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    """Opset and graph input/output names, for deployers who feed the model by name."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "opset": opset,
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+    }
 
 
 
