@@ -142,7 +142,7 @@ def lexport(
             print(json.dumps(report_json, indent=2))
             raise typer.Exit(code) from None
     except KeyboardInterrupt:
-        stderr.print("[red]interrupted[/red]: no output was written")
+        stderr.print("[red]interrupted[/red]: nothing partial was left; artifacts already published stay")
         raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - a bug in lexport: say so, exit 70
         if debug:

@@ -218,9 +218,8 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
         dynamic_batch=opts.dynamic_batch,
         torchscript_mode=opts.torchscript_mode,
     )
-    if any(f.kind == "weights" for f in formats):
-        needed = sum(t.numel() * t.element_size() for t in state_dict.values())
-        outputs.check_free_space(Path(destinations[formats[0].name]).parent, needed)
+    # Every format carries the weights (graph formats embed them); each is checked before it is written.
+    needed = sum(t.numel() * t.element_size() for t in state_dict.values())
     for d in {dest.parent for dest in destinations.values()}:
         outputs.remove_stale_temp_dirs(d)
     with outputs.TerminateOnSignal():
@@ -228,6 +227,7 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
             result = ArtifactResult(format=fmt.name)
             report.artifacts.append(result)
             with step(f"exporting {fmt.name}"):
+                outputs.check_free_space(destinations[fmt.name].parent, needed)
                 _export_one(fmt, ctx, destinations[fmt.name], opts, refs, result)
     report.checkpoint["sha256"] = ckpt.sha256
 
@@ -334,6 +334,9 @@ def _detach(value: Any) -> Any:
 
 
 def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, result: ArtifactResult) -> None:
+    import errno
+    from concurrent.futures import ThreadPoolExecutor
+
     from .checkpoint import file_sha256
 
     started = time.perf_counter()
@@ -343,23 +346,27 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
             written = fmt.write(ctx, staging.path)
         except LexportError:
             raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise OutputError(f"cannot write {dest}: {e.strerror or e}") from e
+            raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
         except Exception as e:
             raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
         result.exporter = written.exporter
         result.notes.extend(written.notes)
         result.info.update(written.info)
-        staging.fsync()
         if not dest.name.endswith(fmt.suffix):
             result.notes.append(f"{dest.name} does not end with {fmt.suffix}, the usual suffix of {fmt.name}")
-        if opts.verify:
-            from .formats._graph import quiet_torch_logs
+        # fsync and hashing wait on the disk, verification on the CPU: overlap them (both release the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            synced = pool.submit(_fsync_and_hash, staging, file_sha256)
+            if opts.verify:
+                from .formats._graph import quiet_torch_logs
 
-            with quiet_torch_logs():
-                result.verification = _verify(fmt, staging.path, ctx, opts, refs)
+                with quiet_torch_logs():
+                    result.verification = _verify(fmt, staging.path, ctx, opts, refs)
+            result.bytes, result.sha256 = synced.result()
         passed = result.verification is None or result.verification.passed
-        files = staging.files()
-        result.bytes = sum(f.stat().st_size for f in files)
-        result.sha256 = file_sha256(files[0])
         if passed:
             published = staging.publish()
         elif opts.keep_failed:
@@ -377,6 +384,12 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
     finally:
         staging.discard()
         result.seconds = time.perf_counter() - started
+
+
+def _fsync_and_hash(staging: Any, file_sha256: Any) -> tuple[int, str]:
+    staging.fsync()
+    files = staging.files()
+    return sum(f.stat().st_size for f in files), file_sha256(files[0])
 
 
 def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> Any:

@@ -10,9 +10,9 @@ import random
 import shutil
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from conftest import invoke, run_lexport
@@ -30,7 +30,10 @@ def snapshot(root: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        out[rel] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_symlink():
+            out[rel] = f"<link to {os.readlink(p)}>"
+        else:
+            out[rel] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 
@@ -89,6 +92,24 @@ def _torch_save(obj, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- cases
 def _missing(tmp, ck):
     return [tmp / "in" / "nope.ckpt", "--to", "state-dict", "--output-dir", "{out}"]
+
+
+def _symlink_loop(tmp, ck):
+    (tmp / "in" / "a.ckpt").symlink_to(tmp / "in" / "b.ckpt")
+    (tmp / "in" / "b.ckpt").symlink_to(tmp / "in" / "a.ckpt")
+    return [tmp / "in" / "a.ckpt", "--to", "state-dict", "--output-dir", "{out}"]
+
+
+def _dangling_symlink(tmp, ck):
+    (tmp / "in" / "last.ckpt").symlink_to(tmp / "in" / "epoch=3.ckpt")
+    return [tmp / "in" / "last.ckpt", "--to", "state-dict", "--output-dir", "{out}"]
+
+
+def _output_symlink_loop(tmp, ck):
+    p = _copy(ck, "classifier", tmp)
+    (tmp / "in" / "a.pt").symlink_to(tmp / "in" / "b.pt")
+    (tmp / "in" / "b.pt").symlink_to(tmp / "in" / "a.pt")
+    return [p, "--to", "state-dict", "-o", tmp / "in" / "a.pt", "--force"]
 
 
 def _directory(tmp, ck):
@@ -163,6 +184,18 @@ def _state_dict_not_tensors(tmp, ck):
 def _newer_torch(tmp, ck):
     dst = tmp / "in" / "from_the_future.ckpt"
     rewrite_zip(Path(ck["classifier"]), dst, {"version": b"99\n"})
+    return [dst, "--to", "state-dict", "--output-dir", "{out}"]
+
+
+def _damaged_global_name(tmp, ck):
+    # One byte off inside the pickle: a global name that exists nowhere; nothing to --allow-global.
+    src = Path(ck["classifier"])
+    with zipfile.ZipFile(src) as z:
+        pkl_name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+        pkl = z.read(pkl_name)
+    assert b"collections\nOrderedDict" in pkl
+    dst = tmp / "in" / "damaged.ckpt"
+    rewrite_zip(src, dst, {"data.pkl": pkl.replace(b"collections\nOrderedDict", b"collectioos\nOrderedDict")})
     return [dst, "--to", "state-dict", "--output-dir", "{out}"]
 
 
@@ -336,6 +369,8 @@ def _output_is_directory(tmp, ck):
 
 CASES: dict[str, Case] = {
     "missing-path": Case(_missing, 3, ("checkpoint not found", "nope.ckpt")),
+    "checkpoint-symlink-loop": Case(_symlink_loop, 3, ("a.ckpt", "symbolic link")),
+    "checkpoint-dangling-symlink": Case(_dangling_symlink, 3, ("last.ckpt", "dangling symbolic link")),
     "directory": Case(_directory, 3, ("is a directory",)),
     "sharded-directory": Case(_sharded, 3, ("sharded",)),
     "empty-file": Case(_empty, 3, ("empty", "0 bytes")),
@@ -346,10 +381,11 @@ CASES: dict[str, Case] = {
     "json-named-ckpt": Case(_json, 3, ("text file", "not a torch checkpoint")),
     "text-named-ckpt": Case(_text, 3, ("text file",)),
     "torch-pickle-no-tensors": Case(_torch_pickle_no_tensors, 3, ("without a 'state_dict'", "epoch")),
-    "raw-pickle-no-tensors": Case(_raw_pickle_no_tensors, 3, ("not a torch checkpoint",)),
+    "raw-pickle-no-tensors": Case(_raw_pickle_no_tensors, 3, ("plain Python pickle", "not a checkpoint written by torch.save")),
     "raw-pickle-protocol-2": Case(_raw_pickle_protocol2, 3, ("not a torch checkpoint",)),
     "state-dict-without-tensors": Case(_state_dict_not_tensors, 3, ("does not hold tensors",)),
     "newer-torch": Case(_newer_torch, 3, ("newer torch", "version 99", "Upgrade torch")),
+    "damaged-global-name": Case(_damaged_global_name, 3, ("collectioos.OrderedDict", "corrupt")),
     "module-not-importable": Case(
         _module_not_importable, 4, ("lexport_no_such_pkg", "Searched"),
         dynamic_needles=lambda tmp: (str(Path(__file__).resolve().parent.parent),),
@@ -377,13 +413,14 @@ CASES: dict[str, Case] = {
     "output-dir-parent-is-file": Case(_output_dir_parent_is_file, 6, ("blocker",), extra_unchanged=("blocker",)),
     "output-parent-is-file": Case(_output_parent_is_file, 6, ("blocker", "not a directory"),
                                   extra_unchanged=("blocker",)),
-    "output-in-proc": Case(_output_in_proc, 6, ("/proc",)),
-    "output-dir-in-proc": Case(_output_dir_in_proc, 6, ("/proc",)),
+    "output-in-proc": Case(_output_in_proc, 6, ("cannot write in /proc",)),
+    "output-dir-in-proc": Case(_output_dir_in_proc, 6, ("cannot create --output-dir /proc",)),
     "output-is-input": Case(_output_is_input, 6, ("is the input", "even with --force")),
     "output-is-input-other-spelling": Case(_output_is_input_other_spelling, 6, ("is the input",)),
     "output-is-input-symlink": Case(_output_is_input_symlink, 6, ("is the input",)),
     "output-is-input-hardlink": Case(_output_is_input_hardlink, 6, ("is the input",)),
     "output-is-input-default-name": Case(_output_is_input_default_name, 6, ("is the input",)),
+    "output-symlink-loop": Case(_output_symlink_loop, 6, ("a.pt", "symbolic link loop")),
     "output-exists": Case(_output_exists, 6, ("already exists", "--force")),
     "output-is-directory": Case(_output_is_directory, 6, ("is a directory",)),
 }

@@ -1,0 +1,340 @@
+"""Issue 3, part 1: loading never runs code from the checkpoint unless --trust-checkpoint says so.
+
+- torch.load is always called with weights_only=True (explicitly, so an inherited
+  TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off) and never retried with weights_only=False;
+- a refused checkpoint names the globals it wants and the two ways in (--allow-global, --trust-checkpoint);
+- a class named inside a checkpoint (_class_path, _instantiator, class_path in hparams) is never imported;
+- torch < 2.6 is refused for untrusted loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import invoke, run_lexport
+
+from lightning_export import checkpoint as ck_mod
+from lightning_export.errors import CheckpointError, UsageError
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+class Evil:
+    """Unpickling this creates a directory: proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _malicious(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "in" / "evil.ckpt"
+    path.parent.mkdir(exist_ok=True)
+    torch.save(
+        {"state_dict": {"layer.weight": torch.ones(2, 2)}, "epoch": 1, "payload": Evil(marker)},
+        str(path),
+    )
+    return path, marker
+
+
+# ------------------------------------------------------------------------------------ malicious payloads
+def test_malicious_checkpoint_never_runs_without_trust(tmp_path: Path) -> None:
+    path, marker = _malicious(tmp_path)
+    res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out")
+    assert res.code == 3, res
+    assert not marker.exists(), "code from the checkpoint ran"
+    flat = _flat(res.stderr)
+    assert "posix.mkdir" in flat and "not loaded by default" in flat
+    assert "--trust-checkpoint" in flat and "runs code from the file" in flat
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_malicious_checkpoint_never_runs_with_force_env_in_process(tmp_path: Path, monkeypatch) -> None:
+    path, marker = _malicious(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out")
+    assert res.code == 3, res
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1", "the caller's environment was not restored"
+
+
+def test_malicious_checkpoint_never_runs_with_force_env_subprocess(tmp_path: Path) -> None:
+    """As a user's shell would run it: the variable inherited from the environment."""
+    path, marker = _malicious(tmp_path)
+    res = run_lexport(path, "--to", "state-dict", "--output-dir", tmp_path / "out",
+                      env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    assert res.code == 3, res
+    assert not marker.exists(), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turned weights_only off"
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert "posix.mkdir" in _flat(res.stderr)
+
+
+def test_malicious_checkpoint_runs_with_trust(tmp_path: Path) -> None:
+    """The control: the payload is real, and --trust-checkpoint (full unpickling) does run it."""
+    path, marker = _malicious(tmp_path)
+    res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out", "--trust-checkpoint")
+    assert marker.exists(), "the payload did not run: the tests above prove nothing"
+    assert res.code == 0, res
+
+
+def test_blocked_global_is_never_offered_as_allow_global(tmp_path: Path) -> None:
+    """os/posix/sys functions cannot be allowed by the safe loader; the hint must not pretend otherwise."""
+    path, marker = _malicious(tmp_path)
+    res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out", "--allow-global", "os.mkdir")
+    assert res.code == 3, res
+    assert not marker.exists()
+    flat = _flat(res.stderr)
+    assert "--allow-global posix.mkdir" not in flat
+    assert "never allowed" in flat
+
+
+def test_weights_only_always_explicit_never_retried(tmp_path: Path, monkeypatch, ckpts: dict) -> None:
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(dict(kwargs))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    evil, marker = _malicious(tmp_path)
+    garbage = tmp_path / "in" / "garbage.ckpt"
+    garbage.write_bytes(bytes([0x80, 0x02]) + random.Random(0).randbytes(512))
+    for path in (evil, garbage):
+        with pytest.raises(CheckpointError):
+            ck_mod.load_checkpoint(path, hash_file=False)
+    ck_mod.load_checkpoint(ckpts["classifier"], hash_file=False)
+    assert calls, "torch.load was not called"
+    assert all(c.get("weights_only") is True for c in calls), calls
+    assert len(calls) == 3, "a failed load was retried"
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------- --allow-global
+def _namespace_ckpt(tmp_path: Path, legacy: bool = False) -> Path:
+    path = tmp_path / "in" / ("ns_legacy.ckpt" if legacy else "ns.ckpt")
+    path.parent.mkdir(exist_ok=True)
+    torch.save(
+        {
+            "state_dict": {"fc.weight": torch.randn(3, 2), "fc.bias": torch.zeros(3)},
+            "hyper_parameters": argparse.Namespace(lr=0.1, hidden=3),
+            "epoch": 2,
+        },
+        str(path),
+        _use_new_zipfile_serialization=not legacy,
+    )
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_unsafe_global_message_names_it_and_both_ways_in(tmp_path: Path, legacy: bool) -> None:
+    path = _namespace_ckpt(tmp_path, legacy)
+    res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out")
+    assert res.code == 3, res
+    flat = _flat(res.stderr)
+    assert "argparse.Namespace" in flat
+    assert "not loaded by default" in flat
+    assert "--allow-global argparse.Namespace" in flat
+    assert "--trust-checkpoint" in flat and "runs code from the file" in flat
+    assert "weights_only=False" not in flat  # torch's own advice is not passed on
+    assert res.stderr.count("error (") == 1 and "Traceback" not in res.stderr
+
+
+def test_allow_global_loads_exactly_that_and_is_scoped(tmp_path: Path) -> None:
+    path = _namespace_ckpt(tmp_path)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    res = invoke(path, "--to", "safetensors", "--output-dir", tmp_path / "out", "--allow-global", "argparse.Namespace")
+    assert res.code == 0, res
+    assert (tmp_path / "out" / "ns.safetensors").is_file()
+    # safe_globals is a context manager: nothing stays allowed for later loads in the process.
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    with pytest.raises(CheckpointError):
+        ck_mod.load_checkpoint(path, hash_file=False)
+
+
+def test_allow_global_is_repeatable_and_reports_what_is_still_missing(tmp_path: Path) -> None:
+    import collections
+    import fractions
+
+    path = tmp_path / "in" / "two.ckpt"
+    path.parent.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(1)}, "a": argparse.Namespace(x=1),
+                "b": fractions.Fraction(1, 3), "c": collections.Counter("ab")}, str(path))
+    res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out", "--allow-global", "argparse.Namespace")
+    assert res.code == 3, res
+    flat = _flat(res.stderr)
+    assert "fractions.Fraction" in flat and "--allow-global fractions.Fraction" in flat
+    res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out",
+                 "--allow-global", "argparse.Namespace", "--allow-global", "fractions.Fraction")
+    assert res.code == 0, res
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("Namespace", "dotted path"),
+    ("lexport_no_such_module.Thing", "cannot be imported"),
+    ("argparse.NoSuchClass", "cannot be imported"),
+])
+def test_bad_allow_global_is_a_usage_error(tmp_path: Path, ckpts: dict, name: str, needle: str) -> None:
+    src = tmp_path / "c.ckpt"
+    shutil.copyfile(ckpts["classifier"], src)
+    res = invoke(src, "--to", "state-dict", "--output-dir", tmp_path / "out", "--allow-global", name)
+    assert res.code == 2, res
+    assert needle in _flat(res.stderr)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+# ------------------------------------------------------------------------ classes named in a checkpoint
+EVIL_MODULE = textwrap.dedent(
+    """
+    import os
+    import pytorch_lightning as pl
+    from torch import nn
+
+    open(os.environ["LEXPORT_TEST_MARKER"], "w").write("imported")
+
+    class EvilModule(pl.LightningModule):
+        def __init__(self, dim: int = 2):
+            super().__init__()
+            self.layer = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    def instantiate(cls, *args, **kwargs):
+        open(os.environ["LEXPORT_TEST_MARKER"], "a").write("called")
+        return cls(*args, **kwargs)
+    """
+)
+
+
+@pytest.fixture
+def named_class_ckpt(tmp_path: Path, monkeypatch):
+    """A checkpoint whose hyper_parameters name an importable module that leaves a marker when imported."""
+    modname = f"lexport_evil_{os.getpid()}"
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / f"{modname}.py").write_text(EVIL_MODULE)
+    marker = tmp_path / "IMPORTED"
+    monkeypatch.setenv("LEXPORT_TEST_MARKER", str(marker))
+    monkeypatch.syspath_prepend(str(pkg))
+    path = tmp_path / "in" / "named.ckpt"
+    path.parent.mkdir()
+    torch.save(
+        {
+            "state_dict": {"layer.weight": torch.eye(2), "layer.bias": torch.zeros(2)},
+            "hyper_parameters": {
+                "dim": 2,
+                "_class_path": f"{modname}.EvilModule",
+                "_instantiator": f"{modname}.instantiate",
+            },
+        },
+        str(path),
+    )
+    yield path, marker, modname
+    sys.modules.pop(modname, None)
+
+
+def test_class_path_in_checkpoint_is_not_imported(named_class_ckpt, tmp_path: Path) -> None:
+    path, marker, modname = named_class_ckpt
+    res = invoke(path, "--to", "torchscript", "--output-dir", tmp_path / "out")
+    assert res.code == 2, res
+    assert not marker.exists(), "a class named inside the checkpoint was imported"
+    assert modname not in sys.modules
+    flat = _flat(res.stderr)
+    assert f"--module {modname}.EvilModule" in flat.replace("'", "")
+    assert "Traceback" not in res.stderr
+
+
+def test_class_path_ignored_for_weights_formats(named_class_ckpt, tmp_path: Path) -> None:
+    path, marker, modname = named_class_ckpt
+    res = invoke(path, "--to", "state-dict", "--to", "safetensors", "--output-dir", tmp_path / "out")
+    assert res.code == 0, res
+    assert not marker.exists()
+    assert modname not in sys.modules
+
+
+def test_class_path_imported_only_with_trust(named_class_ckpt, tmp_path: Path) -> None:
+    """The control: with --trust-checkpoint the named class is used (so the tests above can fail)."""
+    path, marker, modname = named_class_ckpt
+    res = invoke(path, "--to", "torchscript", "--output-dir", tmp_path / "out", "--trust-checkpoint",
+                 "--input", "float32[2,2]")
+    assert marker.exists()
+    assert res.code == 0, res
+
+
+def test_nested_class_path_in_hparams_is_not_imported(named_class_ckpt, tmp_path: Path) -> None:
+    path, marker, modname = named_class_ckpt
+    path2 = tmp_path / "in" / "nested.ckpt"
+    torch.save(
+        {
+            "state_dict": {"model.layer.weight": torch.eye(2)},
+            "hyper_parameters": {"encoder": {"class_path": f"{modname}.EvilModule", "init_args": {"dim": 2}}},
+        },
+        str(path2),
+    )
+    res = invoke(path2, "--module", "fixtures.modules:InjectedEncoderModule", "--to", "onnx",
+                 "--output-dir", tmp_path / "out")
+    assert res.code == 4, res
+    assert not marker.exists()
+    assert modname not in sys.modules
+    assert "class_path" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_lightning_cli_checkpoint_needs_module(ckpts: dict, tmp_path: Path) -> None:
+    """The real LightningCLI checkpoint: its _class_path is shown as the --module to pass, not used."""
+    src = tmp_path / "cli.ckpt"
+    shutil.copyfile(ckpts["cli"], src)
+    raw = torch.load(str(src), weights_only=True)
+    assert raw["hyper_parameters"]["_class_path"] == "fixtures.modules.CliModel"
+    assert "_instantiator" in raw["hyper_parameters"]
+    res = invoke(src, "--to", "onnx", "--output-dir", tmp_path / "out")
+    assert res.code == 2, res
+    assert "--module fixtures.modules.CliModel" in _flat(res.stderr).replace("'", "")
+    # ... and the command it suggests works.
+    res = invoke(src, "--module", "fixtures.modules.CliModel", "--to", "state-dict", "--output-dir",
+                 tmp_path / "out")
+    assert res.code == 0, res
+
+
+# ----------------------------------------------------------------------------------------- torch version
+@pytest.mark.parametrize("version", ["2.5.1", "2.5.1+cpu", "1.13.0", "2.4.0a0+git1234"])
+def test_old_torch_refused_for_untrusted_loads(monkeypatch, ckpts: dict, version: str) -> None:
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(CheckpointError) as info:
+        ck_mod.load_checkpoint(ckpts["classifier"], hash_file=False)
+    assert "2.6" in str(info.value) and "--trust-checkpoint" in str(info.value)
+    ck = ck_mod.load_checkpoint(ckpts["classifier"], trust=True, hash_file=False)
+    assert ck.state_dict
+
+
+@pytest.mark.parametrize("version", ["2.6.0", "2.6.0a0+gitabc", "2.10.1+cu126", "2.13.0.dev20260101", "3.0"])
+def test_new_enough_torch_versions_accepted(monkeypatch, ckpts: dict, version: str) -> None:
+    monkeypatch.setattr(torch, "__version__", version)
+    assert ck_mod.load_checkpoint(ckpts["classifier"], hash_file=False).state_dict
+
+
+def test_old_torch_refused_via_cli(monkeypatch, ckpts: dict, tmp_path: Path) -> None:
+    monkeypatch.setattr(torch, "__version__", "2.5.0")
+    res = invoke(ckpts["classifier"], "--to", "state-dict", "--output-dir", tmp_path / "out")
+    assert res.code == 3, res
+    assert "weights_only bypasses" in _flat(res.stderr)
+
+
+def test_allow_global_bad_name_unit() -> None:
+    with pytest.raises(UsageError):
+        ck_mod._import_dotted("NoDots")
