@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import invoke
 
 from lightning_export import LexportError, export
-
-from conftest import invoke
 
 GRAPH = ["torchscript", "onnx", "exported-program"]
 ALL = ["state-dict", "safetensors", *GRAPH]
