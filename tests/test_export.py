@@ -405,3 +405,18 @@ def test_dynamic_batch_with_batch_one_is_refused_up_front(ckpts, tmp_path):
     res = invoke(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--attr", "model",
                  "--to", "exported-program", "--dynamic-batch", "--input", "float32[1,10]", "--output-dir", tmp_path)
     assert res.code == 2 and "batch of 2 or more" in res.stderr
+
+
+def test_non_finite_weights_warn_or_fail(ckpts, tmp_path):
+    ckpt = torch.load(ckpts["classifier"], weights_only=True)
+    ckpt["state_dict"]["model.fc2.bias"][0] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save(ckpt, bad)
+    res = invoke(bad, "--attr", "model", "--to", "safetensors", "--output-dir", tmp_path / "a", "--json")
+    assert res.code == 0, res
+    doc = res.json()
+    assert any("model.fc2.bias" not in w and "fc2.bias" in w for w in doc["warnings"])
+    res = invoke(bad, "--module", "fixtures.modules:MyClassifierModule", "--attr", "model", "--to", "onnx",
+                 "--output-dir", tmp_path / "b", "--strict-finite")
+    assert res.code == 4 and "NaN" in res.stderr
+    assert not (tmp_path / "b" / "nan.onnx").exists()
