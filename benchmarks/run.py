@@ -7,8 +7,9 @@ are interleaved (round-robin, order rotated per round) so that a noisy machine h
 are medians. While a child runs, the parent reads /proc/<pid>/status every ~20 ms and keeps the largest RssAnon
 (anonymous memory: heap, tensors; *not* the page cache behind a memory-mapped checkpoint); the peak RSS is the
 kernel's high-water mark (VmHWM, equal to wait4's ru_maxrss). Before the timed runs each checkpoint is read
-once (cat > /dev/null) so every run sees a warm page cache, and `sync` runs before each run so no run pays
-for the previous run's dirty pages.
+once (cat > /dev/null) so every run sees a warm page cache (--cold instead evicts the checkpoint before every
+run), and `sync` runs before each run so no run pays for the previous run's dirty pages. CPU seconds (user +
+sys, from wait4) are reported too: on a shared machine they are steadier than wall time.
 
 This file imports only the standard library: the parent stays small and never competes for memory.
 """
@@ -120,7 +121,8 @@ def measure(cmd: list[str], log: Path) -> dict:
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"benchmark command failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    return {"wall_s": wall, "peak_rss_bytes": max(hwm, usage.ru_maxrss) * 1024, "peak_anon_bytes": anon * 1024}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_bytes": max(hwm, usage.ru_maxrss) * 1024, "peak_anon_bytes": anon * 1024}
 
 
 def quick_wall(cmd: list[str]) -> float:
@@ -129,23 +131,28 @@ def quick_wall(cmd: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def interleaved(cases: dict[str, list[str]], reps: int, logs: Path, outputs: dict[str, Path]) -> dict[str, dict]:
-    """Run every case `reps` times, round-robin with the order rotated each round; medians per case."""
+def interleaved(cases: dict[str, list[str]], reps: int, logs: Path, outputs: dict[str, Path],
+                evict: Path | None = None) -> dict[str, dict]:
+    """Run every case `reps` times, round-robin with the order rotated each round; medians per case.
+
+    evict: a file to drop from the page cache before every run (--cold), instead of the warm-cache default."""
     runs: dict[str, list[dict]] = {name: [] for name in cases}
     names = list(cases)
     for r in range(reps):
         for name in names[r % len(names):] + names[: r % len(names)]:
             if name in outputs:
                 outputs[name].unlink(missing_ok=True)
+            if evict is not None:
+                drop_from_cache(evict)
             m = measure(cases[name], logs / f"{name}.log")
             runs[name].append(m)
-            print(f"  round {r + 1}/{reps}  {name:<22} {m['wall_s']:7.2f} s  anon {m['peak_anon_bytes'] / GB:6.2f} GB"
-                  f"  rss {m['peak_rss_bytes'] / GB:6.2f} GB", flush=True)
+            print(f"  round {r + 1}/{reps}  {name:<22} {m['wall_s']:7.2f} s  cpu {m['cpu_s']:6.2f} s"
+                  f"  anon {m['peak_anon_bytes'] / GB:6.2f} GB  rss {m['peak_rss_bytes'] / GB:6.2f} GB", flush=True)
     return {
         name: {
             "cmd": cases[name] if cases[name][0] != PY else [PY, "-c", "<script>", *cases[name][3:]],
             "runs": ms,
-            **{k: statistics.median(m[k] for m in ms) for k in ("wall_s", "peak_rss_bytes", "peak_anon_bytes")},
+            **{k: statistics.median(m[k] for m in ms) for k in ("wall_s", "cpu_s", "peak_rss_bytes", "peak_anon_bytes")},
         }
         for name, ms in runs.items()
     }
@@ -177,6 +184,16 @@ def warm(path: Path) -> None:
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
+def drop_from_cache(path: Path) -> None:
+    """Evict one file's pages (and only that file's) from the page cache: the next read comes from disk."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------------- reporting
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -193,16 +210,17 @@ def machine() -> dict:
         "onnx": version("onnx"),
         "onnxruntime": version("onnxruntime"),
         "safetensors": version("safetensors"),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def print_table(title: str, rows: dict[str, dict], baseline_anon: int | None, weights: int) -> None:
     print(f"\n{title}")
-    print(f"  {'case':<22} {'wall s':>8} {'peak RSS GB':>12} {'peak anon GB':>13} {'anon - base':>12} {'x weights':>10}")
+    print(f"  {'case':<22} {'wall s':>8} {'cpu s':>7} {'peak RSS GB':>12} {'peak anon GB':>13} {'anon - base':>12} {'x weights':>10}")
     for name, r in rows.items():
         over = r["peak_anon_bytes"] - baseline_anon if baseline_anon is not None else None
-        print(f"  {name:<22} {r['wall_s']:8.2f} {r['peak_rss_bytes'] / GB:12.2f} {r['peak_anon_bytes'] / GB:13.2f} "
+        print(f"  {name:<22} {r['wall_s']:8.2f} {r['cpu_s']:7.2f} {r['peak_rss_bytes'] / GB:12.2f} {r['peak_anon_bytes'] / GB:13.2f} "
               + (f"{over / GB:12.2f} {over / weights:10.2f}" if over is not None else f"{'':>12} {'':>10}"))
 
 
@@ -210,10 +228,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights-gb", type=float, default=1.0, help="fp32 weights of the main checkpoint (GB = 1e9 B)")
     ap.add_argument("--onnx-weights-gb", type=float, default=0.1, help="weights of the ONNX comparison's checkpoint")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per case (interleaved)")
-    ap.add_argument("--onnx-reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per case (interleaved)")
+    ap.add_argument("--onnx-reps", type=int, default=3)
     ap.add_argument("--help-reps", type=int, default=10)
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before every run "
+                    "of [1/3] (posix_fadvise DONTNEED) instead of warming it once: measures disk speed")
     ap.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "latest.json")
     args = ap.parse_args()
@@ -228,8 +248,11 @@ def main() -> None:
     if not args.skip_onnx:
         onnx_ckpt, onnx_weights = ensure_checkpoint(cache, args.onnx_weights_gb)
     print(f"checkpoint {ckpt} ({ckpt.stat().st_size / GB:.2f} GB on disk, {weights / GB:.3f} GB of weights)")
-    print("warming the page cache: cat checkpoint > /dev/null (every run then reads it from a warm cache)")
-    warm(ckpt)
+    if args.cold:
+        print("COLD cache: the checkpoint is evicted from the page cache before every run of [1/3]")
+    else:
+        print("warming the page cache: cat checkpoint > /dev/null (every run then reads it from a warm cache)")
+        warm(ckpt)
 
     # ---- 1. big checkpoint: recipe vs lexport, state-dict and safetensors
     out = {"state-dict": work / "lexport.pt", "safetensors": work / "lexport.safetensors",
@@ -245,7 +268,7 @@ def main() -> None:
     outputs = {"recipe_torch_save": out["recipe"], "lexport_state_dict": out["state-dict"],
                "recipe_safetensors": out["recipe_st"], "lexport_safetensors": out["safetensors"]}
     print(f"\n[1/3] {args.reps} interleaved rounds (lexport with verification on)")
-    big = interleaved(cases, args.reps, logs, outputs)
+    big = interleaved(cases, args.reps, logs, outputs, evict=ckpt if args.cold else None)
     base = big["baseline_import"]["peak_anon_bytes"]
     for p in out.values():
         p.unlink(missing_ok=True)
@@ -286,6 +309,16 @@ def main() -> None:
     if onnx:
         c = onnx["cases"]
         figures["onnx_time_ratio"] = c["lexport_onnx"]["wall_s"] / c["direct_onnx_export"]["wall_s"]
+    # Not targets: CPU seconds (user + sys) are steadier than wall time on a shared machine, and show how much of
+    # lexport's wall-time lead comes from running work on a second core.
+    extra = {
+        "state_dict_cpu_ratio": big["lexport_state_dict"]["cpu_s"] / big["recipe_torch_save"]["cpu_s"],
+        "safetensors_cpu_ratio": big["lexport_safetensors"]["cpu_s"] / big["recipe_safetensors"]["cpu_s"],
+        "recipe_anon_over_baseline_per_weight_byte": max(
+            big[n]["peak_anon_bytes"] - base for n in ("recipe_torch_save", "recipe_safetensors")) / weights,
+    }
+    if onnx:
+        extra["onnx_cpu_ratio"] = c["lexport_onnx"]["cpu_s"] / c["direct_onnx_export"]["cpu_s"]
     targets = {k: {"value": round(v, 4), "limit": TARGETS[k][0], "what": TARGETS[k][1], "pass": v <= TARGETS[k][0]}
                for k, v in figures.items()}
 
@@ -295,15 +328,19 @@ def main() -> None:
         print_table(f"onnx: {onnx['weights_bytes'] / GB:.3f} GB weights (medians)", onnx["cases"], None, weights)
     print(f"\n  lexport --help     median {statistics.median(help_s):.3f} s (min {min(help_s):.3f})")
     print(f"  lexport --version  median {statistics.median(version_s):.3f} s -> {version_text!r}")
+    print("\nfor information: " + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
     print("\ntargets")
     for t in targets.values():
         print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['value']:8.3f}  <= {t['limit']:<5}  {t['what']}")
 
+    info["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     result = {
         "machine": info,
         "method": {
             "checkpoint": "written by a real pl.Trainer run (1 step, Adam) + trainer.save_checkpoint",
-            "page_cache": "warm: each checkpoint is read once (cat > /dev/null) before the timed runs; sync before each run",
+            "page_cache": ("cold: checkpoint evicted (posix_fadvise DONTNEED) before every run of the big section"
+                           if args.cold else "warm: each checkpoint is read once (cat > /dev/null) before the timed runs")
+            + "; sync before each run",
             "repetitions": "fresh subprocess per run, cases interleaved round-robin; medians",
             "peak_anon": "max RssAnon of /proc/<pid>/status, sampled every ~20 ms by the parent",
             "peak_rss": "VmHWM (= wait4 ru_maxrss)",
@@ -315,6 +352,7 @@ def main() -> None:
         "cli": {"help_s": help_s, "help_median_s": statistics.median(help_s), "version_s": version_s,
                 "version_median_s": statistics.median(version_s), "version_output": version_text},
         "onnx": onnx,
+        "info": {k: round(v, 4) for k, v in extra.items()},
         "targets": targets,
         "all_pass": all(t["pass"] for t in targets.values()),
     }

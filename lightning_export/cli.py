@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_CODES, LexportError, UsageError
+from .errors import EXIT_CODES, LexportError
 from .formats import REGISTRY
 
 _FORMATS_HELP = "; ".join(f"{f.name} ({f.suffix})" for f in REGISTRY.values())
@@ -123,6 +123,7 @@ def lexport(
             trust_checkpoint=trust_checkpoint,
             allow_globals=tuple(allow_global),
             strict_finite=strict_finite,
+            hash_checkpoint=json_out,
         )
         with _Steps(stderr if show else None) as steps:
             report = run(opts, progress=steps.step)
@@ -288,9 +289,19 @@ def _render(stderr: Console, report: Any) -> None:
 def main() -> None:
     try:
         app(prog_name="lexport")
-    except UsageError as e:  # pragma: no cover - raised only before typer runs
-        _print_error(_console(), e)
-        sys.exit(e.exit_code)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:  # only with LEXPORT_DEBUG=1: a bug in lexport, shown in full
+        import traceback
+
+        traceback.print_exc()
+        code = 70
+    # Outputs are fsynced and published by now; skip interpreter teardown, which takes 1-1.5 s once torch and
+    # Lightning are loaded. Only the command does this, never the Python API.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
