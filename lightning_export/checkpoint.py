@@ -50,10 +50,6 @@ class Checkpoint:
     def sha256(self) -> str:
         return self._sha.result() if self._sha else file_sha256(self.path)
 
-    @property
-    def weights_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict.values())
-
 
 def _plain_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
