@@ -136,7 +136,7 @@ def lexport(
             traceback.print_exception(e)  # with the chained causes: the exporter's own traceback
         if report is not None and show:
             _render(stderr, report)
-        if not json_out or code == 2 and report is None:
+        if not json_out:
             _print_error(stderr, e)
         if json_out and report is None:
             report_json: dict[str, Any] = {"ok": False, "error": {"code": code, "kind": e.kind, "message": str(e)}}

@@ -197,7 +197,7 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     if graph:
         with step("running the module on the example inputs"):
             example, source = _example_inputs(opts, specs, target, built.module)
-            if opts.dynamic_batch and any(f.name in ("onnx", "exported-program") for f in graph):
+            if opts.dynamic_batch and any(f.dynamic_batch for f in graph):
                 from .inputs import batch_size
 
                 if batch_size(example) == 1:
@@ -410,7 +410,7 @@ def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> A
         return compare_tensor_maps(ctx.state_dict, loaded)
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
-    runs = refs.runs(dynamic=opts.dynamic_batch and fmt.name in ("onnx", "exported-program"))
+    runs = refs.runs(dynamic=opts.dynamic_batch and fmt.dynamic_batch)
     expected, actual, labels, problems = [], [], [], []
     for label, data, ref in runs:
         try:

@@ -92,13 +92,19 @@ def _import_module(name: str, what: str) -> Any:
         raise UserModuleError(f"{what}: importing {name!r} failed: {type(e).__name__}: {e}") from e
 
 
-def is_lightning_module_class(cls: Any) -> bool:
+def lightning_base(cls: Any) -> type | None:
+    """The LightningModule class in cls's MRO (lightning.pytorch or pytorch_lightning), found without importing
+    Lightning: the user's module has imported whichever one it uses."""
     if not inspect.isclass(cls):
-        return False
-    return any(
-        c.__name__ == "LightningModule" and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}
-        for c in cls.__mro__
-    )
+        return None
+    for c in cls.__mro__:
+        if c.__name__ == "LightningModule" and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}:
+            return c
+    return None
+
+
+def is_lightning_module_class(cls: Any) -> bool:
+    return lightning_base(cls) is not None
 
 
 def resolve_class(spec: str) -> type:

@@ -248,17 +248,24 @@ def test_injected_submodule_via_init_args_file(ckpts, tmp_path):
 
 @pytest.mark.parametrize("name,module", [("cli", None), ("cli_plain", "fixtures.modules:CliModel")])
 def test_lightning_cli_config(ckpts, tmp_path, name, module):
+    import yaml
+
     config = ckpts[name].parent / name / "config.yaml"
-    assert config.is_file()
-    args = [ckpts[name], "--config", config, "--to", "exported-program", "--output-dir", tmp_path]
+    args = [ckpts[name], "--config", config, "--to", "exported-program", "--output-dir", tmp_path, "--json"]
     args += ["--module", module] if module else []
     res = invoke(*args)
     assert res.code == 0, res
-    # Without the config the non-default width does not fit the class defaults: the config really was used.
-    bare = invoke(ckpts[name], "--module", "fixtures.modules:CliModel", "--to", "onnx", "--output-dir", tmp_path,
-                  "--force")
-    if name == "cli_plain":
-        assert bare.code == 0  # hparams in the checkpoint suffice here too
+    if module is None:  # the class came from the config's class_path
+        assert res.json()["module"] == "fixtures.modules.CliModel"
+    # The config's init_args really are used: change the width there and the checkpoint no longer fits.
+    data = yaml.safe_load(config.read_text())
+    section = data["model"]["init_args"] if "class_path" in data["model"] else data["model"]
+    assert section["hidden"] == 12
+    section["hidden"] = 99
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    res = invoke(*[edited if a == config else a for a in args], "--force")
+    assert res.code == 4 and "(99, 6)" in res.stdout + res.stderr, res
 
 
 def test_plain_state_dict_input(ckpts, tmp_path):
@@ -313,11 +320,12 @@ def test_existing_output_needs_force(ckpts, tmp_path):
     assert invoke(*args, "--force").code == 0
 
 
-def test_no_example_inputs_asks_for_input(ckpts, tmp_path):
+def test_forward_failure_names_the_inputs_and_their_origin(ckpts, tmp_path):
     res = invoke(ckpts["heads"], "--module", "fixtures.modules:HeadsModule", "--attr", "heads.cls", "--to", "onnx",
                  "--output-dir", tmp_path)
     # heads.cls has no example of its own; the LightningModule's (2, 6) does not fit it: a clear module error.
     assert res.code == 4 and "float32[2, 6]" in res.stderr and "--input" in res.stderr
+    assert "the LightningModule's example_input_array" in res.stderr
 
 
 def test_unknown_attr_lists_children(ckpts, tmp_path):

@@ -26,7 +26,6 @@ class ExportContext:
 @dataclass
 class Written:
     exporter: str
-    files: list[Path]  # the main file first, then companions (e.g. ONNX external data)
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # format facts for the report (ONNX opset, io names)
 
@@ -38,10 +37,12 @@ class Format:
     kind: str  # "weights" (bit-exact check) or "graph" (run and compare outputs)
     description: str
     write: Callable[[ExportContext, Path], Written]
+    # write() gets a path inside a private temp dir; every file it leaves there is part of the artifact.
     load: Callable[[Path], Any]  # weights: a mapping name -> tensor; graph: a callable(*args, **kwargs)
     atol: float = 0.0
     rtol: float = 0.0
     needs_module: bool = True
+    dynamic_batch: bool = False  # honours --dynamic-batch (then verified at another batch size too)
 
 
 REGISTRY: dict[str, Format] = {}

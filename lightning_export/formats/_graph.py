@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from ..model import lightning_base
 from . import ExportContext
 
 
@@ -51,7 +52,7 @@ def exporting(ctx: ExportContext) -> Iterator[list[str]]:
     torch.backends.mha.set_fastpath_enabled(False)
     # Tracing a LightningModule touches its `trainer` property, which raises without a Trainer; this is
     # the switch Lightning's own to_torchscript uses.
-    lm_cls = _lightning_base(module)
+    lm_cls = lightning_base(type(module))
     scripting = getattr(lm_cls, "_jit_is_scripting", None) if lm_cls else None
     if lm_cls is not None:
         lm_cls._jit_is_scripting = True
@@ -84,13 +85,6 @@ def quiet_torch_logs() -> Iterator[None]:
     finally:
         for n, level in saved.items():
             logging.getLogger(n).setLevel(level)
-
-
-def _lightning_base(module: Any) -> Any:
-    for c in type(module).__mro__:
-        if c.__name__ == "LightningModule" and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}:
-            return c
-    return None
 
 
 def dynamic_shapes_for(module: Any, args: tuple, kwargs: dict) -> dict[str, Any]:

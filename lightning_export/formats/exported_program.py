@@ -17,7 +17,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
         program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         torch.export.save(program, str(path))
-    return Written("torch.export", [path])
+    return Written("torch.export")
 
 
 def load(path: Path) -> Any:
@@ -36,5 +36,6 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
+        dynamic_batch=True,
     )
 )

@@ -72,7 +72,7 @@ def write_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, s
 
 def write(ctx: ExportContext, path: Path) -> Written:
     write_safetensors(ctx.state_dict, path, {"format": "pt"})
-    return Written("lexport.safetensors", [path])
+    return Written("lexport.safetensors")
 
 
 class _SafeOpenMapping:

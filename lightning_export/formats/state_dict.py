@@ -12,7 +12,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
     torch.save(dict(ctx.state_dict), str(path))
-    return Written("torch.save", [path])
+    return Written("torch.save")
 
 
 def load(path: Path) -> Any:

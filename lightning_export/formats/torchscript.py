@@ -29,7 +29,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
             )
             exporter = "torch.jit.trace"
         torch.jit.save(scripted, str(path))
-    return Written(exporter, [path], [NOTE])
+    return Written(exporter, [NOTE])
 
 
 def load(path: Path) -> Any:
