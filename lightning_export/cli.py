@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from rich.table import Table
 from . import __version__
 from .errors import EXIT_CODES, LexportError
 from .formats import REGISTRY
+from .outputs import TerminateOnSignal
 
 _FORMATS_HELP = "; ".join(f"{f.name} ({f.suffix})" for f in REGISTRY.values())
 _EXIT_HELP = "\n\n".join(f"{code}  {text}" for code, text in EXIT_CODES.items())
@@ -83,22 +85,17 @@ def lexport(
     torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="trace or script.")] = "trace",
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint fully. This RUNS CODE FROM THE FILE: only for files you trust.")] = False,  # noqa: E501
     allow_global: Annotated[list[str], typer.Option("--allow-global", metavar="NAME", help="Allow one class in the checkpoint (pkg.mod.Name) for the safe loader; repeatable.")] = [],  # noqa: B006,E501
+    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help="Refuse a checkpoint whose tensors would make an artifact more than FACTOR times the bytes they occupy in the file (default 4; views and stride tricks).")] = None,  # noqa: E501
     strict_finite: Annotated[bool, typer.Option("--strict-finite", help="NaN/Inf in weights or example outputs is an error (exit 4), not a warning.")] = False,  # noqa: E501
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout and nothing else there.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
-    from .model import parse_init_arg
+    def options() -> Any:
+        from .core import ExportOptions
+        from .model import parse_init_arg
 
-    stderr = _console()
-    debug = os.environ.get("LEXPORT_DEBUG", "") not in ("", "0")
-    show = not quiet and not json_out
-    report = None
-    code = 0
-    try:
-        from .core import ExportOptions, run
-
-        opts = ExportOptions(
+        return ExportOptions(
             checkpoint=checkpoint,
             formats=tuple(to),
             module=module,
@@ -123,40 +120,115 @@ def lexport(
             trust_checkpoint=trust_checkpoint,
             allow_globals=tuple(allow_global),
             strict_finite=strict_finite,
+            max_growth=max_growth,
             hash_checkpoint=json_out,
         )
-        with _Steps(stderr if show else None) as steps:
-            report = run(opts, progress=steps.step)
-    except LexportError as e:
-        report = e.report
-        code = e.exit_code
-        if debug:
-            import traceback
 
-            traceback.print_exception(e)  # with the chained causes: the exporter's own traceback
-        if report is not None and show:
-            _render(stderr, report)
-        if not json_out:
-            _print_error(stderr, e)
-        if json_out and report is None:
-            report_json: dict[str, Any] = {"ok": False, "error": {"code": code, "kind": e.kind, "message": str(e)}}
-            print(json.dumps(report_json, indent=2))
-            raise typer.Exit(code) from None
-    except KeyboardInterrupt:
-        stderr.print("[red]interrupted[/red]: nothing partial was left; artifacts already published stay")
-        raise typer.Exit(130) from None
-    except Exception as e:  # noqa: BLE001 - a bug in lexport: say so, exit 70
-        if debug:
-            raise
-        stderr.print(f"[red]internal error[/red] {type(e).__name__}: {e}", markup=True)
-        stderr.print("This is a bug in lexport. Re-run with LEXPORT_DEBUG=1 and report the traceback.")
-        raise typer.Exit(70) from None
-    else:
-        if show:
-            _render(stderr, report)
-    if json_out and report is not None:
-        print(json.dumps(report.to_json(), indent=2))
+    def export(steps: _Steps) -> Any:
+        from .core import run
+
+        return run(options(), progress=steps.step)
+
+    _execute(export, json_out=json_out, quiet=quiet)
+
+
+def _execute(work: Any, *, json_out: bool, quiet: bool) -> None:
+    """Run one command's work and end the process the documented way: the table or the error on stderr, the
+    exit code, and with --json exactly one strict JSON object on stdout, whatever happened (70 included).
+
+    While the work runs, stdout is pointed at stderr (file descriptor 1 too): a user's module that prints at
+    import or in forward cannot put text before the JSON.
+    """
+    stderr = _console()
+    debug = os.environ.get("LEXPORT_DEBUG", "") not in ("", "0")
+    show = not quiet and not json_out
+    report: Any = None
+    error: dict[str, Any] | None = None
+    code = 0
+    with _stdout_to_stderr(json_out) as real_stdout:
+        try:
+            with _Steps(stderr if show else None) as steps:
+                report = work(steps)
+        except LexportError as e:
+            report, code = e.report, e.exit_code
+            error = {"code": code, "kind": e.kind, "message": str(e)}
+            if debug:
+                import traceback
+
+                traceback.print_exception(e)  # with the chained causes: the exporter's own traceback
+            if report is not None and show:
+                _render(stderr, report)
+            if not json_out:
+                _print_error(stderr, e)
+        except KeyboardInterrupt:
+            code = 130
+            error = {"code": code, "kind": "interrupted", "message": "interrupted (SIGINT or SIGTERM)"}
+            stderr.print("[red]interrupted[/red]: nothing partial was left; artifacts already published stay")
+        except Exception as e:  # noqa: BLE001 - a bug in lexport: say so, exit 70
+            if debug:
+                raise
+            code = 70
+            error = {"code": code, "kind": "internal", "message": f"{type(e).__name__}: {str(e)[:500]}"}
+            stderr.print("[red]internal error[/red] ", end="")
+            stderr.print(error["message"], markup=False)
+            stderr.print("This is a bug in lexport. Re-run with LEXPORT_DEBUG=1 and report the traceback.")
+        else:
+            if show:
+                _render(stderr, report)
+    if json_out:
+        payload = report.to_json() if report is not None else {"ok": False}
+        if error is not None:
+            payload["ok"], payload["error"] = False, error
+        print(dumps_strict(payload), file=real_stdout, flush=True)
+        _json_printed.set()
     raise typer.Exit(code)
+
+
+_json_printed = threading.Event()  # main() prints the JSON itself for what ends before a command runs
+
+
+def dumps_strict(payload: Any) -> str:
+    """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN/Infinity)."""
+    return json.dumps(_finite(payload), indent=2, allow_nan=False, default=str)
+
+
+def _finite(value: Any) -> Any:
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[Any]:
+    """Yields the stream to print the JSON on; meanwhile sys.stdout and (when it is a real file) fd 1 write to
+    stderr."""
+    if not active:
+        yield sys.stdout
+        return
+    real = sys.stdout
+    saved_fd = None
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. a test runner's in-memory stream
+        fd = None
+    if fd is not None:
+        real.flush()
+        saved_fd = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        if saved_fd is not None:
+            sys.stderr.flush()
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 def _print_error(stderr: Console, e: LexportError) -> None:
@@ -287,9 +359,20 @@ def _render(stderr: Console, report: Any) -> None:
 
 
 def main() -> None:
+    # typer may vendor click: find its exception base through a public name, not a private import.
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    args = sys.argv[1:]
+    TerminateOnSignal().__enter__()  # SIGTERM/SIGINT → exit 130 from the first instant, parsing included
+    error: dict[str, Any] | None = None
     try:
-        app(prog_name="lexport")
-        code = 0
+        code = app(prog_name="lexport", args=args, standalone_mode=False)  # typer turns Ctrl-C into 130
+        code = code if isinstance(code, int) else 0
+    except click_exception as e:  # a flag typer rejects before the command runs
+        e.show()
+        code = e.exit_code
+        error = {"code": code, "kind": "usage", "message": e.format_message()}
+    except KeyboardInterrupt:
+        code = 130
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception:  # only with LEXPORT_DEBUG=1: a bug in lexport, shown in full
@@ -297,6 +380,10 @@ def main() -> None:
 
         traceback.print_exc()
         code = 70
+    if "--json" in args and code != 0 and not _json_printed.is_set():  # ended before the command's own JSON
+        error = error or {"code": code, "kind": {130: "interrupted"}.get(code, "internal"), "message": "interrupted"
+                          if code == 130 else "internal error"}
+        print(dumps_strict({"ok": False, "error": error}))
     # Outputs are fsynced and published by now; skip interpreter teardown, which takes 1-1.5 s once torch and
     # Lightning are loaded. Only the command does this, never the Python API.
     sys.stdout.flush()

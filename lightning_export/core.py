@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from . import outputs
+from .bounded import short_repr
 from .errors import (
+    CheckpointError,
     ExportError,
     LexportError,
     OutputError,
@@ -23,6 +26,9 @@ from .errors import (
 from .report import ArtifactResult, Report, versions
 
 DEFAULT_RANDOM_INPUTS = 5
+MAX_RANDOM_INPUTS = 1000
+MAX_SEED = 2**63 - 1
+MIN_OPSET = 7
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class ExportOptions:
     allow_globals: tuple[str, ...] = ()
     strict_finite: bool = False
     meta_build: bool = True
+    # No artifact may hold more than this many times the bytes the checkpoint's tensors occupy in the file
+    # (a 4-byte storage viewed as 10**9 elements would otherwise publish 4 GB). None: the loader's default.
+    max_growth: float | None = None
     # sha256 of the whole checkpoint (mostly optimizer state): a full read, so the CLI asks for it with --json.
     hash_checkpoint: bool = True
 
@@ -92,7 +101,10 @@ def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None, 
 def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
     report = Report(module=opts.module, attr=opts.attr, versions=versions())
     try:
-        _run(opts, report, progress or _no_status)
+        # SIGTERM becomes KeyboardInterrupt from the first step on (loading and building included), so every
+        # `finally` removes its temp files and the CLI exits 130.
+        with outputs.TerminateOnSignal():
+            _run(opts, report, progress or _no_status)
     except LexportError as e:
         e.report = report
         report.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
@@ -117,11 +129,50 @@ def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
     return report
 
 
+@contextlib.contextmanager
+def _phase(error: type[LexportError], what: str) -> Iterator[None]:
+    """Whatever goes wrong in a phase is that phase's error, with its exit code: a file that makes the loader run
+    out of memory is a bad checkpoint (3), a user's module that raises or recurses while building is the module's
+    (4). Never the internal-error exit (70)."""
+    try:
+        yield
+    except LexportError:
+        raise
+    except RecursionError as e:
+        raise error(f"{what}: nested too deeply (RecursionError)") from e
+    except MemoryError as e:
+        raise error(f"{what}: out of memory (MemoryError)") from e
+    except Exception as e:
+        raise error(f"{what} failed: {describe_exception(e)}") from e
+    except SystemExit as e:  # a user's module that calls sys.exit() while importing or building
+        raise error(f"{what}: the code called sys.exit({short_repr(e.code)})") from e
+
+
+def check_ranges(opts: ExportOptions) -> None:
+    """Numeric flags within the range they mean something in (exit 2), so nothing downstream overflows."""
+    for flag, value in (("--atol", opts.atol), ("--rtol", opts.rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} {value} must be a finite number >= 0")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1)")
+    if not 0 <= opts.random_inputs <= MAX_RANDOM_INPUTS:
+        raise UsageError(f"--random-inputs must be between 0 and {MAX_RANDOM_INPUTS}")
+    if opts.max_growth is not None and not (math.isfinite(opts.max_growth) and opts.max_growth >= 1):
+        raise UsageError(f"--max-growth {opts.max_growth} must be a finite number >= 1")
+    if opts.opset is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opts.opset <= newest:
+            raise UsageError(f"--opset {opts.opset}: this onnx supports opsets {MIN_OPSET} to {newest}")
+
+
 def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     from .formats import get_format, parse_format_list
     from .inputs import parse_input_spec
 
     # Everything a user can get wrong in flags fails before any slow work.
+    check_ranges(opts)
     if not opts.formats:
         raise UsageError("nothing to do: pass --to FORMAT (state-dict, safetensors, torchscript, onnx, ...)")
     formats = [get_format(name) for name in parse_format_list(opts.formats)]
@@ -158,9 +209,13 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
 
     from .checkpoint import load_checkpoint
 
-    with step("loading checkpoint"):
+    with step("loading checkpoint"), _phase(CheckpointError, f"reading {ckpt_path}"):
         ckpt = load_checkpoint(
-            ckpt_path, trust=opts.trust_checkpoint, allow_globals=opts.allow_globals, hash_file=opts.hash_checkpoint
+            ckpt_path,
+            trust=opts.trust_checkpoint,
+            allow_globals=opts.allow_globals,
+            hash_file=opts.hash_checkpoint,
+            **({"max_growth": opts.max_growth} if opts.max_growth is not None else {}),
         )
     report.checkpoint = {
         "path": str(ckpt_path),
@@ -175,7 +230,7 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     from .formats import ExportContext
 
     if wants_module:
-        with step("building module"):
+        with step("building module"), _phase(UserModuleError, "building the module"):
             built = _build(opts, ckpt, report)
         target, state_dict = built.target, built.state_dict
         report.notes.extend(built.notes)
@@ -190,12 +245,13 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
                 f"--attr {opts.attr!r}: no tensors in the checkpoint start with {opts.attr + '.'!r}",
                 hint=f"Top-level prefixes in the checkpoint: {', '.join(prefixes)}",
             )
-    _check_finite_weights(state_dict, opts, report)
+    with _phase(CheckpointError, "checking the weights for NaN/Inf"):
+        _check_finite_weights(state_dict, opts, report)
 
     example = None
     refs: _References | None = None
     if graph:
-        with step("running the module on the example inputs"):
+        with step("running the module on the example inputs"), _phase(UserModuleError, "running the module"):
             example, source = _example_inputs(opts, specs, target, built.module)
             if opts.dynamic_batch and any(f.dynamic_batch for f in graph):
                 from .inputs import batch_size
@@ -226,7 +282,7 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     needed = sum(t.numel() * t.element_size() for t in state_dict.values())
     for d in {dest.parent for dest in destinations.values()}:
         outputs.remove_stale_temp_dirs(d)
-    with outputs.TerminateOnSignal():
+    if True:  # signals: see run()
         for fmt in formats:
             result = ArtifactResult(format=fmt.name)
             report.artifacts.append(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,11 @@ from typing import Any
 from .errors import UsageError, UserModuleError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
-_SPEC = re.compile(r"^\s*([a-z0-9]+)\s*\[\s*([0-9]+(?:\s*,\s*[0-9]+)*)?\s*\]\s*$")
+# An example input is generated once per verification run; these keep a typo ("100000000000") from asking for
+# terabytes.
+MAX_INPUT_ELEMENTS = 1 << 26  # 64 Mi elements: 256 MB of float32
+MAX_INPUT_DIMS = 16
+_SPEC = re.compile(r"^\s*([a-z0-9]+)\s*\[\s*([0-9]{1,12}(?:\s*,\s*[0-9]{1,12})*)?\s*\]\s*$")
 
 
 @dataclass(frozen=True)
@@ -24,15 +29,23 @@ class InputSpec:
 
 def parse_input_spec(text: str) -> InputSpec:
     """Parse `float32[2,10]`; raises UsageError with an example when malformed."""
-    m = _SPEC.match(text)
+    m = _SPEC.match(text) if len(text) <= 200 else None
     if not m:
         raise UsageError(
-            f"--input {text!r} is malformed: expected DTYPE[D0,D1,...], e.g. --input float32[2,10]",
+            f"--input {text[:60]!r} is malformed: expected DTYPE[D0,D1,...], e.g. --input float32[2,10]",
         )
     dtype, dims = m.group(1), m.group(2)
     if dtype not in DTYPES:
         raise UsageError(f"--input {text!r}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    if len(shape) > MAX_INPUT_DIMS:
+        raise UsageError(f"--input {text!r}: {len(shape)} dimensions; at most {MAX_INPUT_DIMS} are supported")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise UsageError(
+            f"--input {text!r}: {math.prod(shape):,} elements; an example input may have at most "
+            f"{MAX_INPUT_ELEMENTS:,}",
+            hint="Verification needs a representative input, not a full-size batch: use a batch of 1 or 2.",
+        )
     return InputSpec(dtype, shape)
 
 

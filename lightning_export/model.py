@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bounded import MAX_DEPTH, TooDeep, iter_containers, load_yaml, short_repr
 from .errors import UsageError, UserModuleError
 
 # Keys LightningCLI adds to hyper_parameters; naming a class in a checkpoint must never import it.
@@ -121,30 +122,77 @@ def resolve_class(spec: str) -> type:
 
 # ------------------------------------------------------------------------------------------- init arguments
 def instantiate_class_paths(value: Any) -> Any:
-    """Instantiate `{class_path: ..., init_args: {...}}` values (jsonargparse/LightningCLI style), recursively."""
-    if isinstance(value, dict):
-        if "class_path" in value and set(value) <= {"class_path", "init_args", "dict_kwargs"}:
-            cls = import_object(str(value["class_path"]), what="class_path")
-            kwargs = {k: instantiate_class_paths(v) for k, v in (value.get("init_args") or {}).items()}
-            kwargs.update(value.get("dict_kwargs") or {})
-            try:
-                return cls(**kwargs)
-            except Exception as e:
-                raise UserModuleError(
-                    f"building {value['class_path']}({_fmt_kwargs(kwargs)}) failed: {type(e).__name__}: {e}"
-                ) from e
-        return {k: instantiate_class_paths(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [instantiate_class_paths(v) for v in value]
-    return value
+    """Instantiate `{class_path: ..., init_args: {...}}` values (jsonargparse/LightningCLI style), recursively.
+
+    Each object is transformed once (shared references stay shared) and nesting is depth-limited, so work is
+    linear in the size of the value whatever its shape."""
+    memo: dict[int, Any] = {}
+    in_progress: set[int] = set()
+
+    def go(v: Any, depth: int) -> Any:
+        if not isinstance(v, (dict, list)):
+            return v
+        if id(v) in memo:
+            return memo[id(v)]
+        if id(v) in in_progress:
+            raise UsageError("an init argument refers to itself (a recursive value cannot be built)")
+        if depth > MAX_DEPTH:
+            raise UsageError(f"an init argument is nested more than {MAX_DEPTH} levels deep")
+        in_progress.add(id(v))
+        try:
+            if isinstance(v, list):
+                out: Any = [go(x, depth + 1) for x in v]
+            elif "class_path" in v and set(v) <= {"class_path", "init_args", "dict_kwargs"}:
+                cls = import_object(str(v["class_path"]), what="class_path")
+                init_args = v.get("init_args") or {}
+                if not isinstance(init_args, dict):
+                    raise UsageError(f"class_path {v['class_path']!r}: init_args must be a mapping")
+                kwargs = {k: go(x, depth + 1) for k, x in init_args.items()}
+                kwargs.update(v.get("dict_kwargs") or {})
+                try:
+                    out = cls(**kwargs)
+                except Exception as e:
+                    raise UserModuleError(
+                        f"building {v['class_path']}({_fmt_kwargs(kwargs)}) failed: {type(e).__name__}: {e}"
+                    ) from e
+            else:
+                out = {k: go(x, depth + 1) for k, x in v.items()}
+        finally:
+            in_progress.discard(id(v))
+        memo[id(v)] = out
+        return out
+
+    return go(value, 0)
 
 
 def _has_class_path(value: Any) -> bool:
-    if isinstance(value, dict):
-        return "class_path" in value or any(_has_class_path(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_class_path(v) for v in value)
-    return False
+    """Linear in the number of distinct containers; raises TooDeep past MAX_DEPTH levels."""
+    return any(isinstance(c, dict) and "class_path" in c for c in iter_containers(value))
+
+
+def _supplied_has_class_path(name: str, value: Any) -> bool:
+    try:
+        return _has_class_path(value)
+    except TooDeep:
+        raise UsageError(f"init argument {name!r} is nested more than {MAX_DEPTH} levels deep") from None
+
+
+def _checked_hparams(loaded: dict[str, Any]) -> dict[str, bool]:
+    """name -> whether the checkpoint's value describes a class by class_path; a value nested too deeply to
+    be a hyper-parameter is the file's fault (exit 3)."""
+    from .errors import CheckpointError
+
+    out = {}
+    for k, v in loaded.items():
+        try:
+            out[k] = _has_class_path(v)
+        except TooDeep:
+            raise CheckpointError(
+                f"the checkpoint's hyper_parameters[{short_repr(k)}] is nested more than {MAX_DEPTH} levels deep; "
+                "lexport does not pass such a value to a constructor",
+                hint=f"Pass {short_repr(k)} yourself with --init-arg or --init-args FILE.",
+            ) from None
+    return out
 
 
 def _fmt_kwargs(kwargs: dict[str, Any]) -> str:
@@ -152,36 +200,44 @@ def _fmt_kwargs(kwargs: dict[str, Any]) -> str:
 
 
 def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) < 40 else text[:37] + "..."
+    return short_repr(v, limit=40)
 
 
 def parse_init_arg(item: str) -> tuple[str, Any]:
-    import yaml
-
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key.isidentifier():
-        raise UsageError(f"--init-arg {item!r} must look like KEY=VALUE, e.g. --init-arg hidden_size=64")
+        raise UsageError(f"--init-arg {short_repr(item)} must look like KEY=VALUE, e.g. --init-arg hidden_size=64")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
-        value = raw
+        value = load_yaml(raw, what=f"--init-arg {key}") if raw.strip() else raw
+    except UsageError as e:
+        if "not valid YAML" not in e.message:
+            raise
+        value = raw  # not YAML: the text itself, as a string
     return key, value
 
 
+MAX_ARGS_FILE_BYTES = 16 << 20  # a config or init-args file; anything bigger is not one
+
+
 def load_args_file(path: str | os.PathLike[str], *, flag: str) -> dict[str, Any]:
-    import yaml
+    import stat
 
     p = Path(path)
     try:
-        text = p.read_text()
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{flag} {p}: not a regular file")
+        if st.st_size > MAX_ARGS_FILE_BYTES:
+            raise UsageError(f"{flag} {p}: {st.st_size:,} bytes is too big for a configuration file")
+        raw = p.read_bytes()
     except OSError as e:
         raise UsageError(f"{flag} {p}: cannot read: {e.strerror or e}") from e
     try:
-        data = yaml.safe_load(text)  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise UsageError(f"{flag} {p}: not valid YAML or JSON: {e}") from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {p}: not a text file (YAML or JSON)") from None
+    data = load_yaml(text, what=f"{flag} {p}")  # YAML is a superset of JSON
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -247,8 +303,12 @@ def constructor_arguments(
 
             value: Any = Namespace(**loaded) if raw.get("hparams_type") == "Namespace" else dict(loaded)
             loaded = {args_name: value}
+    # Only the values the constructor takes are looked at: the rest is dropped unread.
+    described = _checked_hparams(
+        {k: v for k, v in loaded.items() if k not in supplied and (has_varkw or k in names)}
+    )
     if not trust:
-        from_ckpt = [k for k, v in loaded.items() if _has_class_path(v) and k not in supplied]
+        from_ckpt = [k for k, has in described.items() if has]
         if from_ckpt:
             raise UserModuleError(
                 f"the checkpoint's hyper_parameters describe {', '.join(from_ckpt)} by class_path; "
@@ -272,7 +332,11 @@ def constructor_arguments(
     kwargs = {**loaded, **supplied}
     if not has_varkw:
         kwargs = {k: v for k, v in kwargs.items() if k in names}
-    kwargs = instantiate_class_paths(kwargs)
+    # Only values that describe classes are rebuilt: the rest is passed as loaded (shared references kept).
+    kwargs = {
+        k: instantiate_class_paths(v) if (k in supplied and _supplied_has_class_path(k, v)) or described.get(k) else v
+        for k, v in kwargs.items()
+    }
     missing = [
         p.name
         for p in params
@@ -428,8 +492,15 @@ def select_attr(module: Any, attr: str | None) -> Any:
         nxt = None
         if isinstance(obj, nn.Module) and part in obj._modules:
             nxt = obj._modules[part]
-        elif hasattr(obj, part):
-            nxt = getattr(obj, part, None)
+        else:
+            try:  # a property of the user's class runs here (LightningModule.trainer raises when detached)
+                nxt = getattr(obj, part, None)
+            except Exception as e:
+                raise UserModuleError(
+                    f"--attr {attr!r}: reading {part!r} of {'.'.join(walked) or type(module).__name__} failed: "
+                    f"{type(e).__name__}: {' '.join(str(e).split())[:200]}",
+                    hint=f"--attr selects a submodule. Submodules there: {', '.join(children) or 'none'}",
+                ) from e
         if nxt is None:
             where = ".".join(walked) or type(module).__name__
             raise UserModuleError(
