@@ -1,0 +1,183 @@
+"""What every command shares: the stderr console, live steps, and `execute`, which ends each command the
+documented way (exit code; with --json exactly one strict JSON object on stdout)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from ..errors import LexportError
+
+
+def console() -> Console:
+    # Bound to the stderr of this call: exporters' own stderr chatter is redirected while they run, and
+    # the status line and table must not be. Wide when not a terminal, so CI logs keep full paths.
+    file = sys.stderr
+    width = None if file.isatty() else 160
+    return Console(file=file, highlight=False, width=width)
+
+
+def execute(
+    work: Callable[[Steps], Any], *, json_out: bool, quiet: bool, render: Callable[[Console, Any], None]
+) -> None:
+    """Run one command's work and end the process the documented way: the table or the error on stderr, the
+    exit code, and with --json exactly one strict JSON object on stdout, whatever happened (70 included).
+
+    While the work runs, stdout is pointed at stderr (file descriptor 1 too): a user's module that prints at
+    import or in forward cannot put text before the JSON.
+    """
+    stderr = console()
+    debug = os.environ.get("LEXPORT_DEBUG", "") not in ("", "0")
+    show = not quiet and not json_out
+    report: Any = None
+    error: dict[str, Any] | None = None
+    code = 0
+    with _stdout_to_stderr(json_out) as real_stdout:
+        try:
+            with Steps(stderr if show else None) as steps:
+                report = work(steps)
+        except LexportError as e:
+            report, code = e.report, e.exit_code
+            error = {"code": code, "kind": e.kind, "message": str(e)}
+            if debug:
+                import traceback
+
+                traceback.print_exception(e)  # with the chained causes: the exporter's own traceback
+            if report is not None and show:
+                render(stderr, report)
+            if not json_out:
+                print_error(stderr, e)
+        except KeyboardInterrupt:
+            code = 130
+            error = {"code": code, "kind": "interrupted", "message": "interrupted (SIGINT or SIGTERM)"}
+            stderr.print("[red]interrupted[/red]: nothing partial was left; artifacts already published stay")
+        except Exception as e:  # noqa: BLE001 - a bug in lexport: say so, exit 70
+            if debug:
+                raise
+            code = 70
+            error = {"code": code, "kind": "internal", "message": f"{type(e).__name__}: {str(e)[:500]}"}
+            stderr.print("[red]internal error[/red] ", end="")
+            stderr.print(error["message"], markup=False)
+            stderr.print("This is a bug in lexport. Re-run with LEXPORT_DEBUG=1 and report the traceback.")
+        else:
+            if show:
+                render(stderr, report)
+    if json_out:
+        payload = report.to_json() if report is not None else {"ok": False}
+        if error is not None:
+            payload["ok"], payload["error"] = False, error
+        json_printed.set()
+        with contextlib.suppress(BrokenPipeError):  # `lexport ... --json | head`
+            print(dumps_strict(payload), file=real_stdout, flush=True)
+    raise typer.Exit(code)
+
+
+json_printed = threading.Event()  # main() prints the JSON itself for what ends before a command runs
+
+
+def dumps_strict(payload: Any) -> str:
+    """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN/Infinity)."""
+    return json.dumps(_finite(payload), indent=2, allow_nan=False, default=str)
+
+
+def _finite(value: Any) -> Any:
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[Any]:
+    """Yields the stream to print the JSON on; meanwhile sys.stdout and (when it is a real file) fd 1 write to
+    stderr."""
+    if not active:
+        yield sys.stdout
+        return
+    real = sys.stdout
+    saved_fd = None
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. a test runner's in-memory stream
+        fd = None
+    if fd is not None:
+        real.flush()
+        saved_fd = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        if saved_fd is not None:
+            sys.stderr.flush()
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
+
+
+def print_error(stderr: Console, e: LexportError) -> None:
+    stderr.print(f"[bold red]error[/bold red] ({e.kind}, exit {e.exit_code}): ", end="")
+    stderr.print(e.message, markup=False)
+    if e.hint:
+        stderr.print(e.hint, markup=False, style="dim")
+
+
+class Steps:
+    """A live status line per step with elapsed time on a terminal; one line per finished step otherwise."""
+
+    def __init__(self, console: Console | None) -> None:
+        self.console = console
+
+    def __enter__(self) -> Steps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        if self.console is None:
+            yield
+            return
+        started = time.perf_counter()
+        if self.console.is_terminal:
+            with self.console.status(f"{label} …") as status:
+                with _ticker(status, label, started):
+                    yield
+        else:
+            yield
+        self.console.print(f"[green]✓[/green] {label} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+
+
+@contextlib.contextmanager
+def _ticker(status: Any, label: str, started: float) -> Iterator[None]:
+    import threading
+
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            status.update(f"{label} … {time.perf_counter() - started:.0f} s")
+
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
