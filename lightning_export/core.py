@@ -205,7 +205,8 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
         raise OutputError("\n".join(e.message for e in refused), hint=refused[0].hint)
     graph = [f for f in formats if f.kind == "graph"]
     opts = replace(opts, formats=tuple(f.name for f in formats))
-    wants_module = opts.module or opts.config or any(f.needs_module for f in formats)
+    # Weights formats never need the class: --config alone does not make lexport import anything for them.
+    wants_module = opts.module or any(f.needs_module for f in formats)
 
     from .checkpoint import load_checkpoint
 
@@ -299,9 +300,11 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report) -> Any:
     class_path = opts.module
     supplied: dict[str, Any] = {}
     if opts.config:
-        cfg_class, cfg_args = model.config_model_section(opts.config)
-        class_path = class_path or cfg_class
-        supplied.update(cfg_args)
+        from .configs import read_model_section
+
+        section = read_model_section(opts.config)
+        class_path = class_path or section.class_path
+        supplied.update(section.args)
     if opts.init_args_file:
         supplied.update(model.load_args_file(opts.init_args_file, flag="--init-args"))
     supplied.update(dict(opts.init_args))
@@ -313,13 +316,16 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report) -> Any:
             from .formats import REGISTRY
 
             needs = ", ".join(f"--to {n}" for n in opts.formats if REGISTRY[n].needs_module)
-            hint = (
-                f"The checkpoint names its class: pass --module {named!r} (lexport never imports a class named "
-                "inside a checkpoint on its own)."
-                if named
-                else "Pass --module pkg.module:YourLightningModule (or --config config.yaml from LightningCLI)."
-            )
-            raise UsageError(f"{needs} needs the LightningModule class", hint=hint)
+            named_text = str(named) if isinstance(named, str) else None
+            if named_text:
+                mod, _, cls_name = named_text.rpartition(".")
+                hint = (f"The checkpoint records its class: pass --module {mod}:{cls_name} (lexport never imports a "
+                        "class named inside a checkpoint on its own).")
+            else:
+                hint = "Pass --module pkg.module:YourLightningModule."
+            said = (f"--config {opts.config} names no class (LightningCLI(Model, ...) saves model: without "
+                    "class_path), and " if opts.config else "")
+            raise UsageError(f"{said}{needs} needs the LightningModule class", hint=hint)
     report.module = class_path
     cls = model.resolve_class(class_path)
     kwargs = model.constructor_arguments(

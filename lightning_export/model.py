@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bounded import MAX_DEPTH, TooDeep, iter_containers, load_yaml, short_repr
+from .bounded import MAX_DEPTH, TooDeep, load_yaml, short_repr
 from .errors import UsageError, UserModuleError
 
 # Keys LightningCLI adds to hyper_parameters; naming a class in a checkpoint must never import it.
@@ -121,65 +121,16 @@ def resolve_class(spec: str) -> type:
 
 
 # ------------------------------------------------------------------------------------------- init arguments
-def instantiate_class_paths(value: Any) -> Any:
-    """Instantiate `{class_path: ..., init_args: {...}}` values (jsonargparse/LightningCLI style), recursively.
-
-    Each object is transformed once (shared references stay shared) and nesting is depth-limited, so work is
-    linear in the size of the value whatever its shape."""
-    memo: dict[int, Any] = {}
-    in_progress: set[int] = set()
-
-    def go(v: Any, depth: int) -> Any:
-        if not isinstance(v, (dict, list)):
-            return v
-        if id(v) in memo:
-            return memo[id(v)]
-        if id(v) in in_progress:
-            raise UsageError("an init argument refers to itself (a recursive value cannot be built)")
-        if depth > MAX_DEPTH:
-            raise UsageError(f"an init argument is nested more than {MAX_DEPTH} levels deep")
-        in_progress.add(id(v))
-        try:
-            if isinstance(v, list):
-                out: Any = [go(x, depth + 1) for x in v]
-            elif "class_path" in v and set(v) <= {"class_path", "init_args", "dict_kwargs"}:
-                cls = import_object(str(v["class_path"]), what="class_path")
-                init_args = v.get("init_args") or {}
-                if not isinstance(init_args, dict):
-                    raise UsageError(f"class_path {v['class_path']!r}: init_args must be a mapping")
-                kwargs = {k: go(x, depth + 1) for k, x in init_args.items()}
-                kwargs.update(v.get("dict_kwargs") or {})
-                try:
-                    out = cls(**kwargs)
-                except Exception as e:
-                    raise UserModuleError(
-                        f"building {v['class_path']}({_fmt_kwargs(kwargs)}) failed: {type(e).__name__}: {e}"
-                    ) from e
-            else:
-                out = {k: go(x, depth + 1) for k, x in v.items()}
-        finally:
-            in_progress.discard(id(v))
-        memo[id(v)] = out
-        return out
-
-    return go(value, 0)
-
-
 def _has_class_path(value: Any) -> bool:
-    """Linear in the number of distinct containers; raises TooDeep past MAX_DEPTH levels."""
-    return any(isinstance(c, dict) and "class_path" in c for c in iter_containers(value))
+    """Whether value describes an object (class_path or _target_); raises TooDeep past MAX_DEPTH levels."""
+    from .configs import describes_object
 
-
-def _supplied_has_class_path(name: str, value: Any) -> bool:
-    try:
-        return _has_class_path(value)
-    except TooDeep:
-        raise UsageError(f"init argument {name!r} is nested more than {MAX_DEPTH} levels deep") from None
+    return describes_object(value)
 
 
 def _checked_hparams(loaded: dict[str, Any]) -> dict[str, bool]:
-    """name -> whether the checkpoint's value describes a class by class_path; a value nested too deeply to
-    be a hyper-parameter is the file's fault (exit 3)."""
+    """name -> whether the checkpoint's value describes an object by class_path/_target_; a value nested too
+    deeply to be a hyper-parameter is the file's fault (exit 3)."""
     from .errors import CheckpointError
 
     out = {}
@@ -245,19 +196,6 @@ def load_args_file(path: str | os.PathLike[str], *, flag: str) -> dict[str, Any]
     return data
 
 
-def config_model_section(path: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any]]:
-    """The `model:` section of a LightningCLI config.yaml: (class_path or None, init_args)."""
-    data = load_args_file(path, flag="--config")
-    model = data.get("model")
-    if model is None:
-        raise UsageError(f"--config {path}: no 'model:' section (is this the config.yaml LightningCLI saved?)")
-    if not isinstance(model, dict):
-        raise UsageError(f"--config {path}: 'model:' must be a mapping")
-    if "class_path" in model:
-        return str(model["class_path"]), dict(model.get("init_args") or {})
-    return None, dict(model)
-
-
 # ---------------------------------------------------------------------------------------------- building
 @dataclass
 class BuiltModule:
@@ -313,7 +251,8 @@ def constructor_arguments(
             raise UserModuleError(
                 f"the checkpoint's hyper_parameters describe {', '.join(from_ckpt)} by class_path; "
                 "lexport does not import classes named inside a checkpoint",
-                hint="Pass them yourself with --init-args FILE or --config config.yaml, or --trust-checkpoint.",
+                hint="Pass them yourself with --config config.yaml (LightningCLI's or Hydra's) or --init-args FILE, "
+                "or --trust-checkpoint.",
             )
     if not has_varkw:
         unknown = [k for k in explicit if k not in names]
@@ -332,11 +271,11 @@ def constructor_arguments(
     kwargs = {**loaded, **supplied}
     if not has_varkw:
         kwargs = {k: v for k, v in kwargs.items() if k in names}
-    # Only values that describe classes are rebuilt: the rest is passed as loaded (shared references kept).
-    kwargs = {
-        k: instantiate_class_paths(v) if (k in supplied and _supplied_has_class_path(k, v)) or described.get(k) else v
-        for k, v in kwargs.items()
-    }
+    # Values that describe objects are built by their engine (jsonargparse for class_path, Hydra for _target_);
+    # the rest is passed as loaded (shared references kept).
+    from .configs import instantiate_arguments
+
+    kwargs = instantiate_arguments(cls, kwargs)
     missing = [
         p.name
         for p in params

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from lightning_export.bounded import MAX_DEPTH, TooDeep, iter_containers, load_yaml, short_repr
+from lightning_export.configs import describes_object, instantiate_arguments
 from lightning_export.errors import CheckpointError, UsageError
-from lightning_export.model import constructor_arguments, instantiate_class_paths
+from lightning_export.model import constructor_arguments
 
 
 def _dag(levels: int = 64) -> list:
@@ -94,15 +95,15 @@ def test_yaml_with_a_few_aliases_still_loads() -> None:
         load_yaml("a: [1, 2", what="--config c.yaml")
 
 
-def test_instantiate_keeps_sharing_and_is_linear() -> None:
+def test_object_detection_is_linear_and_plain_values_pass_through() -> None:
+    dag = _dag()
     started = time.perf_counter()
-    out = instantiate_class_paths({"x": _dag()})
-    assert out["x"][0] is out["x"][1]
+    assert not describes_object(dag)
+    out = instantiate_arguments(_Module, {"width": 3, "extra": dag})
+    assert out["extra"] is dag
     assert time.perf_counter() - started < 1
-    x: list = []
-    x.append(x)
-    with pytest.raises(UsageError, match="refers to itself"):
-        instantiate_class_paths({"x": x})
+    with pytest.raises(TooDeep):
+        describes_object(_deep(100_000))
 
 
 class _Module:

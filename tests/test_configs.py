@@ -1,0 +1,136 @@
+"""Configs are instantiated by the engines that wrote them: jsonargparse (LightningCLI) and Hydra.
+
+Each case is a real run: LightningCLI `fit` in subclass and plain mode with an injected encoder and an
+OptimizerCallable; a Hydra-template style config (`_target_`, `_partial_`, interpolation) instantiated by Hydra and
+trained by a real Trainer. The exports are verified by lexport in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import invoke
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _lightning_cli(root: Path, subclass: bool) -> tuple[Path, Path]:
+    import pytorch_lightning as pl
+    from pytorch_lightning.cli import LightningCLI
+
+    from fixtures import modules as M
+
+    model_args = [
+        "--model.encoder=fixtures.modules.CliEncoder",
+        "--model.encoder.hidden=8",
+        "--model.optimizer=torch.optim.SGD",
+        "--model.optimizer.lr=0.1",
+        "--model.out_features=2",
+    ]
+    args = [
+        "fit",
+        *(["--model=fixtures.modules.CallableOptModel", "--data=fixtures.modules.CliDataModule"] if subclass else []),
+        *model_args,
+        "--trainer.max_steps=2",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={root}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    pl.seed_everything(0, verbose=False)
+    cli = LightningCLI(M.CallableOptModel, M.CliDataModule, subclass_mode_model=subclass,
+                       subclass_mode_data=subclass, args=args)
+    log_dir = Path(cli.trainer.log_dir)
+    (ckpt,) = sorted((log_dir / "checkpoints").glob("*.ckpt"))
+    return ckpt, log_dir / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("cli-configs")
+    return {mode: _lightning_cli(root / mode, mode == "subclass") for mode in ("subclass", "plain")}
+
+
+def test_lightning_cli_callable_and_injected_module_subclass_mode(cli_runs: dict, tmp_path: Path) -> None:
+    ckpt, config = cli_runs["subclass"]
+    assert "class_path: torch.optim.SGD" in config.read_text()
+    res = invoke(ckpt, "--config", config, "--to", "onnx", "-o", tmp_path / "m.onnx")
+    assert res.code == 0, res
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_lightning_cli_plain_mode_needs_module_only_for_graph_formats(cli_runs: dict, tmp_path: Path) -> None:
+    ckpt, config = cli_runs["plain"]
+    res = invoke(ckpt, "--config", config, "--to", "onnx", "-o", tmp_path / "m.onnx")
+    assert res.code == 2, res
+    flat = " ".join(res.stderr.split())
+    assert "names no class" in flat and "--module" in flat
+    assert not (tmp_path / "m.onnx").exists()
+    # Weights formats never need the class.
+    res = invoke(ckpt, "--config", config, "--to", "safetensors", "-o", tmp_path / "m.safetensors")
+    assert res.code == 0, res
+    res = invoke(ckpt, "--config", config, "--module", "fixtures.modules:CallableOptModel", "--to", "onnx",
+                 "-o", tmp_path / "m.onnx")
+    assert res.code == 0, res
+
+
+def test_checkpoint_class_paths_alone_are_never_imported(cli_runs: dict, tmp_path: Path) -> None:
+    """Without the config, the checkpoint's own class_path values are refused, not imported."""
+    ckpt, _ = cli_runs["subclass"]
+    res = invoke(ckpt, "--module", "fixtures.modules:CallableOptModel", "--to", "onnx", "-o", tmp_path / "m.onnx")
+    assert res.code == 4, res
+    assert "does not import classes named inside a checkpoint" in " ".join(res.stderr.split())
+
+
+HYDRA_CONFIG = """
+data:
+  in_features: 6
+model:
+  _target_: fixtures.modules.HydraLitModule
+  net:
+    _target_: fixtures.modules.CliEncoder
+    in_features: ${data.in_features}
+    hidden: 5
+  optimizer:
+    _target_: torch.optim.Adam
+    _partial_: true
+    lr: 0.001
+  compile: false
+trainer:
+  max_steps: 2
+"""
+
+
+def test_hydra_config_instantiated_by_hydra(tmp_path: Path) -> None:
+    pytest.importorskip("hydra")
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "outputs" / "run" / ".hydra"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(textwrap.dedent(HYDRA_CONFIG))
+    cfg = OmegaConf.load(run / "config.yaml")
+    pl.seed_everything(0, verbose=False)
+    module = instantiate(cfg.model)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 6), torch.randn(8, 5))
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    ckpt = tmp_path / "hydra.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    res = invoke(ckpt, "--config", run / "config.yaml", "--attr", "net", "--to", "onnx", "-o", tmp_path / "n.onnx")
+    assert res.code == 0, res
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "n.onnx"))
+    x = torch.randn(2, 6)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), module.net.eval()(x).detach(), atol=1e-5, rtol=1e-4)
