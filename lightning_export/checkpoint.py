@@ -7,8 +7,10 @@ import hashlib
 import os
 import pickle
 import re
+import stat
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,35 +87,203 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------------------- --allow-global
+# The safe loader calls what --allow-global admits: a class is constructed (cls(*args) or cls.__new__), a function
+# is called with arguments chosen by the file. So only classes are admitted, and none from a module whose classes
+# execute, import, open, load or spawn things when constructed (or whose functions do, for the hint). A deny-list
+# cannot be complete; the user who allows a class vouches for that class. Submodules are included.
+_NEVER_MODULES = frozenset(
+    """
+    builtins __builtin__ __main__ _imp imp importlib zipimport pkgutil runpy code codeop compileall py_compile
+    site sysconfig ensurepip venv pip setuptools pkg_resources distutils
+    os posix nt posixpath ntpath sys subprocess _posixsubprocess _winapi msvcrt winreg pty tty shutil platform
+    signal _signal resource fcntl mmap select selectors atexit faulthandler gc inspect
+    socket _socket socketserver ssl urllib http ftplib smtplib poplib imaplib nntplib telnetlib xmlrpc wsgiref
+    webbrowser mailbox sqlite3 _sqlite3 dbm shelve tempfile zipfile tarfile gzip bz2 lzma io _io codecs
+    pickle _pickle pickletools marshal copyreg copy_reg ctypes _ctypes cffi
+    multiprocessing _multiprocessing concurrent threading _thread asyncio sched types operator _operator
+    pydoc timeit pdb bdb trace tracemalloc doctest unittest logging cmd readline rlcompleter
+    yaml _yaml dill cloudpickle joblib IPython fsspec h5py smart_open
+    numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.format numpy.lib._format_impl
+    numpy.lib.npyio numpy.lib._npyio_impl numpy.lib._datasource numpy.lib.utils numpy.lib._utils_impl
+    numpy.core.memmap numpy._core.memmap numpy._pytesttester pandas.io
+    torch._C torch.jit torch._jit_internal torch.hub torch.package torch.serialization torch.utils.cpp_extension
+    torch.utils.tensorboard torch.utils.benchmark torch.utils.bottleneck torch.utils.collect_env torch.testing
+    torch.classes torch.ops torch._ops torch.library torch._library torch.multiprocessing torch.distributed
+    torch._dynamo torch._inductor torch.compiler torch.fx torch.export torch._export torch.onnx
+    lightning.pytorch.cli pytorch_lightning.cli lightning.fabric.cli jsonargparse
+    """.split()
+)
+# Functions that only rebuild plain data, admitted although they are not classes: numpy pickles its arrays and
+# scalars through them. _reconstruct(subtype, shape, dtype) makes an empty array of an ndarray subclass (it refuses
+# other types); scalar(dtype, bytes) makes a numpy scalar from raw bytes (object dtype: returns the object it is
+# given, which the loader had to admit already). Neither imports, opens or calls anything else.
+_SAFE_FUNCTIONS = frozenset(
+    f"{m}.{f}" for m in ("numpy.core.multiarray", "numpy._core.multiarray") for f in ("_reconstruct", "scalar")
+)
+_CLASS_NAME_RE = re.compile(r"_*[A-Z][A-Za-z0-9_]*")
+
+
+def _blocked_module(dotted: str) -> str | None:
+    """The blocked module that `dotted` (a module, or module.attr) lies in, if any."""
+    parts = dotted.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if prefix in _NEVER_MODULES:
+            return prefix
+    return None
+
+
+def _dangerous_base(cls: type) -> str | None:
+    """A class that opens files, sockets, processes or threads when constructed, even from an allowed module.
+    Only bases from modules already imported are looked at (nothing is imported for the check)."""
+    import sys
+
+    for mod, name in (("io", "IOBase"), ("subprocess", "Popen"), ("threading", "Thread"), ("socket", "socket"),
+                      ("logging", "Handler"), ("multiprocessing.process", "BaseProcess"), ("ctypes", "CDLL"),
+                      ("zipfile", "ZipFile"), ("tarfile", "TarFile"), ("tempfile", "TemporaryDirectory")):
+        base = getattr(sys.modules.get(mod), name, None)
+        if isinstance(base, type):
+            try:
+                if issubclass(cls, base):
+                    return f"{mod}.{name}"
+            except TypeError:
+                continue
+    return None
+
+
+def _py3_name(name: str) -> str:
+    """The name a protocol-2 pickle's GLOBAL resolves to: pickle writes Python 2 module names for some modules
+    (subprocess.call is written as commands.call) and maps them back when loading."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        return ".".join(_compat_pickle.NAME_MAPPING[(module, attr)])
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}" if module else name
+
+
+def _refusal(name: str, obj: Any = None, *, resolved: bool = False) -> str | None:
+    """Why `name` (resolving to `obj` when `resolved`) may never be allowed; None when it may."""
+    name = _py3_name(name)
+    if name in _SAFE_FUNCTIONS:
+        return None
+    last = name.rpartition(".")[2]
+    if resolved:
+        real = f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', '?')}"
+        if real in _SAFE_FUNCTIONS:
+            return None
+        if not isinstance(obj, type):
+            kind = type(obj).__name__
+            what = ("a builtin function" if kind == "builtin_function_or_method" else "a function"
+                    if callable(obj) else f"a {kind}")
+            return f"{last} is {what}, not a class; allowing it would let the file run code"
+    where = _blocked_module(name) or (resolved and _blocked_module(str(getattr(obj, "__module__", "") or "")))
+    if where:
+        return f"{name} comes from {where}, whose objects can run commands, import code or open files"
+    if not resolved:
+        if _CLASS_NAME_RE.fullmatch(last) and any(c.islower() for c in last):
+            return None
+        return f"{last} is not a class name (only classes can be allowed)"
+    base = _dangerous_base(obj)
+    if base:
+        return f"{name} is a {base}: constructing it opens files, sockets, processes or threads"
+    return None
+
+
 def _import_dotted(name: str) -> Any:
+    """The object an --allow-global flag names, if it may be allowed (a class, see _refusal); UsageError if not.
+    A name refused by its module alone is refused without importing anything."""
     import importlib
 
-    module_name, _, attr = name.rpartition(".")
-    if not module_name:
+    parts = name.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
         raise UsageError(f"--allow-global {name!r} must be a dotted path such as 'pkg.mod.Name'")
+    hint = "Allow only classes that you know; --trust-checkpoint is the way in for a file you trust completely."
+    if _blocked_module(_py3_name(name)):
+        raise UsageError(f"--allow-global {name}: never allowed: {_hint_refusal(name)}", hint=hint)
+    obj: Any = None
+    for i in range(len(parts) - 1, 0, -1):  # the longest importable module: pkg.mod.Outer.Inner works too
+        module_name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+            break
+        except ModuleNotFoundError as e:
+            if i == 1 or e.name != module_name:
+                raise UsageError(f"--allow-global {name!r} cannot be imported: {e}") from e
+        except ImportError as e:
+            raise UsageError(f"--allow-global {name!r} cannot be imported: {e}") from e
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
+        for part in parts[i:]:
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+    except AttributeError as e:
         raise UsageError(f"--allow-global {name!r} cannot be imported: {e}") from e
+    why = _refusal(name, obj, resolved=True)
+    if why:
+        raise UsageError(f"--allow-global {name}: never allowed: {why}", hint=hint)
     return obj
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
+def _hint_refusal(name: str) -> str | None:
+    """_refusal for a name from a file, decided without importing anything new: modules already imported are
+    looked into; otherwise the module rule and the CapWords convention for class names decide."""
+    import sys
+    import types
+
+    parts = _py3_name(name).split(".")
+    if not all(p.isidentifier() for p in parts):
+        return "it is not a valid dotted name"
+    obj: Any = sys.modules.get(parts[0])
+    i = 1
+    while isinstance(obj, types.ModuleType) and i < len(parts):
+        sub = ".".join(parts[: i + 1])
+        if parts[i] in vars(obj):
+            obj = vars(obj)[parts[i]]
+        elif sub in sys.modules:
+            obj = sys.modules[sub]
+        else:
+            obj = None
+        i += 1
+    if obj is None or isinstance(obj, types.ModuleType):
+        return _refusal(name)
+    while i < len(parts):  # an attribute of a class (a nested class): look, do not evaluate descriptors
+        obj = vars(obj).get(parts[i]) if hasattr(obj, "__dict__") else None
+        if obj is None:
+            return _refusal(name)
+        i += 1
+    return _refusal(name, obj, resolved=True)
+
+
+def _check_file(path: Path) -> int:
+    """Refuse what is not a readable regular file, without opening anything else (open() blocks on a FIFO).
+    Returns the file size."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
         if path.is_symlink():
-            raise CheckpointError(f"checkpoint {path} is a dangling symbolic link (or a link loop)")
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a dangling symbolic link (or a link loop)") from e
+        if isinstance(e, FileNotFoundError):
+            raise CheckpointError(f"checkpoint not found: {path}") from e
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
         if (path / ".metadata").exists():
             raise CheckpointError(
                 f"{path} is a sharded (torch.distributed.checkpoint) folder; lexport does not read those yet.",
                 hint="Consolidate it first, e.g. with `python -m lightning.pytorch.utilities.consolidate_checkpoint`.",
             )
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
+        raise CheckpointError(
+            f"{path} is {kind}, not a checkpoint file: lexport reads only regular files, whose size bounds its work",
+            hint="Save the stream to a file first, then pass that file.",
+        )
+    size = st.st_size
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(64)
     except OSError as e:
@@ -123,7 +293,7 @@ def _check_file(path: Path) -> None:
     if head.startswith(_ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path} is truncated or corrupt: its zip directory is missing")
-        return
+        return size
     if head[:1] == b"\x80" and head[1:2] in (b"\x03", b"\x04", b"\x05"):
         # torch.save writes a zip, or (legacy) protocol-2 pickles after a magic number: never this.
         raise CheckpointError(
@@ -132,6 +302,7 @@ def _check_file(path: Path) -> None:
     stripped = head.lstrip()
     if stripped[:1] in (b"{", b"[") or (head and all(32 <= b < 127 or b in (9, 10, 13) for b in head)):
         raise CheckpointError(f"{path} is a text file (JSON, YAML or similar), not a torch checkpoint")
+    return size
 
 
 def _describe_unsafe(path: Path) -> list[str]:
@@ -149,16 +320,334 @@ def _torch_version(text: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+# ---------------------------------------------------------------------------------------------- integrity
+# Bounded work: an artifact is at most DEFAULT_MAX_GROWTH times the weight bytes the file holds (plus the slack,
+# for tiny checkpoints and shared tensors), and compressed zip records may not declare more than that either.
+DEFAULT_MAX_GROWTH = 4.0
+GROWTH_SLACK = 64 << 20
+_CRC_CHUNK = 16 << 20
+_GROWTH_HINT = "Raise the limit with --max-growth N if this is intended."
+# Records torch reads besides the storages; small, so their CRC-32 is checked before torch.load.
+_METADATA_RECORDS = ("data.pkl", "byteorder", ".format_version", ".storage_alignment", "version", ".data/version")
+
+
+@dataclass(frozen=True)
+class _Record:
+    name: str
+    data_offset: int  # where the record's bytes start in the file (from its local header)
+    size: int  # uncompressed
+    crc: int
+    stored: bool
+
+
+@dataclass
+class _Archive:
+    storages: dict[str, _Record]  # <prefix>/data/<key> records
+    byteorder: str | None
+
+    @property
+    def all_stored(self) -> bool:
+        return all(r.stored for r in self.storages.values())
+
+
+def _read_archive(path: Path, file_size: int, max_growth: float) -> _Archive:
+    """The zip directory of a torch.save file, checked before torch reads anything: every record lies inside the
+    file, records do not overlap, stored records are what they claim, and compressed records may not expand past
+    the growth bound (a zip bomb is refused before it is inflated). Metadata records are CRC-checked."""
+    import struct
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is truncated, corrupt or crafted: {why}")
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as e:
+        raise corrupt(f"its zip directory cannot be read ({_printable(str(e))[:200]})") from e
+    with zf, open(path, "rb") as f:
+        infos = zf.infolist()
+        if not infos or "/" not in infos[0].filename:
+            raise corrupt("its zip directory does not hold a torch archive")
+        prefix = infos[0].filename.split("/", 1)[0]  # torch's archive name: the first record's folder
+        names: set[str] = set()
+        spans: list[tuple[int, int, str]] = []
+        storages: dict[str, _Record] = {}
+        inflated = 0
+        for info in infos:
+            name = _printable(info.filename)
+            if info.filename in names:
+                raise corrupt(f"record {name} appears twice in its zip directory")
+            names.add(info.filename)
+            if info.flag_bits & 0x1:
+                raise corrupt(f"record {name} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise corrupt(f"record {name} uses zip compression method {info.compress_type}, which torch cannot read")
+            if info.header_offset < 0 or info.header_offset + 30 > file_size:
+                raise corrupt(f"record {name} starts outside the file")
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if len(header) != 30 or header[:4] != _ZIP_MAGIC:
+                raise corrupt(f"record {name} has no local header where the zip directory says")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+            if f.read(name_len) != info.filename.encode(encoding, errors="replace"):
+                raise corrupt(f"record {name} has a different name in its local header")
+            start = info.header_offset + 30 + name_len + extra_len
+            end = start + info.compress_size
+            if end > file_size:
+                raise corrupt(f"record {name} ends past the end of the file ({end} > {file_size} bytes)")
+            stored = info.compress_type == zipfile.ZIP_STORED
+            if stored and info.file_size != info.compress_size:
+                raise corrupt(f"record {name} is stored uncompressed but declares {info.file_size} bytes "
+                              f"in {info.compress_size}")
+            if not stored:
+                inflated += info.file_size
+            spans.append((info.header_offset, end, name))
+            short = info.filename[len(prefix) + 1:] if info.filename.startswith(prefix + "/") else None
+            if short is not None and short.startswith("data/") and "/" not in short[5:]:
+                storages[info.filename] = _Record(name, start, info.file_size, info.CRC, stored)
+        spans.sort()
+        for (_, end, name), (nxt, _, other) in zip(spans, spans[1:]):
+            if end > nxt:
+                raise corrupt(f"records {name} and {other} overlap")
+        limit = max_growth * file_size + GROWTH_SLACK
+        if inflated > limit:
+            raise CheckpointError(
+                f"{path}: its compressed records declare {_mb(inflated)} once inflated, more than {max_growth:g}x "
+                f"the file ({_mb(file_size)}) + {_mb(GROWTH_SLACK)}; refusing to inflate it (a zip bomb?)",
+                hint=_GROWTH_HINT,
+            )
+        byteorder = None
+        for short in _METADATA_RECORDS:
+            full = f"{prefix}/{short}"
+            if full not in names:
+                continue
+            try:
+                data = zf.read(full)  # zipfile checks the CRC-32 when it reaches the end of the record
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+                raise CheckpointError(
+                    f"record {_printable(full)} does not match its CRC-32: the file is corrupt or was altered "
+                    f"({_printable(str(e))[:120]})"
+                ) from e
+            if short == "byteorder":
+                byteorder = data.decode("ascii", errors="replace")
+    return _Archive(storages, byteorder)
+
+
+
+def _mb(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB" if n >= 1 << 20 else f"{int(n):,} bytes"
+
+
+@dataclass
+class _Storage:
+    storage: Any  # keeps the memory alive while it is read
+    ptr: int
+    nbytes: int
+    element_size: int
+    key: str  # the first state_dict key that uses it (for messages)
+
+
+def _check_tensors(path: Path, state_dict: dict[str, Any], *, file_size: int, max_growth: float,
+                   archive: _Archive | None) -> list[_Storage]:
+    """Metadata only, no pass over data: every tensor is a CPU strided tensor whose extent fits its storage, and the
+    dense bytes of the state dict are bounded by the bytes of the storages behind it. Returns the storages."""
+    import torch
+
+    storages: dict[int, _Storage] = {}
+    dense = 0
+    for key, t in state_dict.items():
+        shown = _printable(key)
+        if t.device.type != "cpu":
+            what = "a meta tensor (a shape without data)" if t.device.type == "meta" else f"on device {t.device}"
+            raise CheckpointError(f"{path}: tensor {shown} is {what}; the file holds no weights for it")
+        if t.layout != torch.strided or t.is_nested:
+            raise CheckpointError(f"{path}: tensor {shown} has layout {t.layout}; only dense tensors can be exported")
+        if t.is_quantized:
+            raise CheckpointError(f"{path}: tensor {shown} is quantized ({t.dtype}); only plain tensors can be exported")
+        numel, esize = t.numel(), t.element_size()
+        dense += numel * esize
+        if numel == 0:
+            continue
+        try:
+            st = t.untyped_storage()
+            nbytes, ptr = st.nbytes(), st.data_ptr()
+        except (RuntimeError, NotImplementedError) as e:
+            raise CheckpointError(f"{path}: tensor {shown} has no readable storage ({e})") from e
+        strides = t.stride()
+        if t.storage_offset() < 0 or any(s < 0 for s in strides):
+            raise CheckpointError(f"{path}: tensor {shown} has a negative offset or stride: the file is crafted")
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, strides))
+        if (last + 1) * esize > nbytes or ptr == 0:
+            raise CheckpointError(
+                f"{path}: tensor {shown} reaches byte {(last + 1) * esize:,} of a storage of {nbytes:,} bytes: "
+                "the file is corrupt or crafted"
+            )
+        seen = storages.get(ptr)
+        if seen is None:
+            storages[ptr] = _Storage(st, ptr, nbytes, esize, key)
+        elif seen.nbytes != nbytes:
+            raise CheckpointError(f"{path}: tensors {_printable(seen.key)} and {shown} claim one storage with two "
+                                  "sizes: the file is corrupt or crafted")
+        elif seen.element_size != esize and archive is not None and _swapped(archive):
+            raise CheckpointError(f"{path}: tensors {_printable(seen.key)} and {shown} read one byte-swapped "
+                                  "storage as two element sizes")
+    backed = sum(s.nbytes for s in storages.values())
+    if archive is None and backed > file_size:
+        raise CheckpointError(f"{path}: its tensors claim {_mb(backed)} of storage in a file of {_mb(file_size)}: "
+                              "the file is corrupt or crafted")
+    if dense > max_growth * backed + GROWTH_SLACK:
+        raise CheckpointError(
+            f"{path}: its state dict expands to {_mb(dense)} from {_mb(backed)} of stored weights (tensors that "
+            f"repeat one value, e.g. expand() or stride 0), more than {max_growth:g}x + {_mb(GROWTH_SLACK)}",
+            hint=_GROWTH_HINT,
+        )
+    return list(storages.values())
+
+
+def _swapped(archive: _Archive) -> bool:
+    import sys
+
+    return archive.byteorder is not None and archive.byteorder != sys.byteorder
+
+
+def _map_by_address(path: Path, storages: list[_Storage], archive: _Archive) -> list[tuple[_Storage, _Record]]:
+    """Memory-mapped: torch slices one mapping of the whole file, so storage address - record data offset is one
+    base for every storage. The base is derived from the records (page-aligned candidates first) and must be
+    consistent with every storage; a storage that is not a record of the file is refused."""
+    if not storages:
+        return []
+    by_offset = {r.data_offset: r for r in archive.storages.values()}
+    by_size: dict[int, list[_Record]] = {}
+    for r in archive.storages.values():
+        by_size.setdefault(r.size, []).append(r)
+    order = sorted(storages, key=lambda s: s.ptr)
+    order = [order[-1], order[0], *order[1:-1]] if len(order) > 1 else order  # shifted bases fail at the ends
+    pivot = min(storages, key=lambda s: len(by_size.get(s.nbytes, ())))
+    sized = [pivot.ptr - r.data_offset for r in by_size.get(pivot.nbytes, ())]
+    anywhere = [order[0].ptr - off for off in by_offset]
+    budget = 20_000_000  # bounded work for crafted files with thousands of equal, evenly spaced records
+
+    def fits(base: int, check_size: bool) -> bool:
+        nonlocal budget
+        for s in order:
+            budget -= 1
+            r = by_offset.get(s.ptr - base)
+            if r is None or (check_size and r.size != s.nbytes):
+                return False
+        return True
+
+    found = None
+    for candidates, check_size in ((sized, True), (anywhere, False)):
+        for base in sorted(set(candidates), key=lambda b: (b % 4096 != 0, b)):
+            if budget <= 0:
+                raise CheckpointError(f"{path}: its records are too regular to be matched to its tensors in "
+                                      "bounded time: the file is crafted")
+            if fits(base, check_size):
+                found = base
+                break
+        if found is not None:
+            break
+    if found is None:
+        s = pivot if not sized else order[0]
+        raise CheckpointError(
+            f"{path}: tensor {_printable(s.key)} ({s.nbytes:,} bytes) is not read from a record of the file: "
+            "the file is corrupt or crafted"
+        )
+    pairs = [(s, by_offset[s.ptr - found]) for s in storages]
+    for s, r in pairs:
+        if r.size != s.nbytes:
+            raise CheckpointError(
+                f"record {r.name} ({_printable(s.key)}) holds {r.size:,} bytes but the file's pickle declares "
+                f"{s.nbytes:,}: the file is corrupt or crafted"
+            )
+    return pairs
+
+
+def _crc_storage(s: _Storage, swap: bool) -> int:
+    """CRC-32 of a storage's bytes, read in place (zlib releases the GIL); byte-swapped back first when torch
+    swapped the file's big-endian data on load."""
+    import ctypes
+    import zlib
+
+    crc = 0
+    if swap and s.element_size > 1:
+        import torch
+
+        whole = torch.empty(0, dtype=torch.uint8).set_(s.storage, 0, (s.nbytes,))
+        step = _CRC_CHUNK - _CRC_CHUNK % s.element_size
+        for i in range(0, s.nbytes, step):
+            part = whole[i:i + step].view(-1, s.element_size).flip(1).contiguous()
+            crc = zlib.crc32((ctypes.c_char * part.numel()).from_address(part.data_ptr()), crc)
+        return crc
+    for i in range(0, s.nbytes, _CRC_CHUNK):
+        n = min(_CRC_CHUNK, s.nbytes - i)
+        crc = zlib.crc32((ctypes.c_char * n).from_address(s.ptr + i), crc)
+    return crc
+
+
+def _crcs(storages: list[_Storage], swap: bool) -> list[int]:
+    total = sum(s.nbytes for s in storages)
+    workers = min(4, os.cpu_count() or 1, len(storages))
+    if workers <= 1 or total < (64 << 20):
+        return [_crc_storage(s, swap) for s in storages]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda s: _crc_storage(s, swap), storages))
+
+
+def _verify_storages(path: Path, storages: list[_Storage], archive: _Archive, *, mapped: bool) -> None:
+    """Every storage behind a state_dict tensor is proven to hold the bytes of its record, by the zip's own CRC-32.
+    Memory-mapped: the record is found by address. Read by torch (a compressed record, inflated into memory):
+    torch checked that the storage has its record's size, and the record is the one whose size and CRC-32 it has
+    (an identical record is as good: the bytes are the same)."""
+    swap = _swapped(archive)
+    if mapped:
+        pairs = _map_by_address(path, storages, archive)
+        for (s, r), crc in zip(pairs, _crcs([s for s, _ in pairs], swap)):
+            if crc != r.crc:
+                raise _crc_error(r.name, s.key)
+        return
+    by_content: dict[tuple[int, int], _Record] = {}
+    same_size: dict[int, list[_Record]] = {}
+    for r in archive.storages.values():
+        by_content.setdefault((r.size, r.crc), r)
+        same_size.setdefault(r.size, []).append(r)
+    for s, crc in zip(storages, _crcs(storages, swap)):
+        if (s.nbytes, crc) in by_content:
+            continue
+        candidates = same_size.get(s.nbytes, [])
+        if len(candidates) == 1:
+            raise _crc_error(candidates[0].name, s.key)
+        raise CheckpointError(
+            f"tensor {_printable(s.key)} ({s.nbytes:,} bytes) matches the CRC-32 of no record of {path}: "
+            "the file is corrupt or was altered"
+        )
+
+
+def _crc_error(record: str, key: str) -> CheckpointError:
+    return CheckpointError(
+        f"record {record} ({_printable(key)}) does not match its CRC-32: the file is corrupt or was altered",
+        hint="Re-download or re-copy the checkpoint; nothing was written.",
+    )
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
     trust: bool = False,
     allow_globals: tuple[str, ...] = (),
     hash_file: bool = True,
+    max_growth: float = DEFAULT_MAX_GROWTH,
 ) -> Checkpoint:
-    """Load a Lightning checkpoint (or a bare state dict) with weights_only=True and mmap=True."""
+    """Load a Lightning checkpoint (or a bare state dict) with weights_only=True, and prove its weights are the
+    file's bytes: the zip directory is checked before torch reads it, storage records are memory-mapped only when
+    stored uncompressed, and every storage behind a state_dict tensor is checked against its record's CRC-32.
+    Work is bounded by the file's size: see DEFAULT_MAX_GROWTH."""
     path = Path(path)
-    _check_file(path)
+    if not max_growth >= 1:  # also refuses NaN
+        raise UsageError(f"--max-growth must be a number >= 1, not {max_growth}")
+    file_size = _check_file(path)
     import torch
 
     if not trust and _torch_version(torch.__version__) < MIN_TORCH_FOR_UNTRUSTED:
@@ -167,20 +656,35 @@ def load_checkpoint(
             hint="Upgrade to torch >= 2.6, or pass --trust-checkpoint if you trust this file completely.",
         )
     allowed = [_import_dotted(name) for name in allow_globals]  # a bad --allow-global fails before any work
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == _ZIP_MAGIC
+    archive = _read_archive(path, file_size, max_growth) if is_zip else None
+    mapped = archive is not None and archive.all_stored
     hasher = _Hasher(path) if hash_file else None
-    obj = _torch_load(path, trust=trust, allowed=allowed, allow_globals=allow_globals)
-    return _as_checkpoint(path, obj, hasher)
+    obj = _torch_load(path, trust=trust, allowed=allowed, allow_globals=allow_globals, mmap=mapped, is_zip=is_zip)
+    ckpt = _as_checkpoint(path, obj, hasher)
+    storages = _check_tensors(path, ckpt.state_dict, file_size=file_size, max_growth=max_growth, archive=archive)
+    if archive is not None:
+        _verify_storages(path, storages, archive, mapped=mapped)
+    return ckpt
 
 
-def _torch_load(path: Path, *, trust: bool, allowed: list[Any], allow_globals: tuple[str, ...] = ()) -> Any:
+def _torch_load(
+    path: Path,
+    *,
+    trust: bool,
+    allowed: list[Any],
+    allow_globals: tuple[str, ...] = (),
+    mmap: bool = False,
+    is_zip: bool = True,
+) -> Any:
     import warnings
 
     import torch
 
-    # torch's own test (torch.serialization._is_zipfile) looks at the first bytes, not at the zip directory.
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == _ZIP_MAGIC
-    kwargs: dict[str, Any] = {"map_location": "cpu", "mmap": is_zip}
+    # mmap reads a record's bytes where they lie in the file, whatever its compression flag says: only for
+    # archives whose storage records are all stored uncompressed (torch inflates the others correctly).
+    kwargs: dict[str, Any] = {"map_location": "cpu", "mmap": mmap}
     if trust:
         # The user said the file is trusted: full unpickling, which runs code from the file.
         kwargs["weights_only"] = False
@@ -197,7 +701,14 @@ def _torch_load(path: Path, *, trust: bool, allowed: list[Any], allow_globals: t
     kwargs["weights_only"] = True
     saved_env = os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:
-        ctx = torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext()
+        # Keyed as torch keys them (module.qualname of the object) and by the name the user gave, which is the
+        # name a pickle uses when a module re-exports the object (numpy.core.multiarray -> numpy._core...).
+        safe: list[Any] = []
+        for obj, name in zip(allowed, allow_globals):
+            safe.append(obj)
+            if name != _qualname(obj):
+                safe.append((obj, name))
+        ctx = torch.serialization.safe_globals(safe) if safe else contextlib.nullcontext()
         with ctx, warnings.catch_warnings():
             # torch warns about pickle protocols and legacy formats; the user gets one clear message instead.
             warnings.simplefilter("ignore")
@@ -246,8 +757,21 @@ def _unpickling_error(
         # a damaged file). There is nothing to allow; trusting it would not make it a checkpoint.
         return CheckpointError(f"{path} is not a torch checkpoint, or it is corrupt ({detail})")
     listed = ", ".join(wanted)
-    never = [n for n in wanted if n in blocked]
-    absent = [n for n in wanted if n not in never and not _module_exists(n)]
+    # The same rule as --allow-global (decided without importing anything new): a name that could never be allowed
+    # is never offered, and its presence says what the file is.
+    reasons = {n: ("torch blocks its module" if n in blocked else _hint_refusal(n)) for n in wanted}
+    never = [n for n in wanted if reasons[n]]
+    if never:
+        why = "; ".join(
+            f"{n}{'' if _py3_name(n) == n else f' (that is {_py3_name(n)})'}: {reasons[n]}" for n in never[:4]
+        )
+        return CheckpointError(
+            f"{path} wants Python objects that are not loaded by default: {listed}. "
+            f"{', '.join(never)} is never allowed: this file tries to run code ({why}).",
+            hint="This file is very likely malicious. Only if you trust it completely: --trust-checkpoint "
+            "(full unpickling: runs code from the file).",
+        )
+    absent = [n for n in wanted if not _module_exists(n)]
     if absent:
         # A name whose module does not exist here cannot be allowed (nor unpickled at all): a damaged name,
         # or a class from a package that is not installed.
@@ -259,18 +783,12 @@ def _unpickling_error(
             "--allow-global pkg.mod.Name (or, only if you trust the file completely, --trust-checkpoint: full "
             "unpickling, runs code from the file).",
         )
-    if never:
-        return CheckpointError(
-            f"{path} wants Python objects that are not loaded by default: {listed}. "
-            f"{', '.join(never)} can run arbitrary code and is never allowed by the safe loader.",
-            hint="This file is very likely malicious. Only if you trust it completely: --trust-checkpoint "
-            "(full unpickling: runs code from the file).",
-        )
-    flags = " ".join(f"--allow-global {n}" for n in wanted)
+    # One flag a line: a terminal that wraps long lines never separates a flag from its name.
+    flags = "\n".join(f"  --allow-global {n}" for n in wanted)
     return CheckpointError(
         f"{path} wants Python objects that are not loaded by default: {listed}",
         hint=(
-            f"Two ways in. If you know these classes, allow exactly them (only they are unpickled, nothing else): "
+            "Two ways in. If you know these classes, allow exactly them (only they are unpickled, nothing else):\n"
             f"{flags}\n"
             "Or, only if you trust the file completely: --trust-checkpoint (full unpickling: runs code from the file)."
         ),
