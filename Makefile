@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Issue 7: 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
+fuzz: $(STAMP)
+	LEXPORT_FUZZ_EXAMPLES=$${LEXPORT_FUZZ_EXAMPLES:-5000} $(PY) -m pytest -q tests/test_fuzz.py -k pickle_structures $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_export tests fixtures benchmarks
