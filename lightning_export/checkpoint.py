@@ -512,8 +512,10 @@ def _swapped(archive: _Archive) -> bool:
 
 def _map_by_address(path: Path, storages: list[_Storage], archive: _Archive) -> list[tuple[_Storage, _Record]]:
     """Memory-mapped: torch slices one mapping of the whole file, so storage address - record data offset is one
-    base for every storage. The base is derived from the records (page-aligned candidates first) and must be
-    consistent with every storage; a storage that is not a record of the file is refused."""
+    base for every storage. The base is derived from the records (page-aligned candidates first: mmap returns a
+    page) and must be consistent with every storage; a storage that is not a record of the file is refused.
+    Equal, evenly spaced records (identical layers) make shifted bases consistent too: the true base is the one
+    where the mapped memory holds the file's bytes, compared at a few sampled places of every storage."""
     if not storages:
         return []
     by_offset = {r.data_offset: r for r in archive.storages.values()}
@@ -536,17 +538,34 @@ def _map_by_address(path: Path, storages: list[_Storage], archive: _Archive) -> 
                 return False
         return True
 
+    def holds_file_bytes(base: int, fd: int) -> bool:
+        import ctypes
+
+        nonlocal budget
+        for s in order:
+            budget -= 3
+            at = s.ptr - base
+            for off in {0, s.nbytes // 2, max(0, s.nbytes - 64)}:
+                n = min(64, s.nbytes - off)
+                if os.pread(fd, n, at + off) != ctypes.string_at(s.ptr + off, n):
+                    return False
+        return True
+
     found = None
-    for candidates, check_size in ((sized, True), (anywhere, False)):
-        for base in sorted(set(candidates), key=lambda b: (b % 4096 != 0, b)):
-            if budget <= 0:
-                raise CheckpointError(f"{path}: its records are too regular to be matched to its tensors in "
-                                      "bounded time: the file is crafted")
-            if fits(base, check_size):
-                found = base
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for candidates, check_size in ((sized, True), (anywhere, False)):
+            for base in sorted(set(candidates), key=lambda b: (b % 4096 != 0, b)):
+                if budget <= 0:
+                    raise CheckpointError(f"{path}: its records are too regular to be matched to its tensors in "
+                                          "bounded time: the file is crafted")
+                if fits(base, check_size) and (not check_size or holds_file_bytes(base, fd)):
+                    found = base
+                    break
+            if found is not None:
                 break
-        if found is not None:
-            break
+    finally:
+        os.close(fd)
     if found is None:
         s = pivot if not sized else order[0]
         raise CheckpointError(
