@@ -260,7 +260,7 @@ def test_class_path_in_checkpoint_is_not_imported(named_class_ckpt, tmp_path: Pa
     assert not marker.exists(), "a class named inside the checkpoint was imported"
     assert modname not in sys.modules
     flat = _flat(res.stderr)
-    assert f"--module {modname}.EvilModule" in flat.replace("'", "")
+    assert f"--module {modname}:EvilModule" in flat.replace("'", "")
     assert "Traceback" not in res.stderr
 
 
@@ -308,7 +308,7 @@ def test_lightning_cli_checkpoint_needs_module(ckpts: dict, tmp_path: Path) -> N
     assert "_instantiator" in raw["hyper_parameters"]
     res = invoke(src, "--to", "onnx", "--output-dir", tmp_path / "out")
     assert res.code == 2, res
-    assert "--module fixtures.modules.CliModel" in _flat(res.stderr).replace("'", "")
+    assert "--module fixtures.modules:CliModel" in _flat(res.stderr).replace("'", "")
     # ... and the command it suggests works.
     res = invoke(src, "--module", "fixtures.modules.CliModel", "--to", "state-dict", "--output-dir",
                  tmp_path / "out")

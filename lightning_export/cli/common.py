@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import typer
@@ -148,18 +149,31 @@ class Steps:
         return None
 
     @contextlib.contextmanager
-    def step(self, label: str) -> Iterator[None]:
+    def step(self, label: str) -> Iterator[StepStatus]:
+        """Yields a StepStatus; the line ends in ✓, or ✗ when the step raised or set `failed`."""
+        status_obj = StepStatus()
         if self.console is None:
-            yield
+            yield status_obj
             return
         started = time.perf_counter()
-        if self.console.is_terminal:
-            with self.console.status(f"{label} …") as status:
-                with _ticker(status, label, started):
-                    yield
-        else:
-            yield
-        self.console.print(f"[green]✓[/green] {label} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+        try:
+            if self.console.is_terminal:
+                with self.console.status(f"{label} …") as status:
+                    with _ticker(status, label, started):
+                        yield status_obj
+            else:
+                yield status_obj
+        except BaseException:
+            status_obj.failed = True
+            raise
+        finally:
+            mark = "[red]✗[/red]" if status_obj.failed else "[green]✓[/green]"
+            self.console.print(f"{mark} {label} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+
+
+@dataclass
+class StepStatus:
+    failed: bool = False
 
 
 @contextlib.contextmanager
