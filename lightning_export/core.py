@@ -279,8 +279,6 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
         dynamic_batch=opts.dynamic_batch,
         torchscript_mode=opts.torchscript_mode,
     )
-    # Every format carries the weights (graph formats embed them); each is checked before it is written.
-    needed = sum(t.numel() * t.element_size() for t in state_dict.values())
     for d in {dest.parent for dest in destinations.values()}:
         outputs.remove_stale_temp_dirs(d)
     if True:  # signals: see run()
@@ -288,7 +286,6 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
             result = ArtifactResult(format=fmt.name)
             report.artifacts.append(result)
             with step(f"exporting {fmt.name}"):
-                outputs.check_free_space(destinations[fmt.name].parent, needed)
                 _export_one(fmt, ctx, destinations[fmt.name], opts, refs, result)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = ckpt.sha256
@@ -401,23 +398,34 @@ def _detach(value: Any) -> Any:
 
 
 def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, result: ArtifactResult) -> None:
-    import errno
     from concurrent.futures import ThreadPoolExecutor
 
     from .checkpoint import file_sha256
 
     started = time.perf_counter()
-    staging = outputs.stage(dest)
+    staging = None
     try:
+        # The format's own estimate (graph formats: weights + program + margin) must fit before anything is
+        # written; a disk that fills anyway (another process) is caught below, whichever writer hits it.
+        try:
+            needed = fmt.size_estimate(ctx)
+        except Exception:  # noqa: BLE001 - an estimate is advice; a failing one must not stop the export
+            needed = 0
+        outputs.check_free_space(dest.parent, needed, dest.name)
+        staging = outputs.stage(dest, needed)
         try:
             written = fmt.write(ctx, staging.path)
         except LexportError:
             raise
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-                raise OutputError(f"cannot write {dest}: {e.strerror or e}") from e
-            raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
         except Exception as e:
+            io_error = outputs.write_os_error(e)
+            if io_error is not None:
+                raise outputs.write_failure(io_error, dest, needed) from e
+            if isinstance(e, RuntimeError) and "unexpected pos" in str(e):  # torch's zip writer: a short write
+                raise OutputError(
+                    f"cannot write {dest.name} in {dest.parent}: the writer could not write all bytes "
+                    "(disk full or an I/O error)"
+                ) from e
             raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
         result.exporter = written.exporter
         result.notes.extend(written.notes)
@@ -435,9 +443,11 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
             result.bytes, result.sha256 = synced.result()
         passed = result.verification is None or result.verification.passed
         if passed:
-            published = staging.publish()
+            # Exclusive unless --force: a file another run published meanwhile is never replaced (exit 6).
+            published = staging.publish(force=opts.force)
         elif opts.keep_failed:
-            published = staging.publish(outputs.failed_name(dest, fmt.suffix))
+            # A leftover .FAILED artifact of an earlier run is replaced, as it always was.
+            published = staging.publish(outputs.failed_name(dest, fmt.suffix), force=True)
             result.notes.append("kept although verification failed (--keep-failed)")
         else:
             published = []
@@ -449,14 +459,18 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
     except LexportError as e:
         result.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
     finally:
-        staging.discard()
+        if staging is not None:
+            staging.discard()
         result.seconds = time.perf_counter() - started
 
 
 def _fsync_and_hash(staging: Any, file_sha256: Any) -> tuple[int, str]:
-    staging.fsync()
+    staging.fsync()  # a delayed ENOSPC/EIO (delayed allocation, NFS) surfaces here as OutputError
     files = staging.files()
-    return sum(f.stat().st_size for f in files), file_sha256(files[0])
+    try:
+        return sum(f.stat().st_size for f in files), file_sha256(files[0])
+    except OSError as e:
+        raise outputs.write_failure(e, staging.final, staging.needed) from e
 
 
 def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> Any:

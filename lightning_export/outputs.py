@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -86,18 +89,78 @@ def _probe_writable(directory: Path) -> None:
         pass
 
 
-def check_free_space(directory: Path, needed: int) -> None:
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free for this user in `directory`; None where the filesystem does not say (pseudo filesystems)."""
     try:
         usage = shutil.disk_usage(directory)
     except OSError:
-        return
-    free = usage.free
+        return None
     if usage.total == 0:  # a pseudo filesystem (/proc, some FUSE mounts) reports no size at all
-        return
-    if needed > free:
+        return None
+    return usage.free
+
+
+def check_free_space(directory: Path, needed: int, name: str | None = None) -> None:
+    """Refuse before writing when the artifact (the format's size estimate) cannot fit."""
+    free = free_bytes(directory)
+    if free is not None and needed > free:
+        what = f"to write {name} " if name else ""
         raise OutputError(
-            f"not enough free space in {directory}: about {_mb(needed)} needed, {_mb(free)} free",
+            f"not enough free space {what}in {directory}: about {_mb(needed)} needed, {_mb(free)} free",
+            hint="Free some space, or pick another -o/--output or --output-dir.",
         )
+
+
+# errno values that mean "the destination cannot take this write", whoever the writer: exit 6, not 5.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_WRITE_ERRNOS = _DISK_FULL | {
+    errno.EIO,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.ENXIO,
+    errno.ENODEV,
+    errno.ESTALE,
+    *(getattr(errno, n) for n in ("EREMOTEIO", "ENOLINK", "ECOMM", "EUCLEAN") if hasattr(errno, n)),
+}
+# These mean a failed write when the writer itself raises them; deep in an exporter's error chain they may be
+# about something else (a file the user's module opens), so they count only at the top.
+_WRITE_ERRNOS_TOP = _WRITE_ERRNOS | {errno.EACCES, errno.EPERM, errno.ETXTBSY}
+
+
+def write_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (itself, or in its cause/context chain) that says the write failed, if any."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS_TOP:
+        return e
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _WRITE_ERRNOS:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def write_failure(e: OSError, final: Path, needed: int | None = None) -> OutputError:
+    """One message for a failed write of artifact `final`, whichever writer failed and however it reported it."""
+    name, directory = final.name, final.parent
+    reason = e.strerror or str(e)
+    where = ""
+    if e.filename and not Path(os.fsdecode(e.filename)).is_relative_to(directory):  # not in the destination
+        where = f" ({os.fsdecode(e.filename)})"
+    if e.errno in _DISK_FULL:
+        free = free_bytes(directory)
+        facts = [f"{_mb(free)} free" if free is not None else None, f"about {_mb(needed)} needed" if needed else None]
+        detail = ", ".join(f for f in facts if f)
+        word = "disk full" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return OutputError(
+            f"{word} while writing {name} in {directory}: {reason}{where}" + (f"; {detail}" if detail else ""),
+            hint="Free some space, or pick another -o/--output or --output-dir.",
+        )
+    hint = None
+    if e.errno == errno.EFBIG:
+        hint = "The file is larger than this filesystem or the file size limit (ulimit -f) allows."
+    return OutputError(f"cannot write {name} in {directory}: {reason}{where}", hint=hint)
 
 
 def _mb(n: int) -> str:
@@ -130,10 +193,11 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class Staging:
-    """A private temp dir in the destination's directory: same filesystem, so publishing is os.replace."""
+    """A private temp dir in the destination's directory: same filesystem, so publishing is a rename."""
 
     final: Path
     dir: Path
+    needed: int | None = None  # the format's size estimate, for the disk-full message
 
     @property
     def path(self) -> Path:
@@ -154,11 +218,17 @@ class Staging:
                 finally:
                     os.close(fd)
             except OSError as e:  # ENOSPC / EIO surface here for delayed allocation
-                raise OutputError(f"cannot write {self.final.name} in {self.final.parent}: {e.strerror or e}") from e
+                raise write_failure(e, self.final, self.needed) from e
         _fsync_dir(self.dir)
 
-    def publish(self, final: Path | None = None) -> list[Path]:
+    def publish(self, final: Path | None = None, *, force: bool = False) -> list[Path]:
         """Move companions first, the main file last: a reader never sees the main file without its data.
+
+        Without `force` publishing is exclusive: a name that exists now (another run published it meanwhile)
+        is never replaced (renameat2 RENAME_NOREPLACE, or a hard link, which fails on an existing name), and the
+        run fails instead. With `force` an existing file is replaced atomically (os.replace): last one wins.
+        Publishes into one directory take turns (flock on the directory), so racing --force runs never mix one
+        run's main file with another's companions.
 
         Files get the permissions a plain open() would give (0666 & ~umask), whatever the writer used. If a move
         fails, the companions already moved are taken back out and the files they replaced (--force) put back;
@@ -167,48 +237,143 @@ class Staging:
         final = final or self.final
         main = self.path
         mode = _default_file_mode()
-        moved: list[tuple[Path, Path | None]] = []  # (published companion, what it replaced, kept in self.dir)
-        with critical_section():
+        placed: list[tuple[Path, Path | None, tuple[int, int]]] = []  # (published, what it replaced, its inode)
+        with _publish_lock(final.parent), critical_section():
             try:
                 files = self.files()
                 for f in files:
                     if f.is_file() and not f.is_symlink():
                         os.chmod(f, mode)
-                for i, f in enumerate(files[1:]):
-                    name = (
-                        f.name.replace(self.final.name, final.name, 1) if f.name.startswith(self.final.name) else f.name
-                    )
-                    target = final.parent / name
+                moves = [(f, final.parent / self._published_name(f, final)) for f in files[1:]] + [(main, final)]
+                for i, (src, target) in enumerate(moves):
+                    ident = _inode(src)
                     backup = None
-                    if target.exists() or target.is_symlink():
-                        backup = self.dir / f".replaced-{i}-{name}"
-                        os.replace(target, backup)
-                    moved.append((target, backup))
-                    os.replace(f, target)
-                os.replace(main, final)
+                    if force:
+                        if target != final and os.path.lexists(target):
+                            backup = self.dir / f".replaced-{i}-{target.name}"
+                            os.replace(target, backup)
+                        os.replace(src, target)
+                    else:
+                        _place_new(src, target)
+                    placed.append((target, backup, ident))
             except OSError as e:
-                for target, backup in reversed(moved):
+                for target, backup, ident in reversed(placed):
                     with contextlib.suppress(OSError):
-                        if backup is None or not backup.exists():
-                            os.unlink(target)
-                        else:
+                        if _inode(target) != ident:  # no longer ours: leave it alone
+                            continue
+                        if backup is not None and backup.exists():
                             os.replace(backup, target)
+                        else:
+                            os.unlink(target)
+                if isinstance(e, FileExistsError):
+                    name = Path(os.fsdecode(e.filename2 or e.filename or final))
+                    if name == final:
+                        raise OutputError(
+                            f"{final} appeared while exporting; pass --force to replace it",
+                            hint="Another process (another lexport?) wrote it after this run checked the name.",
+                        ) from e
+                    raise OutputError(f"{name} already exists; pass --force to replace it") from e
                 raise OutputError(f"cannot publish {final}: {e.strerror or e}") from e
             _fsync_dir(final.parent)
-        return [final, *(target for target, _ in moved)]
+        return [final, *(target for target, _, _ in placed[:-1])]
+
+    def _published_name(self, f: Path, final: Path) -> str:
+        return f.name.replace(self.final.name, final.name, 1) if f.name.startswith(self.final.name) else f.name
 
     def discard(self) -> None:
         with critical_section():
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def stage(final: Path) -> Staging:
+def stage(final: Path, needed: int | None = None) -> Staging:
     try:
         d = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=final.parent)
     except OSError as e:
-        raise OutputError(f"cannot write in {final.parent}: {e.strerror or e}") from e
+        raise write_failure(e, final, needed) from e
     os.chmod(d, 0o755)
-    return Staging(final, Path(d))
+    return Staging(final, Path(d), needed)
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+_NO_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _place_new(src: Path, dst: Path) -> None:
+    """Move src to dst, never replacing dst: FileExistsError if dst exists (a dangling symlink included)."""
+    if _rename_noreplace(src, dst):
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        # A filesystem with neither (FAT, some FUSE mounts): check, then replace. Not exclusive against a
+        # run that publishes in the very same instant, but never a partial file.
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.replace(src, dst)
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(src)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.2
+    except (OSError, AttributeError, ImportError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """renameat2(RENAME_NOREPLACE): True when done, False where the kernel or filesystem cannot (then link)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    import ctypes
+
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+@contextlib.contextmanager
+def _publish_lock(directory: Path) -> Iterator[None]:
+    """An exclusive flock on the destination directory while publishing (best effort: skipped where unsupported).
+    Taken before the critical section, so a SIGTERM still interrupts a wait for it."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _default_file_mode() -> int:

@@ -1,7 +1,7 @@
 """Issue 3, part 3: artifacts appear at their final path complete and verified, or not at all.
 
 Everything is written into a private `.lexport-tmp-<pid>-*` dir beside the destination, fsynced, verified, then
-moved into place with os.replace. On a failure, Ctrl-C, SIGTERM or SIGKILL nothing partial is left at the final
+moved into place (never replacing a file unless --force: see test_faults.py). On a failure, Ctrl-C, SIGTERM or SIGKILL nothing partial is left at the final
 path; temp files are removed (by the next run in that directory after a SIGKILL)."""
 
 from __future__ import annotations
@@ -216,12 +216,13 @@ def test_not_enough_space_fails_before_writing(monkeypatch, small: Path, tmp_pat
     out = tmp_path / "out"
     res = invoke(small, "--to", "safetensors", "--output-dir", out)
     assert res.code == 6, res
-    assert "not enough free space" in res.stderr
+    assert "not enough free space to write classifier.safetensors" in res.stderr
     assert calls == []
     assert listing(out) == []
 
 
-def test_publish_moves_companions_then_main_and_fsyncs(monkeypatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("force", [False, True], ids=["exclusive", "force"])
+def test_publish_moves_companions_then_main_and_fsyncs(monkeypatch, tmp_path: Path, force: bool) -> None:
     final = tmp_path / "model.onnx"
     staging = outputs.stage(final)
     staging.path.write_bytes(b"main")
@@ -232,10 +233,12 @@ def test_publish_moves_companions_then_main_and_fsyncs(monkeypatch, tmp_path: Pa
     staging.fsync()
     assert len(synced) >= 2
     moves: list[tuple[str, str]] = []
-    real_replace = os.replace
-    monkeypatch.setattr(outputs.os, "replace", lambda a, b: (moves.append((Path(a).name, Path(b).name)),
-                                                            real_replace(a, b)))
-    published = staging.publish()
+    # --force replaces (os.replace); without it a move never replaces (outputs._place_new).
+    name = "replace" if force else "_place_new"
+    owner = outputs.os if force else outputs
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda a, b: (moves.append((Path(a).name, Path(b).name)), real(a, b)))
+    published = staging.publish(force=force)
     staging.discard()
     assert moves == [("model.onnx.data", "model.onnx.data"), ("model.onnx", "model.onnx")]
     assert published == [final, tmp_path / "model.onnx.data"]
@@ -252,16 +255,20 @@ def test_publish_failure_takes_companions_back(monkeypatch, tmp_path: Path, exis
     staging = outputs.stage(final)
     staging.path.write_bytes(b"main")
     (staging.dir / "model.onnx.data").write_bytes(b"data")
-    real_replace = os.replace
+    real_replace, real_place = os.replace, outputs._place_new
 
-    def replace(a, b):
-        if Path(b) == final and Path(a).parent == staging.dir:
-            raise OSError(5, "Input/output error")
-        return real_replace(a, b)
+    def failing(real):
+        def move(a, b):
+            if Path(b) == final and Path(a).parent == staging.dir:
+                raise OSError(5, "Input/output error")
+            return real(a, b)
 
-    monkeypatch.setattr(outputs.os, "replace", replace)
+        return move
+
+    monkeypatch.setattr(outputs.os, "replace", failing(real_replace))
+    monkeypatch.setattr(outputs, "_place_new", failing(real_place))
     with pytest.raises(outputs.OutputError):
-        staging.publish()
+        staging.publish(force=existing)
     staging.discard()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 

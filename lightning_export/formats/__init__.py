@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,33 @@ class Written:
     info: dict[str, Any] = field(default_factory=dict)  # format facts for the report (ONNX opset, io names)
 
 
+def storage_bytes(tensors: Iterable[Any]) -> tuple[int, int]:
+    """(bytes, count) of the distinct storages behind `tensors`: what torch's zip writers store (a view writes
+    its whole storage; tied weights are written once)."""
+    seen: set[tuple[str, int]] = set()
+    total = count = 0
+    for t in tensors:
+        count += 1
+        try:
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            size = storage.nbytes()
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):  # sparse and other storage-less
+            key, size = ("", id(t)), t.numel() * t.element_size()
+        if key[1] == 0:  # empty or meta storages all sit at address 0
+            key = ("", id(t))
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total, count
+
+
+def weights_estimate(ctx: ExportContext) -> int:
+    """Bytes a torch.save of the state dict takes: its storages, plus zip headers, 64-byte alignment and pickle."""
+    nbytes, count = storage_bytes(ctx.state_dict.values())
+    return nbytes + 1024 * count + (64 << 10)
+
+
 @dataclass(frozen=True)
 class Format:
     name: str  # the --to name, also used in JSON
@@ -43,6 +70,9 @@ class Format:
     rtol: float = 0.0
     needs_module: bool = True
     dynamic_batch: bool = False  # honours --dynamic-batch (then verified at another batch size too)
+    # About how many bytes write() will put in its directory (companions included), checked against the free
+    # space before writing: an over-estimate by a margin, never an under-estimate for ordinary modules.
+    size_estimate: Callable[[ExportContext], int] = weights_estimate
 
 
 REGISTRY: dict[str, Format] = {}

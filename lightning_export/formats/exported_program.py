@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from . import ExportContext, Format, Written, register
-from ._graph import dynamic_shapes_for, exporting
+from ._graph import dynamic_shapes_for, exporting, graph_estimate
+from ._io import sink
 
 
 def write(ctx: ExportContext, path: Path) -> Written:
@@ -16,7 +17,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
     with exporting(ctx):
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
         program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
-        torch.export.save(program, str(path))
+        # Through a Python file that never fails a write: torch's writer aborts the process when one does.
+        with sink(path) as f:
+            torch.export.save(program, f)
     return Written("torch.export")
 
 
@@ -37,5 +40,6 @@ register(
         atol=1e-5,
         rtol=1e-5,
         dynamic_batch=True,
+        size_estimate=graph_estimate,
     )
 )

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, describe_exception
+from ..outputs import write_os_error
 from . import ExportContext, Format, Written, register
-from ._graph import dynamic_shapes_for, exporting, tail
+from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
 
 # protobuf's hard limit is 2 GiB; stay clear of it (graph + initializers).
 EXTERNAL_DATA_ABOVE = 1_800_000_000
@@ -72,6 +73,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
             _dynamo(ctx, path, external)
             exporter = "torch.onnx.dynamo"
         except Exception as e:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the reason
+            if write_os_error(e) is not None:  # a full disk or an I/O error: the other exporter fares no better
+                raise
             errors.append(f"dynamo exporter: {describe_exception(e)}")
             for f in path.parent.iterdir():
                 f.unlink()
@@ -81,6 +84,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 reason = str(e) if isinstance(e, _Skip) else f"the dynamo exporter failed ({describe_exception(e)})"
                 notes.append(f"{reason}; written by the TorchScript-based exporter")
             except Exception as e2:  # noqa: BLE001
+                if write_os_error(e2) is not None:
+                    raise
                 errors.append(f"TorchScript-based exporter: {describe_exception(e2)}")
                 detail = tail(chatter)
                 raise ExportError(
@@ -162,5 +167,6 @@ register(
         atol=1e-4,
         rtol=1e-3,
         dynamic_batch=True,
+        size_estimate=graph_estimate,
     )
 )

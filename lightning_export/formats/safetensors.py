@@ -70,6 +70,12 @@ def write_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, s
                 f.write(data[start : start + _BLOCK])
 
 
+def size_estimate(ctx: ExportContext) -> int:
+    """Every key's bytes (tied weights are written under each key) plus the JSON header."""
+    data = sum(t.numel() * t.element_size() for t in ctx.state_dict.values())
+    return data + 256 * len(ctx.state_dict) + (64 << 10)
+
+
 def write(ctx: ExportContext, path: Path) -> Written:
     write_safetensors(ctx.state_dict, path, {"format": "pt"})
     return Written("lexport.safetensors")
@@ -104,5 +110,6 @@ register(
         write,
         load,
         needs_module=False,
+        size_estimate=size_estimate,
     )
 )

@@ -6,12 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from . import ExportContext, Format, Written, register
+from ._io import sink
 
 
 def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
-    torch.save(dict(ctx.state_dict), str(path))
+    # To a path, torch.save reports a failed write as "unexpected pos" without the errno; a Sink keeps it.
+    with sink(path) as f:
+        torch.save(dict(ctx.state_dict), f)
     return Written("torch.save")
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from . import ExportContext, Format, Written, register
-from ._graph import exporting
+from ._graph import exporting, graph_estimate
+from ._io import save_isolated
 
 NOTE = "TorchScript is deprecated in torch >= 2.10; exported-program (.pt2) is its successor"
 
@@ -28,7 +29,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 strict=False,  # allow list and dict outputs
             )
             exporter = "torch.jit.trace"
-        torch.jit.save(scripted, str(path))
+        # torch.jit.save aborts the process when a write fails: it runs in a child process (see _io).
+        save_isolated(lambda p: torch.jit.save(scripted, p), path)
     return Written(exporter, [NOTE])
 
 
@@ -52,5 +54,6 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
+        size_estimate=graph_estimate,
     )
 )
