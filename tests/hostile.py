@@ -374,11 +374,16 @@ def save_with_fragment(path: Path, fragment: bytes, where: str = "hparam", base:
 
 
 # ------------------------------------------------------------------------------------------- the corpus
-def deflated_records(path: Path, base: Path | None = None) -> Path:
-    """A valid zip whose storage records are deflate-compressed (plain torch.load reads it correctly); the
-    weights are compressible (zeros, repeated values) and not (random), so a misread cannot be mistaken."""
+def deflated_records(path: Path, base: Path | None = None, compressible: bool = False) -> Path:
+    """A valid zip whose storage records are deflate-compressed (plain torch.load reads it correctly).
+
+    Random weights do not compress: each deflated record is a little *longer* than the raw bytes, so a reader that
+    memory-maps the record as if stored gets nbytes of compressed stream without any error (the silent misread).
+    compressible=True adds zeros and a ramp, whose records are much shorter than the tensor."""
     d = base_dict(base)
-    d["state_dict"] = {**d["state_dict"], "extra.zeros": torch.zeros(64, 64), "extra.steps": torch.arange(4096.0)}
+    if compressible:
+        d["state_dict"] = {**d["state_dict"], "extra.zeros": torch.zeros(64, 64),
+                           "extra.steps": torch.arange(4096.0)}
     tmp = save(d, path.with_name(path.name + ".plain"))
     prefix, records = read_records(tmp)
     tmp.unlink()

@@ -151,8 +151,12 @@ def _marker(tmp_in: Path) -> Path:
     return tmp_in.parent / "PWNED"
 
 
-def _deflated(tmp_in: Path, ck: dict) -> list:
-    return [H.deflated_records(tmp_in / "deflated.ckpt"), "--to", "state-dict,safetensors", *OUT]
+def _deflated(compressible: bool) -> Callable[[Path, dict], list]:
+    def setup(tmp_in: Path, ck: dict) -> list:
+        p = H.deflated_records(tmp_in / "deflated.ckpt", compressible=compressible)
+        return [p, "--to", "state-dict,safetensors", *OUT]
+
+    return setup
 
 
 def _deflated_weights_exact(tmp: Path, out: Path) -> None:
@@ -267,7 +271,8 @@ RUNS_CODE = ("subprocess.call", "os.system", "builtins.eval", "numpy.testing._pr
 
 CASES: dict[str, Case] = {
     # 1. the bytes read are the bytes in the file
-    "deflated-storage-records": Case(_deflated, _c(0, 3), on_success=_deflated_weights_exact),
+    "deflated-storage-records": Case(_deflated(False), _c(0, 3), on_success=_deflated_weights_exact),
+    "deflated-compressible-records": Case(_deflated(True), _c(0, 3), on_success=_deflated_weights_exact),
     "flipped-byte-in-tensor-record": Case(_flipped, _c(3), needles=("data/0",), human=True),
     # 2. refused pickles: nothing runs, and the hint never offers the payload
     **{f"pickle-calls-{n}": Case(_malicious(n), _c(3), needles=(n,), marker=True,
