@@ -1,0 +1,123 @@
+"""`aoti`: torch.export → torch._inductor.aoti_compile_and_package → `<stem>.aoti.pt2`, an AOTInductor package.
+
+The package holds a shared library compiled by the system C++ compiler for this machine's CPU (its OS, architecture
+and vector ISA, e.g. linux / x86_64 / AVX2; the report says which). It is loaded without Python by libtorch's
+`torch::inductor::AOTIModelPackageLoader`, and in Python by `torch._inductor.aoti_load_package`, which is what
+verifies it. Compiling takes tens of seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExportError
+from . import ExportContext, Format, Written, register
+from ._graph import dynamic_shapes_for, exporting, tail
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def write(ctx: ExportContext, path: Path) -> Written:
+    import torch
+
+    if _compiler() is None:
+        raise ExportError(
+            "--to aoti compiles C++: no C++ compiler found (CXX, g++, c++, clang++)",
+            hint="Install one (e.g. apt-get install g++) or set CXX.",
+        )
+    ex = ctx.example
+    with exporting(ctx) as chatter:
+        dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
+        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+        started = time.perf_counter()
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(path),
+                # The Python API returns outputs in the module's structure; store which lexport wrote it.
+                inductor_configs={"aot_inductor.metadata": {"lexport": "1"}},
+            )
+        except Exception as e:
+            detail = tail(chatter)
+            raise ExportError(
+                f"AOTInductor compilation failed: {type(e).__name__}: {str(e)[:2000]}",
+                hint=(f"Compiler output:\n{detail}\n" if detail else "") + "Set LEXPORT_DEBUG=1 for the traceback.",
+            ) from e
+        compile_seconds = time.perf_counter() - started
+    meta = _metadata(path)
+    target = f"{meta.get('AOTI_DEVICE_KEY', 'cpu')} {meta.get('AOTI_PLATFORM', platform.system().lower())}/" + (
+        f"{meta.get('AOTI_MACHINE', platform.machine())} {meta.get('AOTI_CPU_ISA', '')}".strip()
+    )
+    info = {
+        "device": meta.get("AOTI_DEVICE_KEY", "cpu"),
+        "platform": meta.get("AOTI_PLATFORM"),
+        "machine": meta.get("AOTI_MACHINE"),
+        "cpu_isa": meta.get("AOTI_CPU_ISA"),
+        "compile_seconds": round(compile_seconds, 1),
+        "compiler": _compiler(),
+        "torch": torch.__version__,
+        "shapes": "dynamic batch (dim 0)" if ctx.dynamic_batch else "static (the example's)",
+        "cpp_loader": "torch::inductor::AOTIModelPackageLoader",
+    }
+    notes = [
+        f"compiled for {target} in {compile_seconds:.0f} s: load it on a machine of that kind with a libtorch of "
+        f"the same version ({torch.__version__.split('+')[0]})"
+    ]
+    if not ctx.dynamic_batch:
+        notes.append(
+            "shapes are the example's; set AOTI_RUNTIME_CHECK_INPUTS=1 where it runs to have other shapes refused"
+        )
+    return Written("torch._inductor.aoti_compile_and_package", notes, info)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    import torch
+
+    try:
+        return dict(torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model"))
+    except Exception:  # noqa: BLE001 - metadata is for the report only
+        return {}
+
+
+class AotiRunner:
+    """`aoti_load_package` with its shape checks on: a static package given another shape would otherwise run and
+    return garbage of the compiled shape."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+
+        # Read by the compiled library when it first runs (a static, per library); it only adds checks.
+        os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+        self.model = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def load(path: Path) -> Any:
+    return AotiRunner(path)
+
+
+register(
+    Format(
+        "aoti",
+        ".aoti.pt2",
+        "graph",
+        "AOTInductor package (.aoti.pt2) compiled for this machine's CPU, loaded from C++ by AOTIModelPackageLoader",
+        write,
+        load,
+        atol=1e-5,
+        rtol=1e-5,
+        dynamic_batch=True,
+    )
+)

@@ -1,0 +1,138 @@
+"""`executorch`: torch.export → executorch.exir.to_edge_transform_and_lower → `.pte`, run by `executorch.runtime`.
+
+The program is delegated to XNNPACK by default (CPU kernels for arm64 and x86-64 devices); `--executorch-backend
+portable` lowers nothing and runs every op on ExecuTorch's portable kernels. Shapes are the example's (static).
+executorch is an optional extra: `pip install lightning-export[executorch]`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExportError, UsageError
+from . import ExportContext, Format, Written, register
+from ._graph import captured_stdout, exporting
+
+BACKENDS = ("xnnpack", "portable")
+DEFAULT_BACKEND = "xnnpack"
+INSTALL_HINT = "Install it with: pip install 'lightning-export[executorch]' (or pip install executorch)."
+
+
+def _require_executorch() -> str:
+    try:
+        import executorch.exir  # noqa: F401
+        from executorch import version  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ExportError(
+            f"--to executorch needs the executorch package, which is not installed ({e.msg})", hint=INSTALL_HINT
+        ) from e
+    return str(getattr(version, "__version__", "?"))
+
+
+def backend_of(ctx: ExportContext) -> str:
+    backend = (getattr(ctx, "executorch_backend", None) or DEFAULT_BACKEND).strip().lower()
+    if backend not in BACKENDS:
+        raise UsageError(f"--executorch-backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def write(ctx: ExportContext, path: Path) -> Written:
+    import torch
+
+    backend = backend_of(ctx)
+    et_version = _require_executorch()
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    partitioners: list[Any] = []
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        partitioners = [XnnpackPartitioner()]
+    ex = ctx.example
+    with exporting(ctx):
+        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, strict=False)
+        edge = to_edge_transform_and_lower(
+            program, partitioner=partitioners, compile_config=EdgeCompileConfig(_check_ir_validity=False)
+        )
+        delegated, total = _delegation(edge)
+        et_program = edge.to_executorch()
+        with open(path, "wb") as f:
+            et_program.write_to_file(f)
+    notes = []
+    if backend == "xnnpack" and total and delegated < total:
+        notes.append(f"{total - delegated} of {total} ops are not delegated to XNNPACK and run on portable kernels")
+    info = {
+        "backend": backend,
+        "executorch": et_version,
+        "ops_delegated": delegated,
+        "ops_total": total,
+        "input_shapes": [list(t.shape) for t in ex.tensors()],
+        "shapes": "static (the example's); ExecuTorch programs here take exactly these shapes",
+    }
+    return Written(f"executorch.exir ({backend})", notes, info)
+
+
+def _delegation(edge: Any) -> tuple[int, int]:
+    """(ops inside delegate blocks, ops in the graph before lowering) — how much of the graph the backend took."""
+    gm = edge.exported_program().graph_module
+    lowered = [m for name, m in gm.named_children() if name.startswith("lowered_module")]
+    remaining = sum(
+        1 for n in gm.graph.nodes if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)
+        and not str(n.target).startswith("<built-in function getitem")
+    )
+    inside = 0
+    for m in lowered:
+        original = getattr(m, "original_module", None)
+        if original is not None:
+            inside += sum(1 for n in original.graph.nodes if n.op == "call_function")
+    return inside, inside + remaining
+
+
+class ExecuTorchRunner:
+    """Calls a .pte like the module: tensor leaves of (args, kwargs) in order, returns the list of outputs."""
+
+    def __init__(self, path: Path) -> None:
+        _require_executorch()
+        from executorch.runtime import Runtime
+
+        with captured_stdout():  # the runtime logs CPU probing on stdout, which belongs to --json
+            runtime = Runtime.get()
+            self.program = runtime.load_program(str(path))
+            self.method = self.program.load_method("forward")
+        meta = self.method.metadata
+        self.input_meta = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if len(tensors) != len(self.input_meta):
+            raise RuntimeError(f"the program takes {len(self.input_meta)} inputs, {len(tensors)} were given")
+        feed = []
+        for i, (t, m) in enumerate(zip(tensors, self.input_meta)):
+            want = list(m.sizes())
+            if list(t.shape) != want:
+                # The runtime would read past or short of the buffer; say it instead.
+                raise RuntimeError(f"input {i} has shape {list(t.shape)}, the program was exported for {want}")
+            feed.append(t.detach().contiguous())
+        return list(self.method.execute(feed))
+
+
+def load(path: Path) -> Any:
+    return ExecuTorchRunner(path)
+
+
+register(
+    Format(
+        "executorch",
+        ".pte",
+        "graph",
+        "ExecuTorch program (.pte) for on-device runtimes, XNNPACK-delegated by default",
+        write,
+        load,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+)
