@@ -13,6 +13,7 @@ from typing import Any
 
 from . import outputs
 from .bounded import short_repr
+from .checkpoint import DEFAULT_MAX_GROWTH
 from .errors import (
     CheckpointError,
     ExportError,
@@ -61,8 +62,8 @@ class ExportOptions:
     strict_finite: bool = False
     meta_build: bool = True
     # No artifact may hold more than this many times the bytes the checkpoint's tensors occupy in the file
-    # (a 4-byte storage viewed as 10**9 elements would otherwise publish 4 GB). None: the loader's default.
-    max_growth: float | None = None
+    # (a 4-byte storage viewed as 10**9 elements would otherwise publish 4 GB).
+    max_growth: float = DEFAULT_MAX_GROWTH
     # sha256 of the whole checkpoint (mostly optimizer state): a full read, so the CLI asks for it with --json.
     hash_checkpoint: bool = True
 
@@ -157,7 +158,7 @@ def check_ranges(opts: ExportOptions) -> None:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1)")
     if not 0 <= opts.random_inputs <= MAX_RANDOM_INPUTS:
         raise UsageError(f"--random-inputs must be between 0 and {MAX_RANDOM_INPUTS}")
-    if opts.max_growth is not None and not (math.isfinite(opts.max_growth) and opts.max_growth >= 1):
+    if not (math.isfinite(opts.max_growth) and opts.max_growth >= 1):
         raise UsageError(f"--max-growth {opts.max_growth} must be a finite number >= 1")
     if opts.opset is not None:
         import onnx
@@ -216,7 +217,7 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
             trust=opts.trust_checkpoint,
             allow_globals=opts.allow_globals,
             hash_file=opts.hash_checkpoint,
-            **({"max_growth": opts.max_growth} if opts.max_growth is not None else {}),
+            max_growth=opts.max_growth,
         )
     report.checkpoint = {
         "path": str(ckpt_path),
@@ -281,12 +282,13 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     )
     for d in {dest.parent for dest in destinations.values()}:
         outputs.remove_stale_temp_dirs(d)
-    if True:  # signals: see run()
-        for fmt in formats:
-            result = ArtifactResult(format=fmt.name)
-            report.artifacts.append(result)
-            with step(f"exporting {fmt.name}"):
-                _export_one(fmt, ctx, destinations[fmt.name], opts, refs, result)
+    for fmt in formats:
+        result = ArtifactResult(format=fmt.name)
+        report.artifacts.append(result)
+        with step(f"exporting {fmt.name}") as shown:
+            _export_one(fmt, ctx, destinations[fmt.name], opts, refs, result)
+            if shown is not None and not result.ok:
+                shown.failed = True  # the status line ends in ✗
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = ckpt.sha256
 

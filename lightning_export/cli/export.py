@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
+from ..checkpoint import DEFAULT_MAX_GROWTH
 from ..errors import EXIT_CODES
 from ..formats import REGISTRY
 from .common import Steps, execute
@@ -69,7 +70,7 @@ def lexport(
     torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="trace or script.")] = "trace",
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint fully. This RUNS CODE FROM THE FILE: only for files you trust.")] = False,  # noqa: E501
     allow_global: Annotated[list[str], typer.Option("--allow-global", metavar="NAME", help="Allow one class in the checkpoint (pkg.mod.Name) for the safe loader; repeatable.")] = [],  # noqa: B006,E501
-    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help="Refuse a checkpoint whose tensors would make an artifact more than FACTOR times the bytes they occupy in the file (default 4; views and stride tricks).")] = None,  # noqa: E501
+    max_growth: Annotated[float, typer.Option("--max-growth", metavar="FACTOR", help="Refuse a checkpoint whose tensors (or zip records) would take more than FACTOR times the bytes they occupy in the file, plus 64 MiB: views, stride tricks, zip bombs.")] = DEFAULT_MAX_GROWTH,  # noqa: E501
     strict_finite: Annotated[bool, typer.Option("--strict-finite", help="NaN/Inf in weights or example outputs is an error (exit 4), not a warning.")] = False,  # noqa: E501
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout and nothing else there.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
