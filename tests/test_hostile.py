@@ -351,7 +351,7 @@ def _common_checks(name: str, case: Case, run: Run, tmp: Path, out: Path, before
     for n in case.forbid_hint:
         assert f"--allow-global {n}" not in " ".join(text.split()), f"{name}: the hint offers {n}: {run}"
     if case.forbid_hint:
-        assert "never allowed" in text.lower(), f"{name}: the refusal does not say the name is never allowed: {run}"
+        assert "never allowed" in " ".join(text.split()).lower(), f"{name}: the refusal does not say the name is never allowed: {run}"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -384,7 +384,8 @@ HUMAN = [n for n, c in CASES.items() if c.human]
 
 @pytest.mark.parametrize("name", HUMAN)
 def test_hostile_human(name: str, tmp_path: Path, ckpts: dict) -> None:
-    """Without --json: one `error (...)` line and at most one hint line on stderr, nothing on stdout."""
+    """Without --json: one `error (...)` message and at most a hint on stderr (no warnings, no second error),
+    nothing on stdout."""
     case, args, out = _prepare(name, tmp_path, ckpts)
     before = _input_state(tmp_path)
     run = run_limited(args)
@@ -396,7 +397,10 @@ def test_hostile_human(name: str, tmp_path: Path, ckpts: dict) -> None:
     errs = [i for i, ln in enumerate(lines) if ln.startswith("error (")]
     assert len(errs) == 1, run
     assert f"exit {run.code}" in lines[errs[0]], run
-    assert len(lines) - errs[0] <= 2, f"{name}: more than a message and a hint after the error: {run}"
+    # The message and its hint; rich wraps long lines at the console width, so allow a few physical lines.
+    tail = lines[errs[0]:]
+    assert len(tail) <= 6, f"{name}: more than a message and a hint after the error: {run}"
+    assert not any(w in ln for ln in tail for w in ("Warning", "warning:", "internal error")), run
 
 
 def test_corpus_is_small_files(tmp_path: Path) -> None:
