@@ -174,6 +174,7 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
 
     # Everything a user can get wrong in flags fails before any slow work.
     check_ranges(opts)
+    given = _read_supplied(opts)
     if not opts.formats:
         raise UsageError("nothing to do: pass --to FORMAT (state-dict, safetensors, torchscript, onnx, ...)")
     formats = [get_format(name) for name in parse_format_list(opts.formats)]
@@ -233,7 +234,7 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
 
     if wants_module:
         with step("building module"), _phase(UserModuleError, "building the module"):
-            built = _build(opts, ckpt, report)
+            built = _build(opts, ckpt, report, given)
         target, state_dict = built.target, built.state_dict
         report.notes.extend(built.notes)
     else:
@@ -293,20 +294,37 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
         report.checkpoint["sha256"] = ckpt.sha256
 
 
-def _build(opts: ExportOptions, ckpt: Any, report: Report) -> Any:
-    from . import model
+@dataclass
+class _Supplied:
+    """What the user's flags say about the class and its arguments: --config, then --init-args, then --init-arg."""
+
+    class_path: str | None
+    args: dict[str, Any]
+
+
+def _read_supplied(opts: ExportOptions) -> _Supplied:
+    """Read every config and argument file up front (cheap; bounded YAML), so a bad one is exit 2 before any
+    slow work, whatever the formats."""
+    from .model import load_args_file
 
     class_path = opts.module
-    supplied: dict[str, Any] = {}
+    args: dict[str, Any] = {}
     if opts.config:
         from .configs import read_model_section
 
         section = read_model_section(opts.config)
         class_path = class_path or section.class_path
-        supplied.update(section.args)
+        args.update(section.args)
     if opts.init_args_file:
-        supplied.update(model.load_args_file(opts.init_args_file, flag="--init-args"))
-    supplied.update(dict(opts.init_args))
+        args.update(load_args_file(opts.init_args_file, flag="--init-args"))
+    args.update(dict(opts.init_args))
+    return _Supplied(class_path, args)
+
+
+def _build(opts: ExportOptions, ckpt: Any, report: Report, given: _Supplied) -> Any:
+    from . import model
+
+    class_path, supplied = given.class_path, given.args
     if class_path is None:
         named = ckpt.hparams.get("_class_path")
         if named and opts.trust_checkpoint:
