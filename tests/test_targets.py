@@ -118,7 +118,7 @@ def run_pte(path, x):
 def test_executorch(monkeypatch, target_ckpts, tmp_path, name, backend):
     pytest.importorskip("executorch")
     a = lexport(monkeypatch, target_ckpts, name, "executorch", tmp_path, executorch_backend=backend)
-    assert a.path.endswith(f"{name}.pte")
+    assert a.path.endswith(f"{name}.pte") and not a.companions
     assert a.info["backend"] == (backend or "xnnpack")
     if backend is None:
         assert a.info["ops_delegated"] > 0  # XNNPACK took the convolutions
@@ -162,7 +162,7 @@ def test_executorch_missing_says_what_to_install(monkeypatch, target_ckpts, tmp_
 
 def test_aoti_package(monkeypatch, target_ckpts, tmp_path):
     a = lexport(monkeypatch, target_ckpts, "convnet", "aoti", tmp_path, dynamic_batch=True)
-    assert a.path.endswith("convnet.aoti.pt2")
+    assert a.path.endswith("convnet.aoti.pt2") and not a.companions  # one file: the library is inside
     assert a.info["device"] == "cpu" and a.info["machine"]
     assert a.info["compile_seconds"] > 0
     assert a.verification.inputs_checked == 7  # example, 5 random, and a batch of 3 (dynamic batch)

@@ -95,6 +95,22 @@ def apply_options(fmt: Format, precision: str | None = None, quantize: str | Non
     return fmt
 
 
+def module_bytes(ctx: ExportContext) -> int:
+    """Bytes of the target's distinct parameters and buffers."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*ctx.target.parameters(), *ctx.target.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def estimate_option(estimate: Any) -> dict[str, Any]:
+    """`size_estimate=` for Format(...) where the registry has that field (free-space checks), else nothing."""
+    return {"size_estimate": estimate} if "size_estimate" in {f.name for f in dataclasses.fields(Format)} else {}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reduced precision
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,10 +318,16 @@ def with_quantization(fmt: Format, quantize: str) -> Format:
         )
         return written
 
+    extra: dict[str, Any] = {}
+    inner_estimate = getattr(fmt, "size_estimate", None)
+    if inner_estimate is not None:
+        # At the peak the directory holds the fp32 graph, its pre-processed copy and the int8 graph.
+        extra["size_estimate"] = lambda ctx: 3 * inner_estimate(ctx)
     return dataclasses.replace(
         fmt,
         write=write,
         atol=max(fmt.atol, atol),
         rtol=max(fmt.rtol, rtol),
         description=f"{fmt.description}, int8 dynamic quantization",
+        **extra,
     )

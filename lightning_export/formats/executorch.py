@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import ExportError, UsageError
 from . import ExportContext, Format, Written, register
 from ._graph import captured_stdout, exporting
+from ._precision import estimate_option, module_bytes
 
 BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
@@ -124,6 +125,11 @@ def load(path: Path) -> Any:
     return ExecuTorchRunner(path)
 
 
+def size_estimate(ctx: ExportContext) -> int:
+    """Weights (constant segment, or packed inside the XNNPACK blob) plus the flatbuffer program: a few kB."""
+    return module_bytes(ctx) + module_bytes(ctx) // 10 + (1 << 20)
+
+
 register(
     Format(
         "executorch",
@@ -134,5 +140,6 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
+        **estimate_option(size_estimate),
     )
 )
