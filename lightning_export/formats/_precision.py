@@ -38,10 +38,11 @@ QUANTIZATIONS = ("int8-dynamic",)
 # outputs up to ~2 in magnitude; example input + 20 random inputs, every graph format):
 #   fp16 max abs drift 2e-4 (conv net) .. 2e-3 (Transformer)    unit roundoff 2^-11 = 4.9e-4
 #   bf16               1e-3           .. 1.6e-2                 unit roundoff 2^-8  = 3.9e-3
+#                      (3.5e-2 in ExecuTorch: XNNPACK takes no bf16, the portable kernels accumulate in bf16)
 #   int8-dynamic ONNX  1.3e-3         .. 4e-2                   7-bit per-channel weights, 8-bit activations
-# Each default is >= 3x the worst drift measured (5x for fp16 and int8), and still far below the O(1) errors of
-# a wrong graph. A deeper or wider model accumulates more: --atol/--rtol override.
-PRECISION_TOLERANCE = {"fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2)}
+# Each default is >= 2.5x the worst drift measured (5x for fp16 and int8), and still far below the O(1) errors
+# of a wrong graph. A deeper or wider model accumulates more: --atol/--rtol override.
+PRECISION_TOLERANCE = {"fp16": (1e-2, 1e-2), "bf16": (1e-1, 5e-2)}
 QUANTIZE_TOLERANCE = {"int8-dynamic": (1e-1, 1e-1)}
 
 
