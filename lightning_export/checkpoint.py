@@ -50,7 +50,13 @@ class Checkpoint:
 
     @property
     def sha256(self) -> str:
-        return self._sha.result() if self._sha else file_sha256(self.path)
+        if self._sha:
+            return self._sha.result()
+        if self.path.is_dir():  # a sharded folder: the hash of its files, in order
+            from .sharded import folder_sha256
+
+            return folder_sha256(self.path)
+        return file_sha256(self.path)
 
 
 def _plain_int(value: Any) -> int | None:
@@ -266,12 +272,9 @@ def _check_file(path: Path) -> int:
             raise CheckpointError(f"checkpoint not found: {path}") from e
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     if stat.S_ISDIR(st.st_mode):
-        if (path / ".metadata").exists():
-            raise CheckpointError(
-                f"{path} is a sharded (torch.distributed.checkpoint) folder; lexport does not read those yet.",
-                hint="Consolidate it first, e.g. with `python -m lightning.pytorch.utilities.consolidate_checkpoint`.",
-            )
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        raise CheckpointError(
+            f"{path} is a directory, not a checkpoint file (nor a sharded checkpoint folder: it has no .metadata)"
+        )
     if not stat.S_ISREG(st.st_mode):
         kind = (
             "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
@@ -666,6 +669,13 @@ def load_checkpoint(
     path = Path(path)
     if not max_growth >= 1:  # also refuses NaN
         raise UsageError(f"--max-growth must be a number >= 1, not {max_growth}")
+    from . import sharded
+
+    if sharded.is_sharded_folder(path):
+        # FSDP/ModelParallel: only the model tensors are read, with DCP's own reader; meta.pt as a .ckpt is.
+        meta, state_dict = sharded.load_sharded(path, trust=trust, allow_globals=tuple(allow_globals))
+        hasher = sharded.FolderHasher(path) if hash_file else None
+        return _as_checkpoint(path, sharded.as_lightning_checkpoint(meta, state_dict), hasher)
     file_size = _check_file(path)
     import torch
 

@@ -4,8 +4,7 @@ The folders are real: 2 gloo ranks on CPU (fixtures/make_sharded.py), either DTe
 torch.distributed.checkpoint.save({"model": ..., "optimizer_0": ...}) plus meta.pt, as FSDPStrategy does, or a real
 pl.Trainer with ModelParallelStrategy (FSDP2), which stores the weights under "state_dict".
 
-Tests named test_cli_* marked WIRING need lightning_export/checkpoint.py to hand folders to sharded.py; they are
-strict xfails until then (an XPASS fails the run: remove the mark when wiring).
+Tests named test_cli_* run the real CLI on such folders (checkpoint.load_checkpoint hands folders to sharded.py).
 """
 
 from __future__ import annotations
@@ -30,9 +29,6 @@ from lightning_export.sharded import (
 )
 
 MODULE = "fixtures.modules:MyClassifierModule"
-WIRING = pytest.mark.xfail(
-    reason="WIRING: needs checkpoint.load_checkpoint to read folders through lightning_export.sharded", strict=True
-)
 
 
 @pytest.fixture(scope="session")
@@ -374,7 +370,6 @@ def test_cli_hostile_folder_exits_3_without_running_code(folder, tmp_path):
     assert not marker.exists()
 
 
-@WIRING
 def test_cli_weight_formats_equal_unsharded(sharded, tmp_path):
     """lexport FOLDER --attr model --to state-dict --to safetensors --output-dir OUT"""
     from safetensors.torch import load_file
@@ -387,7 +382,6 @@ def test_cli_weight_formats_equal_unsharded(sharded, tmp_path):
     _assert_bit_equal(load_file(next(tmp_path.glob("*.safetensors"))), want)
 
 
-@WIRING
 @pytest.mark.parametrize("how", ["dtensor", "trainer"])
 def test_cli_onnx_verifies(sharded, tmp_path, how):
     """lexport FOLDER --module fixtures.modules:MyClassifierModule --attr model --to onnx --output-dir OUT --json"""
