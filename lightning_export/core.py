@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ class ExportOptions:
     max_growth: float = DEFAULT_MAX_GROWTH
     # sha256 of the whole checkpoint (mostly optimizer state): a full read, so the CLI asks for it with --json.
     hash_checkpoint: bool = True
+    # Where to write the manifest (the --json record plus the options that shaped the bytes), atomically.
+    manifest: Path | None = None
 
 
 Step = Callable[[str], contextlib.AbstractContextManager[Any]]
@@ -82,6 +84,10 @@ def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None, 
     Options are the fields of ExportOptions, e.g. ``export("m.ckpt", module="pkg:M", attr="model",
     formats=("onnx",))``.
     """
+    return run(_options(checkpoint, options), progress=progress)
+
+
+def _options(checkpoint: str | os.PathLike[str], options: dict[str, Any]) -> ExportOptions:
     if isinstance(options.get("formats"), str):
         options["formats"] = (options["formats"],)
     for key in ("formats", "inputs", "allow_globals"):
@@ -89,27 +95,60 @@ def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None, 
             options[key] = tuple(options[key])
     if isinstance(options.get("init_args"), dict):
         options["init_args"] = tuple(options["init_args"].items())
-    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir"):
+    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     try:
-        opts = ExportOptions(checkpoint=Path(checkpoint), **options)
+        return ExportOptions(checkpoint=Path(checkpoint), **options)
     except TypeError as e:
         raise UsageError(str(e)) from e
-    return run(opts, progress=progress)
 
 
-def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
+def run(
+    opts: ExportOptions, *, progress: Step | None = None, existing: dict[Path, str | None] | None = None
+) -> Report:
+    """Export (or, with `existing` = {artifact: expected sha256 or None}, re-verify those artifacts) and return
+    the Report; raises a LexportError with `.report` when anything failed."""
     report = Report(module=opts.module, attr=opts.attr, versions=versions())
     try:
         # SIGTERM becomes KeyboardInterrupt from the first step on (loading and building included), so every
         # `finally` removes its temp files and the CLI exits 130.
         with outputs.TerminateOnSignal():
-            _run(opts, report, progress or _no_status)
+            _run(opts, report, progress or _no_status, existing)
+        _finish(report)
+    except LexportError as e:
+        e.report = report
+        report.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
+        try:
+            _write_manifest(opts, report)  # the record of a failed run is worth keeping too
+        except LexportError as m:
+            report.warnings.append(f"the manifest was not written: {m.message}")
+        raise
+    try:
+        _write_manifest(opts, report)
     except LexportError as e:
         e.report = report
         report.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
         raise
+    return report
+
+
+def verify(
+    artifacts: Iterable[str | os.PathLike[str]] | dict[Any, str | None],
+    checkpoint: str | os.PathLike[str],
+    *,
+    progress: Step | None = None,
+    **options: Any,
+) -> Report:
+    """Re-verify existing artifacts against their checkpoint (the format comes from each file). With a dict,
+    the values are the sha256 each file must still have (None: any). Options as for `export`."""
+    expected = dict(artifacts) if isinstance(artifacts, dict) else {a: None for a in artifacts}
+    opts = _options(checkpoint, options)
+    return run(opts, progress=progress, existing={Path(k): v for k, v in expected.items()})
+
+
+def _finish(report: Report) -> None:
+    """Raise the error of the first failed artifact (its own code), or VerificationError (1)."""
     failed = [a for a in report.artifacts if not a.ok]
     if failed:
         first = failed[0]
@@ -124,10 +163,51 @@ def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
                 + ", ".join(a.format for a in failed if a.error is None)
                 + (f"; export failed for {', '.join(failed_export)}" if failed_export else ""),
             )
-        err.report = report
-        report.error = {"code": err.exit_code, "kind": err.kind, "message": str(err)}
         raise err
-    return report
+
+
+MANIFEST_VERSION = 1
+# Options recorded in a manifest: everything that shapes the artifacts' bytes or their verification.
+_MANIFEST_OPTIONS = (
+    "formats", "module", "attr", "config", "init_args", "init_args_file", "inputs", "example_inputs",
+    "dynamic_batch", "opset", "torchscript_mode", "seed", "random_inputs", "atol", "rtol", "strict_finite",
+    "trust_checkpoint", "allow_globals", "max_growth", "meta_build",
+)
+
+
+def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
+    from .checkpoint import file_sha256
+
+    record: dict[str, Any] = {"manifest_version": MANIFEST_VERSION, **report.to_json()}
+    options: dict[str, Any] = {}
+    for name in _MANIFEST_OPTIONS:
+        value = getattr(opts, name)
+        if name == "init_args":
+            value = dict(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        options[name] = value
+    for name in ("config", "init_args_file", "example_inputs"):
+        path = getattr(opts, name)
+        if path is not None and Path(path).is_file():
+            options[f"{name}_sha256"] = file_sha256(Path(path))
+    options["formats"] = [a.format for a in report.artifacts]
+    record["options"] = options
+    return record
+
+
+def _write_manifest(opts: ExportOptions, report: Report) -> None:
+    """Atomically, once the artifacts are published (or failed): the record of what was done."""
+    if opts.manifest is None or not report.artifacts:
+        return
+    import json
+
+    from .report import strict_json
+
+    text = json.dumps(strict_json(manifest_record(opts, report)), indent=2, allow_nan=False) + "\n"
+    outputs.write_text_atomically(opts.manifest, text, force=opts.force)
 
 
 @contextlib.contextmanager
@@ -168,17 +248,25 @@ def check_ranges(opts: ExportOptions) -> None:
             raise UsageError(f"--opset {opts.opset}: this onnx supports opsets {MIN_OPSET} to {newest}")
 
 
-def _run(opts: ExportOptions, report: Report, step: Step) -> None:
-    from .formats import get_format, parse_format_list
+def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, str | None] | None = None) -> None:
+    from .formats import detect_format, get_format, parse_format_list
     from .inputs import parse_input_spec
 
     # Everything a user can get wrong in flags fails before any slow work.
     check_ranges(opts)
     given = _read_supplied(opts)
-    if not opts.formats:
+    if existing is not None:
+        if not existing:
+            raise UsageError("nothing to verify: name an artifact")
+        detected = [(detect_format(p), p) for p in existing]
+        if len({f.name for f, _ in detected}) < len(detected):
+            raise UsageError("one artifact per format: verify the others in another run")
+        formats = [f for f, _ in detected]
+    elif not opts.formats:
         raise UsageError("nothing to do: pass --to FORMAT (state-dict, safetensors, torchscript, onnx, ...)")
-    formats = [get_format(name) for name in parse_format_list(opts.formats)]
-    outputs.validate_output_flags(opts.output, [f.name for f in formats])
+    else:
+        formats = [get_format(name) for name in parse_format_list(opts.formats)]
+        outputs.validate_output_flags(opts.output, [f.name for f in formats])
     specs = [parse_input_spec(s) for s in opts.inputs]
     if specs and opts.example_inputs:
         raise UsageError("pass either --input or --example-inputs, not both")
@@ -187,24 +275,12 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
     if opts.attr is not None and (not opts.attr or any(not p for p in opts.attr.split("."))):
         raise UsageError(f"--attr {opts.attr!r} is not a dotted path such as 'model' or 'encoder.blocks.0'")
     ckpt_path = opts.checkpoint
-    if opts.output_dir is not None and not opts.output_dir.exists():
-        try:
-            opts.output_dir.mkdir(parents=True)
-        except OSError as e:
-            raise OutputError(f"cannot create --output-dir {opts.output_dir}: {e.strerror or e}") from e
-    destinations = {
-        f.name: outputs.output_path(ckpt_path, f.suffix, opts.output, opts.output_dir) for f in formats
-    }
-    refused = []
-    for dest in destinations.values():
-        try:
-            outputs.check_destination(dest, ckpt_path, force=opts.force)
-        except OutputError as e:
-            refused.append(e)
-    if len(refused) == 1:
-        raise refused[0]
-    if refused:
-        raise OutputError("\n".join(e.message for e in refused), hint=refused[0].hint)
+    if opts.manifest is not None:
+        outputs.check_destination(opts.manifest, ckpt_path, force=opts.force)
+    if existing is not None:
+        destinations = {f.name: p for f, p in detected}
+    else:
+        destinations = _destinations(opts, formats)
     graph = [f for f in formats if f.kind == "graph"]
     opts = replace(opts, formats=tuple(f.name for f in formats))
     # Weights formats never need the class: --config alone does not make lexport import anything for them.
@@ -281,13 +357,18 @@ def _run(opts: ExportOptions, report: Report, step: Step) -> None:
         dynamic_batch=opts.dynamic_batch,
         torchscript_mode=opts.torchscript_mode,
     )
-    for d in {dest.parent for dest in destinations.values()}:
-        outputs.remove_stale_temp_dirs(d)
+    if existing is None:
+        for d in {dest.parent for dest in destinations.values()}:
+            outputs.remove_stale_temp_dirs(d)
     for fmt in formats:
         result = ArtifactResult(format=fmt.name)
         report.artifacts.append(result)
-        with step(f"exporting {fmt.name}") as shown:
-            _export_one(fmt, ctx, destinations[fmt.name], opts, refs, result)
+        dest = destinations[fmt.name]
+        with step(f"{'verifying' if existing is not None else 'exporting'} {fmt.name}") as shown:
+            if existing is not None:
+                _check_existing(fmt, ctx, dest, existing[dest], opts, refs, result)
+            else:
+                _export_one(fmt, ctx, dest, opts, refs, result)
             if shown is not None and not result.ok:
                 shown.failed = True  # the status line ends in ✗
     if opts.hash_checkpoint:
@@ -319,6 +400,29 @@ def _read_supplied(opts: ExportOptions) -> _Supplied:
         args.update(load_args_file(opts.init_args_file, flag="--init-args"))
     args.update(dict(opts.init_args))
     return _Supplied(class_path, args)
+
+
+def _destinations(opts: ExportOptions, formats: list[Any]) -> dict[str, Path]:
+    """Where each format goes; every refusal (exists without --force, is the input, not writable) at once."""
+    if opts.output_dir is not None and not opts.output_dir.exists():
+        try:
+            opts.output_dir.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"cannot create --output-dir {opts.output_dir}: {e.strerror or e}") from e
+    destinations = {
+        f.name: outputs.output_path(opts.checkpoint, f.suffix, opts.output, opts.output_dir) for f in formats
+    }
+    refused = []
+    for dest in destinations.values():
+        try:
+            outputs.check_destination(dest, opts.checkpoint, force=opts.force)
+        except OutputError as e:
+            refused.append(e)
+    if len(refused) == 1:
+        raise refused[0]
+    if refused:
+        raise OutputError("\n".join(e.message for e in refused), hint=refused[0].hint)
+    return destinations
 
 
 def _build(opts: ExportOptions, ckpt: Any, report: Report, given: _Supplied) -> Any:
@@ -481,6 +585,34 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
     finally:
         if staging is not None:
             staging.discard()
+        result.seconds = time.perf_counter() - started
+
+
+def _check_existing(
+    fmt: Any, ctx: Any, path: Path, expected_sha: str | None, opts: ExportOptions, refs: Any, result: ArtifactResult
+) -> None:
+    """`lexport verify`: the same verification as after an export, on a file that exists; with a manifest, the
+    file must also still have the sha256 recorded there."""
+    from .checkpoint import file_sha256
+    from .formats._graph import quiet_torch_logs
+
+    started = time.perf_counter()
+    result.path = str(path)
+    try:
+        companions = [c for c in path.parent.glob(f"{path.name}.*") if c.is_file()]
+        result.companions = [str(c) for c in companions]
+        result.bytes = sum(f.stat().st_size for f in [path, *companions])
+        result.sha256 = file_sha256(path)
+        with quiet_torch_logs():
+            result.verification = _verify(fmt, path, ctx, opts, refs)
+        if expected_sha is not None and result.sha256 != expected_sha:
+            result.verification.passed = False
+            result.verification.problems.insert(
+                0, f"sha256 {result.sha256[:16]}… differs from the manifest's {expected_sha[:16]}…: the file changed"
+            )
+    except OSError as e:
+        result.error = {"code": 3, "kind": "checkpoint", "message": f"cannot read {path}: {e.strerror or e}"}
+    finally:
         result.seconds = time.perf_counter() - started
 
 

@@ -285,6 +285,22 @@ class Staging:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def write_text_atomically(path: Path, text: str, *, force: bool) -> Path:
+    """A small file (the manifest) written like an artifact: staged beside it, fsynced, published whole."""
+    data = text.encode()
+    check_free_space(path.parent, len(data) + 4096, path.name)
+    staging = stage(path, len(data))
+    try:
+        try:
+            staging.path.write_bytes(data)
+        except OSError as e:
+            raise write_failure(e, path, len(data)) from e
+        staging.fsync()
+        return staging.publish(force=force)[0]
+    finally:
+        staging.discard()
+
+
 def stage(final: Path, needed: int | None = None) -> Staging:
     try:
         d = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=final.parent)

@@ -77,6 +77,19 @@ class Report:
         return out
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float as None: JSON that every parser accepts (no NaN/Infinity)."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -87,19 +87,9 @@ json_printed = threading.Event()  # main() prints the JSON itself for what ends 
 
 def dumps_strict(payload: Any) -> str:
     """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN/Infinity)."""
-    return json.dumps(_finite(payload), indent=2, allow_nan=False, default=str)
+    from ..report import strict_json
 
-
-def _finite(value: Any) -> Any:
-    import math
-
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return json.dumps(strict_json(payload), indent=2, allow_nan=False, default=str)
 
 
 @contextlib.contextmanager

@@ -73,6 +73,61 @@ class Format:
     # About how many bytes write() will put in its directory (companions included), checked against the free
     # space before writing: an over-estimate by a margin, never an under-estimate for ordinary modules.
     size_estimate: Callable[[ExportContext], int] = weights_estimate
+    # Recognises an existing artifact of this format (`lexport verify`): from the first bytes and, for zip
+    # files, the member names. More specific formats are asked first (see detect_format).
+    sniff: Callable[[Sniffed], bool] | None = None
+    sniff_order: int = 0  # lower is asked first
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    """What detect_format reads of a file once, for every format's sniff."""
+
+    path: Path
+    head: bytes  # the first 64 bytes
+    size: int
+    zip_names: tuple[str, ...] | None  # member names when the file is a zip, else None
+
+    def has_member(self, suffix: str) -> bool:
+        return any(n.endswith(suffix) for n in self.zip_names or ())
+
+    def has_dir(self, part: str) -> bool:
+        return any(part in n for n in self.zip_names or ())
+
+
+def detect_format(path: Path) -> Format:
+    """The format of an existing artifact, from its content (suffix only where content cannot tell)."""
+    import os
+    import stat
+    import zipfile
+
+    from ..errors import UsageError as _Usage
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Usage(f"{path} is not a regular file")
+        with open(path, "rb") as f:
+            head = f.read(64)
+        names = None
+        if head.startswith(b"PK"):
+            try:
+                with zipfile.ZipFile(path) as z:
+                    names = tuple(z.namelist()[:100_000])
+            except (zipfile.BadZipFile, OSError, ValueError):
+                names = None
+    except FileNotFoundError:
+        raise _Usage(f"artifact not found: {path}") from None
+    except OSError as e:
+        raise _Usage(f"cannot read {path}: {e.strerror or e}") from None
+    seen = Sniffed(Path(path), head, st.st_size, names)
+    for fmt in sorted(REGISTRY.values(), key=lambda f: f.sniff_order):
+        if fmt.sniff is not None and fmt.sniff(seen):
+            return fmt
+    raise _Usage(
+        f"{path} is not an artifact lexport recognises",
+        hint=f"Formats it reads: {', '.join(f.name for f in REGISTRY.values() if f.sniff)}.",
+    )
 
 
 REGISTRY: dict[str, Format] = {}

@@ -41,5 +41,8 @@ register(
         rtol=1e-5,
         dynamic_batch=True,
         size_estimate=graph_estimate,
+        # A torch.export archive (models/*.json); AOTInductor packages (aotinductor/) are claimed first.
+        sniff=lambda s: s.has_member("archive_format") and s.has_dir("/models/") and not s.has_dir("aotinductor"),
+        sniff_order=50,
     )
 )

@@ -156,6 +156,21 @@ def load(path: Path) -> Any:
     return OrtRunner(path)
 
 
+def _sniff(s: Any) -> bool:
+    """A ModelProto: its suffix, or its first field (ir_version, tag 0x08) and a parse of the header fields."""
+    if s.zip_names is not None or not s.head[:1] == b"\x08":
+        return False
+    if s.path.suffix == ".onnx":
+        return True
+    import onnx
+
+    try:
+        model = onnx.load_model(str(s.path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model
+        return False
+    return bool(model.ir_version) and len(model.graph.node) > 0
+
+
 register(
     Format(
         "onnx",
@@ -168,5 +183,6 @@ register(
         rtol=1e-3,
         dynamic_batch=True,
         size_estimate=graph_estimate,
+        sniff=_sniff,
     )
 )

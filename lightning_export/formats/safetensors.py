@@ -101,6 +101,14 @@ def load(path: Path) -> Any:
     return _SafeOpenMapping(path)
 
 
+def _sniff(s: Any) -> bool:
+    """An 8-byte little-endian header length that fits the file, then the JSON header."""
+    if len(s.head) < 9 or s.head[8:9] != b"{":
+        return False
+    (n,) = struct.unpack("<Q", s.head[:8])
+    return 8 + n <= s.size
+
+
 register(
     Format(
         "safetensors",
@@ -110,6 +118,7 @@ register(
         write,
         load,
         needs_module=False,
+        sniff=_sniff,
         size_estimate=size_estimate,
     )
 )

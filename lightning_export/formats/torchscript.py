@@ -55,5 +55,6 @@ register(
         atol=1e-5,
         rtol=1e-5,
         size_estimate=graph_estimate,
+        sniff=lambda s: s.has_dir("/code/") and s.has_member("/constants.pkl"),
     )
 )

@@ -1,0 +1,29 @@
+"""Flags shared by the commands that load a checkpoint and build its module (export, verify): one definition
+each, so they read and behave the same everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Module = Annotated[str | None, typer.Option("--module", "-m", metavar="CLASS", help="LightningModule class: pkg.mod:Class, pkg.mod.Class or path/to/file.py:Class. Optional for state-dict and safetensors.")]  # noqa: E501
+Attr = Annotated[str | None, typer.Option("--attr", "-a", metavar="PATH", help="Dotted path of the submodule to export (model, encoder, heads.cls). Default: the whole LightningModule.")]  # noqa: E501
+Config = Annotated[Path | None, typer.Option(metavar="FILE", help="LightningCLI config.yaml: its model: section gives the class and init args.")]  # noqa: E501
+InitArg = Annotated[list[str], typer.Option("--init-arg", metavar="KEY=VALUE", help="KEY=VALUE constructor argument (VALUE is YAML); repeatable; overrides the checkpoint's hyper_parameters.")]  # noqa: E501
+InitArgs = Annotated[Path | None, typer.Option("--init-args", metavar="FILE", help="YAML/JSON file of constructor arguments; {class_path, init_args} values are instantiated.")]  # noqa: E501
+InputSpecs = Annotated[list[str], typer.Option("--input", metavar="DTYPE[DIMS]", help="DTYPE[D0,D1,...] per forward argument, e.g. float32[2,10]; repeatable. Default: example_input_array.")]  # noqa: E501
+ExampleInputs = Annotated[Path | None, typer.Option(metavar="FILE", help=".pt file with a tensor, a tuple of args (nesting allowed) or a dict of kwargs.")]  # noqa: E501
+DynamicBatch = Annotated[bool, typer.Option("--dynamic-batch", help="Make dim 0 of every input dynamic (onnx, exported-program); verified at another batch size.")]  # noqa: E501
+Force = Annotated[bool, typer.Option("--force", "-f", help="Replace existing outputs.")]
+Atol = Annotated[float | None, typer.Option(metavar="FLOAT", help="Absolute tolerance (default per format: torchscript and exported-program 1e-5, onnx 1e-4).")]  # noqa: E501
+Rtol = Annotated[float | None, typer.Option(metavar="FLOAT", help="Relative tolerance (default per format: torchscript and exported-program 1e-5, onnx 1e-3).")]  # noqa: E501
+Seed = Annotated[int, typer.Option(metavar="INT", help="Seed of the random verification inputs.")]
+RandomInputs = Annotated[int, typer.Option(metavar="N", help="Random inputs checked besides the example.", min=0)]
+TrustCheckpoint = Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint fully. This RUNS CODE FROM THE FILE: only for files you trust.")]  # noqa: E501
+AllowGlobal = Annotated[list[str], typer.Option("--allow-global", metavar="NAME", help="Allow one class in the checkpoint (pkg.mod.Name) for the safe loader; repeatable.")]  # noqa: E501
+MaxGrowth = Annotated[float, typer.Option("--max-growth", metavar="FACTOR", help="Refuse a checkpoint whose tensors (or zip records) would take more than FACTOR times the bytes they occupy in the file, plus 64 MiB: views, stride tricks, zip bombs.")]  # noqa: E501
+StrictFinite = Annotated[bool, typer.Option("--strict-finite", help="NaN/Inf in weights or example outputs is an error (exit 4), not a warning.")]  # noqa: E501
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout and nothing else there.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")]
