@@ -57,6 +57,10 @@ class ExportOptions:
     random_inputs: int = DEFAULT_RANDOM_INPUTS
     opset: int | None = None
     torchscript_mode: str = "trace"
+    # Deployment options, declared by the formats that honour them (formats/_precision.py, executorch).
+    precision: str | None = None  # fp16 | bf16 for graph formats (fp32: unchanged)
+    quantize: str | None = None  # int8-dynamic for onnx
+    executorch_backend: str = "xnnpack"
     trust_checkpoint: bool = False
     allow_globals: tuple[str, ...] = ()
     strict_finite: bool = False
@@ -171,7 +175,7 @@ MANIFEST_VERSION = 1
 _MANIFEST_OPTIONS = (
     "formats", "module", "attr", "config", "init_args", "init_args_file", "inputs", "example_inputs",
     "dynamic_batch", "opset", "torchscript_mode", "seed", "random_inputs", "atol", "rtol", "strict_finite",
-    "trust_checkpoint", "allow_globals", "max_growth", "meta_build",
+    "trust_checkpoint", "allow_globals", "max_growth", "meta_build", "precision", "quantize", "executorch_backend",
 )
 
 
@@ -267,6 +271,7 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
     else:
         formats = [get_format(name) for name in parse_format_list(opts.formats)]
         outputs.validate_output_flags(opts.output, [f.name for f in formats])
+    formats = _with_deployment_options(formats, opts)
     specs = [parse_input_spec(s) for s in opts.inputs]
     if specs and opts.example_inputs:
         raise UsageError("pass either --input or --example-inputs, not both")
@@ -356,6 +361,7 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
         opset=opts.opset,
         dynamic_batch=opts.dynamic_batch,
         torchscript_mode=opts.torchscript_mode,
+        executorch_backend=opts.executorch_backend,
     )
     if existing is None:
         for d in {dest.parent for dest in destinations.values()}:
@@ -400,6 +406,26 @@ def _read_supplied(opts: ExportOptions) -> _Supplied:
         args.update(load_args_file(opts.init_args_file, flag="--init-args"))
     args.update(dict(opts.init_args))
     return _Supplied(class_path, args)
+
+
+def _with_deployment_options(formats: list[Any], opts: ExportOptions) -> list[Any]:
+    """Formats wrapped for --precision/--quantize (exit 2 where a format does not take them); executorch's
+    backend and presence checked before any slow work."""
+    from .formats._precision import apply_options
+
+    formats = [apply_options(f, opts.precision, opts.quantize) for f in formats]
+    if any(f.name == "executorch" for f in formats):
+        from .formats import executorch
+
+        if opts.executorch_backend.strip().lower() not in executorch.BACKENDS:
+            raise UsageError(
+                f"--executorch-backend {opts.executorch_backend!r}: use one of {', '.join(executorch.BACKENDS)}"
+            )
+        try:
+            executorch._require_executorch()
+        except ExportError as e:
+            raise UsageError(e.message, hint=e.hint) from None
+    return formats
 
 
 def _destinations(opts: ExportOptions, formats: list[Any]) -> dict[str, Path]:

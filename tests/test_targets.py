@@ -150,7 +150,7 @@ def test_executorch_missing_says_what_to_install(monkeypatch, target_ckpts, tmp_
 
     with pytest.raises(LexportError) as err:
         export(target_ckpts["convnet"], module=class_path("convnet"), formats=["executorch"], output_dir=tmp_path)
-    assert err.value.exit_code == 5
+    assert err.value.exit_code == 2  # checked with the flags, before any slow work
     assert "pip install 'lightning-export[executorch]'" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 

@@ -27,3 +27,5 @@ MaxGrowth = Annotated[float, typer.Option("--max-growth", metavar="FACTOR", help
 StrictFinite = Annotated[bool, typer.Option("--strict-finite", help="NaN/Inf in weights or example outputs is an error (exit 4), not a warning.")]  # noqa: E501
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout and nothing else there.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")]
+Precision = Annotated[str | None, typer.Option("--precision", metavar="P", help="fp16 or bf16: graph formats compute in that precision (weights cast, floating inputs and outputs in it), verified against the fp32 module with looser default tolerances (fp16 1e-2, bf16 1e-1).")]  # noqa: E501
+Quantize = Annotated[str | None, typer.Option("--quantize", metavar="Q", help="int8-dynamic: onnx only; onnxruntime's dynamic quantization of the exported graph, verified against the fp32 module (default atol/rtol 1e-1).")]  # noqa: E501

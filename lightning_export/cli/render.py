@@ -41,7 +41,7 @@ def render_report(stderr: Console, report: Any) -> None:
         table.add_row(
             a.format,
             a.path or "[dim](not written)[/dim]",
-            fmt_bytes(a.bytes),
+            fmt_bytes(a.bytes) + _reduction(a.info),
             a.exporter or "-",
             _fmt_diff(v.max_abs_diff) if v and v.atol is not None else "-",
             verdict,
@@ -82,3 +82,11 @@ def render_report(stderr: Console, report: Any) -> None:
         stderr.print(f"[yellow]warning[/yellow]: {w}")
 
 
+def _reduction(info: dict[str, Any]) -> str:
+    """` (0.27× fp32)` for an int8 artifact (whole files), ` (weights 0.50× fp32)` for fp16/bf16."""
+    if info.get("size_ratio"):
+        return f" ({info['size_ratio']:.2f}× fp32)"
+    full, reduced = info.get("weights_bytes_fp32"), info.get("weights_bytes")
+    if full and reduced and reduced != full:
+        return f" (weights {reduced / full:.2f}× fp32)"
+    return ""

@@ -43,6 +43,8 @@ def verify(
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],  # noqa: B006
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
+    precision: o.Precision = None,
+    quantize: o.Quantize = None,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -51,6 +53,7 @@ def verify(
         "inputs": tuple(input_spec), "example_inputs": example_inputs, "dynamic_batch": dynamic_batch,
         "atol": atol, "rtol": rtol, "seed": seed, "random_inputs": random_inputs,
         "trust_checkpoint": trust_checkpoint, "allow_globals": tuple(allow_global), "max_growth": max_growth,
+        "precision": precision, "quantize": quantize,
     }
 
     def work(steps: Steps) -> Any:
@@ -78,7 +81,9 @@ def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) 
     base = manifest.parent
     recorded = record.get("options") or {}
     for key, value in recorded.items():
-        if key in ("formats", "meta_build", "strict_finite", "torchscript_mode", "opset") or key.endswith("_sha256"):
+        if key in ("formats", "meta_build", "strict_finite", "torchscript_mode", "opset", "executorch_backend") or (
+            key.endswith("_sha256")
+        ):
             continue  # export-only options, and the inputs' hashes
         if key == "init_args":
             options["init_args"] = {**(value or {}), **options.get("init_args", {})}

@@ -21,6 +21,7 @@ class ExportContext:
     opset: int | None = None
     dynamic_batch: bool = False
     torchscript_mode: str = "trace"
+    executorch_backend: str = "xnnpack"
 
 
 @dataclass
@@ -142,7 +143,7 @@ def _load_all() -> None:
     # Registration order is the order of --help and of the README table.
     import importlib
 
-    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program"):
+    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti"):
         importlib.import_module(f"{__name__}.{name}")
 
 
@@ -163,6 +164,9 @@ ALIASES = {
     "exported_program": "exported-program",
     "exportedprogram": "exported-program",
     "torch.export": "exported-program",
+    "pte": "executorch",
+    "et": "executorch",
+    "aotinductor": "aoti",
 }
 
 

@@ -17,23 +17,29 @@ from . import ExportContext, storage_bytes
 
 
 @contextlib.contextmanager
-def captured_stdout() -> Iterator[list[str]]:
+def captured_stdout(stderr: bool = False) -> Iterator[list[str]]:
     """Send fd 1 (Python prints and C++ writes alike) to a temp file; the text lands in the yielded list.
 
-    Exporters print progress on stdout, and stdout belongs to --json.
+    Exporters print progress on stdout, and stdout belongs to --json. With `stderr`, fd 2 too: for native
+    libraries that log on import (torchao, cpuinfo) while lexport's own messages are not being written.
     """
     out: list[str] = []
+    fds = (1, 2) if stderr else (1,)
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
     with tempfile.TemporaryFile(mode="w+b") as tmp, open(os.devnull, "w") as devnull:
-        os.dup2(tmp.fileno(), 1)
+        for fd in fds:
+            os.dup2(tmp.fileno(), fd)
         try:
             with contextlib.redirect_stdout(devnull):
                 yield out
         finally:
             sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
+            sys.stderr.flush()
+            for fd, old in zip(fds, saved):
+                os.dup2(old, fd)
+                os.close(old)
             tmp.seek(0)
             out.append(tmp.read().decode(errors="replace"))
 

@@ -107,11 +107,6 @@ def module_bytes(ctx: ExportContext) -> int:
     return total
 
 
-def estimate_option(estimate: Any) -> dict[str, Any]:
-    """`size_estimate=` for Format(...) where the registry has that field (free-space checks), else nothing."""
-    return {"size_estimate": estimate} if "size_estimate" in {f.name for f in dataclasses.fields(Format)} else {}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reduced precision
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import ExportError
 from . import ExportContext, Format, Written, register
 from ._graph import dynamic_shapes_for, exporting, tail
-from ._precision import estimate_option, module_bytes
+from ._precision import module_bytes
 
 
 def _compiler() -> str | None:
@@ -126,6 +126,8 @@ register(
         atol=1e-5,
         rtol=1e-5,
         dynamic_batch=True,
-        **estimate_option(size_estimate),
+        size_estimate=size_estimate,
+        sniff=lambda s: s.has_dir("aotinductor/"),
+        sniff_order=10,
     )
 )

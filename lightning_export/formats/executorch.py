@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ExportError, UsageError
 from . import ExportContext, Format, Written, register
 from ._graph import captured_stdout, exporting
-from ._precision import estimate_option, module_bytes
+from ._precision import module_bytes
 
 BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
@@ -22,8 +22,9 @@ INSTALL_HINT = "Install it with: pip install 'lightning-export[executorch]' (or 
 
 def _require_executorch() -> str:
     try:
-        import executorch.exir  # noqa: F401
-        from executorch import version  # type: ignore[attr-defined]
+        with captured_stdout(stderr=True):  # its import logs native-library probing (torchao) on fd 2
+            import executorch.exir  # noqa: F401
+            from executorch import version  # type: ignore[attr-defined]
     except ImportError as e:
         raise ExportError(
             f"--to executorch needs the executorch package, which is not installed ({e.msg})", hint=INSTALL_HINT
@@ -97,7 +98,7 @@ class ExecuTorchRunner:
         _require_executorch()
         from executorch.runtime import Runtime
 
-        with captured_stdout():  # the runtime logs CPU probing on stdout, which belongs to --json
+        with captured_stdout(stderr=True):  # the runtime logs CPU probing on fds 1 and 2
             runtime = Runtime.get()
             self.program = runtime.load_program(str(path))
             self.method = self.program.load_method("forward")
@@ -140,6 +141,7 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
-        **estimate_option(size_estimate),
+        size_estimate=size_estimate,
+        sniff=lambda s: s.zip_names is None and s.head[4:6] == b"ET",  # the flatbuffer's file identifier
     )
 )
