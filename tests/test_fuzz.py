@@ -596,7 +596,10 @@ def test_fuzzed_pickle_structures(data: st.DataObject) -> None:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{label}: the input was modified"
         if res.code == 0 and not module:
             # The bytes published are the bytes in the file: what a plain, non-mmap torch.load reads.
-            got = torch.load(str(out / "fuzzed.pt"), weights_only=True)
+            try:  # what a user does with the artifact: a plain torch.load, no mmap
+                got = torch.load(str(out / "fuzzed.pt"), weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise AssertionError(f"{label}: the published state dict does not load: {e}") from e
             try:
                 want = torch.load(str(path), weights_only=True, mmap=False)["state_dict"]
             except Exception:  # noqa: BLE001 - torch itself cannot read what lexport accepted
