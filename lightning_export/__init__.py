@@ -6,12 +6,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["export", "ExportOptions", "Report", "LexportError", "__version__"]
+__all__ = ["export", "verify", "ExportOptions", "Report", "LexportError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package (and `lexport --help`) must not import torch.
-    if name in ("export", "ExportOptions", "run"):
+    if name in ("export", "verify", "ExportOptions", "run"):
         from . import core
 
         return getattr(core, name)
