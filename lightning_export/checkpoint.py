@@ -654,6 +654,29 @@ def _crc_error(record: str, key: str) -> CheckpointError:
     )
 
 
+def check_declared_sizes(path: Path) -> None:
+    """The check a plain (non-mmap) torch.load makes on every storage record, without reading tensor data: the
+    bytes the pickle declares equal the record's size. Used on lexport's own state-dict artifacts, so a file that
+    loads memory-mapped but not plainly is never published."""
+    import torch
+
+    from .bounded import iter_containers
+
+    archive = _read_archive(path, path.stat().st_size, DEFAULT_MAX_GROWTH)
+    by_offset = {r.data_offset: r for r in archive.storages.values()}
+    obj = torch.load(str(path), map_location="meta", weights_only=True)
+    containers = list(iter_containers(obj))
+    tensors = [v for c in containers for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        st = t.untyped_storage()
+        record = by_offset.get(getattr(st, "_checkpoint_offset", None))
+        if record is None or record.size != st.nbytes():
+            raise CheckpointError(
+                f"{path}: a storage declares {st.nbytes():,} bytes but its record holds "
+                f"{'nothing' if record is None else f'{record.size:,} bytes'}: torch.load would refuse it"
+            )
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,

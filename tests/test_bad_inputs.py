@@ -468,7 +468,7 @@ def test_bad_input_subprocess(name: str, tmp_path: Path, ckpts: dict) -> None:
     assert res.stdout == "", res
     # One message: no Python warnings or log lines around it.
     assert "Warning" not in res.stderr, res
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("✓")]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(("✓", "✗"))]
     assert lines[0].startswith("error ("), res
 
 

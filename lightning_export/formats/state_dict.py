@@ -22,8 +22,9 @@ def load(path: Path) -> Any:
     """Read back through lexport's own hardened loader: weights_only, each record's size checked against what
     the pickle declares and its CRC-32 against the bytes (memory-mapped, so no second copy). A file that a plain
     torch.load would refuse fails verification here, never publishes."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import check_declared_sizes, load_checkpoint
 
+    check_declared_sizes(path)
     return load_checkpoint(path, hash_file=False).state_dict
 
 
