@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.run import measure  # noqa: E402 - the same sampling as make bench: RssAnon, VmHWM, CPU
+
 PY = sys.executable
 LEXPORT = str(Path(PY).parent / "lexport")
 MB = 1e6
@@ -71,40 +73,6 @@ model = BigMLP(**ckpt["hyper_parameters"])
 model.load_state_dict(ckpt["model"])
 torch.save(model.model.state_dict(), sys.argv[2])
 """
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if rest.strip().endswith("kB"):
-                    out[key] = int(rest.split()[0])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
-
-
-def measure(cmd: list[str], log: Path) -> dict:
-    os.sync()
-    started = time.perf_counter()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    anon = hwm = 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        st = proc_status(proc.pid)
-        anon, hwm = max(anon, st.get("RssAnon", 0)), max(hwm, st.get("VmHWM", 0))
-        time.sleep(0.02)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"failed (exit {code}): {' '.join(cmd)}\n{log.read_text(errors='replace')[-3000:]}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_bytes": max(hwm, usage.ru_maxrss) * 1024, "peak_anon_bytes": anon * 1024}
 
 
 def combine(steps: list[dict]) -> dict:
