@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run_lexport
 
-FORMATS = "state-dict,safetensors,torchscript,onnx,exported-program"
+FORMATS = "state-dict,safetensors,torchscript,onnx,exported-program,executorch,aoti"
 
 
 def _sha(p: Path) -> str:

@@ -8,10 +8,12 @@ verifies it. Compiling takes tens of seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,33 @@ def _compiler() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _fresh_inductor_cache() -> Iterator[None]:
+    """Compile in an empty inductor cache at a fixed path: a warm cache changes the packaged sources (inductor
+    appends the compile commands it cached, with their temp paths), so the same export would give other bytes.
+    One compile at a time per user (a lock), the cache emptied before each."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"lexport-inductor-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = root / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+            shutil.rmtree(cache, ignore_errors=True)
+
+
 def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
@@ -42,12 +71,13 @@ def write(ctx: ExportContext, path: Path) -> Written:
         program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         started = time.perf_counter()
         try:
-            torch._inductor.aoti_compile_and_package(
-                program,
-                package_path=str(path),
-                # The Python API returns outputs in the module's structure; store which lexport wrote it.
-                inductor_configs={"aot_inductor.metadata": {"lexport": "1"}},
-            )
+            with _fresh_inductor_cache():
+                torch._inductor.aoti_compile_and_package(
+                    program,
+                    package_path=str(path),
+                    # The Python API returns outputs in the module's structure; store which lexport wrote it.
+                    inductor_configs={"aot_inductor.metadata": {"lexport": "1"}},
+                )
         except Exception as e:
             detail = tail(chatter)
             raise ExportError(
