@@ -206,6 +206,9 @@ def _import_dotted(name: str) -> Any:
     if len(parts) < 2 or not all(p.isidentifier() for p in parts):
         raise UsageError(f"--allow-global {name!r} must be a dotted path such as 'pkg.mod.Name'")
     hint = "Allow only classes that you know; --trust-checkpoint is the way in for a file you trust completely."
+    from .model import _ensure_cwd_importable
+
+    _ensure_cwd_importable()  # a project's own classes (src.models...) from its root, as with python -m
     if _blocked_module(_py3_name(name)):
         raise UsageError(f"--allow-global {name}: never allowed: {_hint_refusal(name)}", hint=hint)
     obj: Any = None
@@ -738,7 +741,11 @@ def _torch_load(
     # archives whose storage records are all stored uncompressed (torch inflates the others correctly).
     kwargs: dict[str, Any] = {"map_location": "cpu", "mmap": mmap}
     if trust:
-        # The user said the file is trusted: full unpickling, which runs code from the file.
+        # The user said the file is trusted: full unpickling, which runs code from the file; the classes it names
+        # are imported from the project's root as with python -m.
+        from .model import _ensure_cwd_importable
+
+        _ensure_cwd_importable()
         kwargs["weights_only"] = False
         try:
             with warnings.catch_warnings():

@@ -134,3 +134,33 @@ def test_hydra_config_instantiated_by_hydra(tmp_path: Path) -> None:
     x = torch.randn(2, 6)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), module.net.eval()(x).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_project_classes_resolve_from_the_project_root(tmp_path: Path) -> None:
+    """From a project's root, its own classes (src.models...) are importable for --allow-global and for the
+    unpickler under --trust-checkpoint, as with `python -m`."""
+    import subprocess
+    import sys
+
+    from conftest import run_lexport
+
+    proj = tmp_path / "proj"
+    (proj / "src" / "models").mkdir(parents=True)
+    (proj / "src" / "__init__.py").write_text("")
+    (proj / "src" / "models" / "__init__.py").write_text("")
+    (proj / "src" / "models" / "cfg.py").write_text(
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass Cfg:\n    width: int = 3\n"
+    )
+    save = (
+        "import torch; from src.models.cfg import Cfg; "
+        "torch.save({'state_dict': {'net.w': torch.ones(2, 2)}, 'hyper_parameters': {'cfg': Cfg()}}, 'run.ckpt')"
+    )
+    subprocess.run([sys.executable, "-c", save], cwd=proj, check=True, timeout=120)
+    res = run_lexport("run.ckpt", "--to", "safetensors", "--attr", "net", "-o", "a.safetensors", cwd=proj)
+    assert res.code == 3 and "--allow-global src.models.cfg.Cfg" in res.stderr, res
+    res = run_lexport("run.ckpt", "--to", "safetensors", "--attr", "net", "-o", "b.safetensors",
+                      "--allow-global", "src.models.cfg.Cfg", cwd=proj)
+    assert res.code == 0, res
+    res = run_lexport("run.ckpt", "--to", "safetensors", "--attr", "net", "-o", "c.safetensors",
+                      "--trust-checkpoint", cwd=proj)
+    assert res.code == 0, res
