@@ -164,3 +164,31 @@ def test_project_classes_resolve_from_the_project_root(tmp_path: Path) -> None:
     res = run_lexport("run.ckpt", "--to", "safetensors", "--attr", "net", "-o", "c.safetensors",
                       "--trust-checkpoint", cwd=proj)
     assert res.code == 0, res
+
+
+@pytest.mark.parametrize("opset", [None, 17], ids=["dynamo", "torchscript-exporter"])
+def test_forward_taking_a_dict_batch_exports_to_onnx(tmp_path: Path, opset) -> None:
+    """torch.onnx.export reads a trailing dict in args as kwargs; a forward(batch: dict) must still export."""
+    import pytorch_lightning as pl
+
+    from fixtures.modules import DictBatchModel
+
+    pl.seed_everything(0, verbose=False)
+    module = DictBatchModel()
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 2))
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    ckpt = tmp_path / "dict.ckpt"
+    trainer.save_checkpoint(ckpt)
+    extra = ["--opset", str(opset)] if opset else []
+    res = invoke(ckpt, "--module", "fixtures.modules:DictBatchModel", "--to", "onnx", "-o", tmp_path / "d.onnx",
+                 *extra)
+    assert res.code == 0, res
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "d.onnx"))
+    batch = {"x": torch.randn(2, 4), "bias": torch.randn(2, 2)}
+    feeds = dict(zip([i.name for i in sess.get_inputs()], [batch["x"].numpy(), batch["bias"].numpy()]))
+    got = sess.run(None, feeds)[0]
+    torch.testing.assert_close(torch.from_numpy(got), module.eval()(batch).detach(), atol=1e-5, rtol=1e-4)

@@ -23,6 +23,13 @@ def _weights_bytes(module: Any) -> int:
     return total
 
 
+def _positional(ex: Any) -> tuple:
+    """torch.onnx.export reads a trailing dict in `args` as keyword arguments; a `forward(batch: dict)` needs an
+    empty kwargs dict after it so the dict stays the positional argument it is."""
+    args = tuple(ex.args)
+    return (*args, {}) if args and isinstance(args[-1], dict) and not ex.kwargs else args
+
+
 def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     import torch
 
@@ -30,7 +37,7 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
     program = torch.onnx.export(
         ctx.target,
-        ex.args,
+        _positional(ex),
         kwargs=ex.kwargs or None,
         dynamo=True,
         external_data=external,
@@ -49,7 +56,7 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
     ex = ctx.example
     n_inputs = len(ex.tensors())
     names = [f"input_{i}" for i in range(n_inputs)]
-    args: tuple = (*ex.args, ex.kwargs) if ex.kwargs else tuple(ex.args)
+    args: tuple = (*ex.args, ex.kwargs) if ex.kwargs else _positional(ex)
     kwargs: dict[str, Any] = {}
     if ctx.opset is not None:
         kwargs["opset_version"] = ctx.opset
