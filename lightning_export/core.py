@@ -493,7 +493,8 @@ def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightnin
     from . import inputs
 
     if specs:
-        return inputs.from_specs(specs, opts.seed), "from --input"
+        vocab = inputs.embedding_vocabulary(target) if target is not None else None
+        return inputs.from_specs(specs, opts.seed, int_high=vocab), "from --input"
     if opts.example_inputs:
         return inputs.from_file(opts.example_inputs), f"from --example-inputs {opts.example_inputs}"
     own = getattr(target, "example_input_array", None)

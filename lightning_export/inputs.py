@@ -15,16 +15,22 @@ DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16"
 # terabytes.
 MAX_INPUT_ELEMENTS = 1 << 26  # 64 Mi elements: 256 MB of float32
 MAX_INPUT_DIMS = 16
-_SPEC = re.compile(r"^\s*([a-z0-9]+)\s*\[\s*([0-9]{1,12}(?:\s*,\s*[0-9]{1,12})*)?\s*\]\s*$")
+_SPEC = re.compile(
+    r"^\s*([a-z0-9]+)\s*\[\s*([0-9]{1,12}(?:\s*,\s*[0-9]{1,12})*)?\s*\]\s*"
+    r"(?::\s*(-?[0-9]{1,12})\s*\.\.\s*(-?[0-9]{1,12}))?\s*$"
+)
 
 
 @dataclass(frozen=True)
 class InputSpec:
     dtype: str
     shape: tuple[int, ...]
+    low: int | None = None  # integer inputs: values drawn from low..high (inclusive)
+    high: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+        rng = f":{self.low}..{self.high}" if self.low is not None else ""
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]{rng}"
 
 
 def parse_input_spec(text: str) -> InputSpec:
@@ -38,6 +44,13 @@ def parse_input_spec(text: str) -> InputSpec:
     if dtype not in DTYPES:
         raise UsageError(f"--input {text!r}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    low = high = None
+    if m.group(3) is not None:
+        low, high = int(m.group(3)), int(m.group(4))
+        if dtype.startswith("float") or dtype in ("bfloat16", "bool"):
+            raise UsageError(f"--input {text!r}: a value range is for integer inputs (e.g. int64[2,16]:0..30000)")
+        if low > high:
+            raise UsageError(f"--input {text!r}: the range {low}..{high} is empty")
     if len(shape) > MAX_INPUT_DIMS:
         raise UsageError(f"--input {text!r}: {len(shape)} dimensions; at most {MAX_INPUT_DIMS} are supported")
     if math.prod(shape) > MAX_INPUT_ELEMENTS:
@@ -46,7 +59,7 @@ def parse_input_spec(text: str) -> InputSpec:
             f"{MAX_INPUT_ELEMENTS:,}",
             hint="Verification needs a representative input, not a full-size batch: use a batch of 1 or 2.",
         )
-    return InputSpec(dtype, shape)
+    return InputSpec(dtype, shape, low, high)
 
 
 @dataclass
@@ -84,7 +97,9 @@ def from_value(value: Any) -> Inputs:
     return Inputs((value,), {})
 
 
-def from_specs(specs: list[InputSpec], seed: int) -> Inputs:
+def from_specs(specs: list[InputSpec], seed: int, int_high: int | None = None) -> Inputs:
+    """Random inputs for --input specs; integers in the spec's range, else 0..int_high-1 (the vocabulary of the
+    module's first embedding, when it has one), else 0..9."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -95,10 +110,22 @@ def from_specs(specs: list[InputSpec], seed: int) -> Inputs:
             t = torch.randn(spec.shape, generator=g).to(dtype)
         elif dtype == torch.bool:
             t = torch.randint(0, 2, spec.shape, generator=g).bool()
+        elif spec.low is not None:
+            t = torch.randint(spec.low, spec.high + 1, spec.shape, generator=g, dtype=torch.int64).to(dtype)
         else:
-            t = torch.randint(0, 10, spec.shape, generator=g).to(dtype)
+            t = torch.randint(0, int_high or 10, spec.shape, generator=g, dtype=torch.int64).to(dtype)
         args.append(t)
     return Inputs(tuple(args), {})
+
+
+def embedding_vocabulary(module: Any) -> int | None:
+    """num_embeddings of the first nn.Embedding in the module (the one integer inputs usually feed), if any."""
+    from torch import nn
+
+    for m in module.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            return int(m.num_embeddings)
+    return None
 
 
 def from_file(path: str | Path) -> Inputs:
