@@ -7,6 +7,7 @@ path; temp files are removed (by the next run in that directory after a SIGKILL)
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -115,10 +116,50 @@ def test_signal_mid_write_cleans_up(sig: int, big_ckpt: Path, tmp_path: Path) ->
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err
-    assert proc.returncode in (130, 128 + sig, -sig), (proc.returncode, err)
+    assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err, err
     assert not final.exists()
     assert listing(out_dir) == [], "temp files or a partial artifact left behind"
+
+
+SLOW_MODULE = """
+import time
+from pathlib import Path
+
+from fixtures.modules import MyClassifierModule
+
+
+class SlowToBuild(MyClassifierModule):
+    def __init__(self, *args, **kwargs):
+        Path(__file__).with_name("BUILDING").touch()
+        time.sleep(60)
+        super().__init__(*args, **kwargs)
+"""
+
+
+@pytest.mark.parametrize("moment", ["starting", "building"])
+def test_sigterm_at_any_moment_exits_130_with_json(moment: str, ckpts: dict, tmp_path: Path) -> None:
+    """SIGTERM while the flags are parsed and torch imported, or while the user's module is being built: exit
+    130 (not killed by the signal), one JSON object saying so, nothing at the output path."""
+    (tmp_path / "slow_module.py").write_text(SLOW_MODULE)
+    final = tmp_path / "out" / "m.onnx"
+    final.parent.mkdir()
+    proc = _spawn(ckpts["classifier"], "--module", f"{tmp_path / 'slow_module.py'}:SlowToBuild", "--attr", "model",
+                  "--to", "onnx", "-o", final, "--json", cwd=tmp_path)
+    if moment == "starting":
+        time.sleep(0.5)
+    else:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "BUILDING").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "Traceback" not in err, err
+    report = json.loads(out)
+    assert report["ok"] is False and report["error"]["code"] == 130
+    assert listing(final.parent) == []
 
 
 # ------------------------------------------------------------------------------------ in-process failures
