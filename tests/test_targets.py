@@ -4,7 +4,6 @@ by lexport in its runtime, then reloaded here in that runtime and compared with 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from lightning_export import LexportError, export
-from lightning_export.core import ExportOptions
 from lightning_export.errors import UsageError
 from lightning_export.formats import REGISTRY, Format, get_format
 from lightning_export.formats._precision import (
@@ -49,27 +47,11 @@ def target_ckpts(tmp_path_factory):
 
 
 def lexport(monkeypatch, ckpts, name, fmt, out, *, precision=None, quantize=None, executorch_backend=None, **kw):
-    """`export()` with the issue's options: passed as options once the pipeline has them, else applied to the
-    registry entry here exactly as the pipeline will (apply_options; ctx.executorch_backend)."""
+    """`export()` with the issue's options, as the CLI passes them."""
     from fixtures.targets import class_path
 
-    fields = {f.name for f in dataclasses.fields(ExportOptions)}
-    entry = FORMATS.get(fmt) or REGISTRY[fmt]
     options = {"precision": precision, "quantize": quantize, "executorch_backend": executorch_backend}
-    for key, value in options.items():
-        if value is not None and key in fields:
-            kw[key] = value
-    if "precision" not in fields:
-        entry = apply_options(entry, precision=precision, quantize=quantize)
-    if executorch_backend is not None and "executorch_backend" not in fields:
-        inner = entry.write
-
-        def write(ctx, path):
-            ctx.executorch_backend = executorch_backend
-            return inner(ctx, path)
-
-        entry = dataclasses.replace(entry, write=write)
-    monkeypatch.setitem(REGISTRY, fmt, entry)
+    kw.update({k: v for k, v in options.items() if v is not None})
     report = export(ckpts[name], module=class_path(name), formats=[fmt], output_dir=out, **kw)
     (artifact,) = report.artifacts
     assert artifact.ok and artifact.verification.passed, artifact
