@@ -64,7 +64,7 @@ def load_yaml(text: str, *, what: str) -> Any:
         return loader.construct_document(node)
     except RecursionError:
         raise UsageError(f"{what}: nested too deeply to be a configuration") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:  # e.g. a timestamp with month 13
         raise UsageError(f"{what}: not valid YAML or JSON: {_one_line(e)}") from None
     finally:
         loader.dispose()

@@ -55,7 +55,7 @@ def read_model_section(path: str | os.PathLike[str]) -> ModelSection:
     except TooDeep:
         raise UsageError(f"--config {path}: nested more than {MAX_DEPTH} levels deep") from None
     if "_target_" in model or hydra:
-        model = _resolve_hydra(data, path)["model"]
+        model = _resolve_hydra(data, path)
         target = model.get("_target_")
         args = {k: v for k, v in model.items() if k not in _HYDRA_KEYS}
         return ModelSection(str(target) if target else None, args, "hydra")
@@ -63,7 +63,10 @@ def read_model_section(path: str | os.PathLike[str]) -> ModelSection:
         init_args = model.get("init_args") or {}
         if not isinstance(init_args, dict):
             raise UsageError(f"--config {path}: model.init_args must be a mapping")
-        return ModelSection(str(model["class_path"]), {**init_args, **(model.get("dict_kwargs") or {})})
+        dict_kwargs = model.get("dict_kwargs") or {}
+        if not isinstance(dict_kwargs, dict):
+            raise UsageError(f"--config {path}: model.dict_kwargs must be a mapping")
+        return ModelSection(str(model["class_path"]), {**init_args, **dict_kwargs})
     return ModelSection(None, dict(model))
 
 
@@ -72,7 +75,9 @@ def describes_hydra(value: Any) -> bool:
 
 
 def _resolve_hydra(data: dict[str, Any], path: Any) -> dict[str, Any]:
-    """`${...}` interpolations resolved by OmegaConf, as Hydra would when it instantiates."""
+    """The `model:` node with its `${...}` interpolations resolved by OmegaConf, as Hydra would when it
+    instantiates it (against the whole config; other nodes, such as `${hydra:runtime.output_dir}` paths that only
+    resolve inside a Hydra run, are left alone)."""
     try:
         from omegaconf import OmegaConf
     except ImportError:
@@ -81,7 +86,7 @@ def _resolve_hydra(data: dict[str, Any], path: Any) -> dict[str, Any]:
             hint="pip install hydra-core (the project that wrote it uses it).",
         ) from None
     try:
-        return OmegaConf.to_container(OmegaConf.create(data), resolve=True)  # type: ignore[return-value]
+        return OmegaConf.to_container(OmegaConf.create(data).model, resolve=True)  # type: ignore[return-value]
     except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the interpolation that failed
         raise UsageError(f"--config {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 

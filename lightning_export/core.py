@@ -180,16 +180,29 @@ _MANIFEST_OPTIONS = (
 
 
 def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
+    """The --json record plus the options; every path in it is relative to the manifest's directory, so the
+    manifest and the files it names can move together (a later CI stage)."""
     from .checkpoint import file_sha256
 
+    home = (opts.manifest or Path(".")).resolve().parent
+
+    def rel(path: Any) -> str:
+        return os.path.relpath(Path(path).resolve(), home)
+
     record: dict[str, Any] = {"manifest_version": MANIFEST_VERSION, **report.to_json()}
+    record["checkpoint"] = {**record["checkpoint"], "path": rel(opts.checkpoint)}
+    for a in record["artifacts"]:
+        if a.get("path"):
+            a["path"] = rel(a["path"])
+        if a.get("companions"):
+            a["companions"] = [rel(c) for c in a["companions"]]
     options: dict[str, Any] = {}
     for name in _MANIFEST_OPTIONS:
         value = getattr(opts, name)
         if name == "init_args":
             value = dict(value)
         elif isinstance(value, Path):
-            value = str(value)
+            value = rel(value)
         elif isinstance(value, tuple):
             value = list(value)
         options[name] = value
@@ -210,7 +223,11 @@ def _write_manifest(opts: ExportOptions, report: Report) -> None:
 
     from .report import strict_json
 
-    text = json.dumps(strict_json(manifest_record(opts, report)), indent=2, allow_nan=False) + "\n"
+    try:
+        # default=str: YAML-typed --init-arg values (dates, bytes) are recorded as text
+        text = json.dumps(strict_json(manifest_record(opts, report)), indent=2, allow_nan=False, default=str) + "\n"
+    except (TypeError, ValueError) as e:
+        raise OutputError(f"cannot write the manifest {opts.manifest}: {e}") from e
     outputs.write_text_atomically(opts.manifest, text, force=opts.force)
 
 
@@ -280,12 +297,15 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
     if opts.attr is not None and (not opts.attr or any(not p for p in opts.attr.split("."))):
         raise UsageError(f"--attr {opts.attr!r} is not a dotted path such as 'model' or 'encoder.blocks.0'")
     ckpt_path = opts.checkpoint
-    if opts.manifest is not None:
-        outputs.check_destination(opts.manifest, ckpt_path, force=opts.force)
     if existing is not None:
         destinations = {f.name: p for f, p in detected}
     else:
         destinations = _destinations(opts, formats)
+    if opts.manifest is not None:
+        if any(outputs._same_file(opts.manifest, d) or opts.manifest.resolve() == d.resolve()
+               for d in destinations.values()):
+            raise UsageError(f"--manifest {opts.manifest} is also an artifact's path: give it another name")
+        outputs.check_destination(opts.manifest, ckpt_path, force=opts.force)
     graph = [f for f in formats if f.kind == "graph"]
     opts = replace(opts, formats=tuple(f.name for f in formats))
     # Weights formats never need the class: --config alone does not make lexport import anything for them.
@@ -622,6 +642,7 @@ def _check_existing(
     file must also still have the sha256 recorded there."""
     from .checkpoint import file_sha256
     from .formats._graph import quiet_torch_logs
+    from .verify import Verification
 
     started = time.perf_counter()
     result.path = str(path)
@@ -630,15 +651,17 @@ def _check_existing(
         result.companions = [str(c) for c in companions]
         result.bytes = sum(f.stat().st_size for f in [path, *companions])
         result.sha256 = file_sha256(path)
+        if expected_sha is not None and result.sha256 != expected_sha:
+            # Checked before the artifact is loaded: a changed file (an AOTInductor package holds a shared library)
+            # is never run.
+            result.verification = Verification(False, 0, math.nan, math.nan, None, None, problems=[
+                f"sha256 {result.sha256[:16]}… differs from the manifest's {expected_sha[:16]}…: the file changed"
+            ])
+            return
         with quiet_torch_logs():
             result.verification = _verify(fmt, path, ctx, opts, refs)
-        if expected_sha is not None and result.sha256 != expected_sha:
-            result.verification.passed = False
-            result.verification.problems.insert(
-                0, f"sha256 {result.sha256[:16]}… differs from the manifest's {expected_sha[:16]}…: the file changed"
-            )
     except OSError as e:
-        result.error = {"code": 3, "kind": "checkpoint", "message": f"cannot read {path}: {e.strerror or e}"}
+        result.error = {"code": 2, "kind": "usage", "message": f"cannot read {path}: {e.strerror or e}"}
     finally:
         result.seconds = time.perf_counter() - started
 

@@ -126,3 +126,8 @@ def test_checkpoint_hparams_nested_too_deep_are_the_files_fault() -> None:
     # ... unless the constructor does not take it: then it is never looked at.
     kwargs = constructor_arguments(_Module, {"width": 3, "unused": _deep(100_000)}, {}, {}, trust=False)
     assert kwargs == {"width": 3}
+
+
+def test_yaml_values_python_cannot_build_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_yaml("when: 2020-13-01\n", what="--init-args f.yaml")

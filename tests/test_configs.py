@@ -192,3 +192,15 @@ def test_forward_taking_a_dict_batch_exports_to_onnx(tmp_path: Path, opset) -> N
     feeds = dict(zip([i.name for i in sess.get_inputs()], [batch["x"].numpy(), batch["bias"].numpy()]))
     got = sess.run(None, feeds)[0]
     torch.testing.assert_close(torch.from_numpy(got), module.eval()(batch).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_hydra_run_config_with_paths_only_hydra_resolves(tmp_path: Path) -> None:
+    """A Hydra run's config has `${hydra:runtime.output_dir}` paths outside `model:`; only `model:` is resolved."""
+    pytest.importorskip("omegaconf")
+    from lightning_export.configs import read_model_section
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(textwrap.dedent(HYDRA_CONFIG) + "paths:\n  output_dir: ${hydra:runtime.output_dir}\n")
+    section = read_model_section(cfg)
+    assert section.style == "hydra" and section.class_path == "fixtures.modules.HydraLitModule"
+    assert section.args["net"]["in_features"] == 6

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_lexport
+from conftest import REPO, run_lexport
 
 FORMATS = "state-dict,safetensors,torchscript,onnx,exported-program,executorch,aoti"
 
@@ -40,11 +40,11 @@ def test_same_bytes_twice_and_equal_to_the_manifest(release: dict) -> None:
     assert manifest["manifest_version"] == 1
     assert manifest["checkpoint"]["sha256"] == _sha(release["ckpt"])
     assert manifest["options"]["formats"] == FORMATS.split(",")
-    assert manifest["options"]["config"] == str(release["config"])
+    assert (out1 / manifest["options"]["config"]).resolve() == release["config"].resolve()
     assert manifest["options"]["config_sha256"] == _sha(release["config"])
     assert {a["format"] for a in manifest["artifacts"]} == set(FORMATS.split(","))
     for a in manifest["artifacts"]:
-        first, second = Path(a["path"]), out2 / Path(a["path"]).name
+        first, second = out1 / a["path"], out2 / Path(a["path"]).name  # paths are relative to the manifest
         assert _sha(first) == _sha(second) == a["sha256"], f"{a['format']} is not reproducible"
         assert a["bytes"] == first.stat().st_size
         assert a["verification"]["passed"]
@@ -116,12 +116,45 @@ def test_verify_with_manifest_fails_when_the_file_changed(release: dict, tmp_pat
     (st,) = [a for a in manifest["artifacts"] if a["format"] == "safetensors"]
     copy_dir = tmp_path / "stage2"
     copy_dir.mkdir()
-    src = Path(st["path"])
+    src = out / st["path"]
     (n,) = struct.unpack("<Q", src.read_bytes()[:8])
     _changed_copy(src, copy_dir / src.name, 8 + n + 5)
     manifest["artifacts"] = [dict(st, path=src.name)]  # a later stage: files beside the manifest
+    manifest["checkpoint"]["path"] = str(release["ckpt"])
+    manifest["options"]["config"] = str(release["config"])
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     res = run_lexport("verify", "--manifest", copy_dir / "manifest.json", "--json", cwd=tmp_path)
     assert res.code == 1, res
     problems = res.json()["artifacts"][0]["verification"]["problems"]
     assert any("differs from the manifest" in p for p in problems)
+
+
+def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict, tmp_path: Path) -> None:
+    """Typed zeros are options too; a manifest's seed and input count are used when the command line is silent."""
+    out, _ = release["runs"][0]
+    onnx_file = next(out.glob("*.onnx"))
+    res = run_lexport("verify", onnx_file, release["ckpt"], "--config", release["config"], "--atol", "0", "--rtol",
+                      "0", "--random-inputs", "0", "--json")
+    (a,) = res.json()["artifacts"]
+    assert a["verification"]["atol"] == 0.0 and a["verification"]["inputs_checked"] == 1, res
+    # An export whose --output-dir does not exist yet, a manifest inside it, read back from another directory.
+    dist = tmp_path / "dist"
+    res = run_lexport(release["ckpt"], "--config", release["config"], "--to", "safetensors,onnx", "--output-dir",
+                      dist, "--manifest", dist / "m.json", "--seed", "7", "--random-inputs", "0")
+    assert res.code == 0, res
+    manifest = json.loads((dist / "m.json").read_text())
+    assert not Path(manifest["checkpoint"]["path"]).is_absolute(), "paths are relative to the manifest"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = run_lexport("verify", "--manifest", dist / "m.json", "--json", cwd=elsewhere,
+                      env={"PYTHONPATH": str(REPO)})  # the config's class lives in this repo's fixtures
+    assert res.code == 0, res
+    onnx_result = next(a for a in res.json()["artifacts"] if a["format"] == "onnx")
+    assert onnx_result["verification"]["inputs_checked"] == 1, "the manifest's --random-inputs 0 was not used"
+
+
+def test_manifest_may_not_be_an_artifact(release: dict, tmp_path: Path) -> None:
+    res = run_lexport(release["ckpt"], "--to", "safetensors", "--attr", "net", "-o", tmp_path / "x.safetensors",
+                      "--manifest", tmp_path / "x.safetensors")
+    assert res.code == 2, res
+    assert not (tmp_path / "x.safetensors").exists()

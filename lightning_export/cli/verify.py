@@ -38,11 +38,11 @@ def verify(
     dynamic_batch: o.DynamicBatch = False,
     atol: o.Atol = None,
     rtol: o.Rtol = None,
-    seed: o.Seed = 0,
-    random_inputs: o.RandomInputs = 5,
+    seed: Annotated[int | None, typer.Option(metavar="INT", help="Seed of the random verification inputs (default: the manifest's, else 0).")] = None,  # noqa: E501
+    random_inputs: Annotated[int | None, typer.Option(metavar="N", min=0, help="Random inputs checked besides the example (default: the manifest's, else 5).")] = None,  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],  # noqa: B006
-    max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
+    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).")] = None,  # noqa: E501
     precision: o.Precision = None,
     quantize: o.Quantize = None,
     json_out: o.JsonOut = False,
@@ -60,8 +60,10 @@ def verify(
         from ..core import verify as verify_artifacts
         from ..model import parse_init_arg
 
-        options = {k: v for k, v in given.items() if v not in (None, (), False) or k in ("seed",)}
+        # Only what was typed; the manifest (if any) fills the rest, then ExportOptions' defaults.
+        options = {k: v for k, v in given.items() if v is not None and v != () and v is not False}
         options["init_args"] = dict(parse_init_arg(item) for item in init_arg)
+        options["hash_checkpoint"] = json_out  # a full read of the checkpoint: only for the JSON record
         artifacts, checkpoint = _targets(paths, manifest, options)
         return verify_artifacts(artifacts, checkpoint, progress=steps.step, **options)
 
@@ -87,13 +89,18 @@ def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) 
             continue  # export-only options, and the inputs' hashes
         if key == "init_args":
             options["init_args"] = {**(value or {}), **options.get("init_args", {})}
-        elif key not in options and value not in (None, [], False):
+        elif key not in options and value is not None and value != [] and value is not False:
+            if key in ("config", "init_args_file", "example_inputs"):
+                value = _locate(Path(value), base)
             options[key] = tuple(value) if isinstance(value, list) else value
     artifacts: dict[Path, str | None] = {}
     for a in record.get("artifacts") or []:
         if isinstance(a, dict) and a.get("path"):
             artifacts[_locate(Path(a["path"]), base)] = a.get("sha256")
-    checkpoint = Path(str((record.get("checkpoint") or {}).get("path") or ""))
+    recorded_ckpt = (record.get("checkpoint") or {}).get("path")
+    if not recorded_ckpt:
+        raise UsageError(f"--manifest {manifest}: it records no checkpoint")
+    checkpoint = Path(str(recorded_ckpt))
     if not artifacts:
         raise UsageError(f"--manifest {manifest}: it records no published artifact to verify")
     return artifacts, _locate(checkpoint, base)
@@ -114,8 +121,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _locate(path: Path, base: Path) -> Path:
-    """A recorded path as it was given, else beside the manifest (a later CI stage downloads them together)."""
+    """A recorded path as it was given (from the current directory), else relative to the manifest's directory,
+    else beside the manifest (a later CI stage downloads them together)."""
     if path.exists() or path.is_absolute():
         return path
+    if (base / path).exists():
+        return base / path
     beside = base / path.name
     return beside if beside.exists() else path
