@@ -31,10 +31,15 @@ class ModelSection:
     style: str = "lightning"  # "lightning" (LightningCLI/jsonargparse) or "hydra"
 
 
+def _has_key(value: Any, *keys: str) -> bool:
+    """Whether a mapping anywhere in `value` has one of `keys`. Linear in the number of distinct containers;
+    raises TooDeep past MAX_DEPTH levels."""
+    return any(isinstance(c, dict) and any(k in c for k in keys) for c in iter_containers(value))
+
+
 def describes_object(value: Any) -> bool:
-    """Whether `value` holds a `class_path` (LightningCLI) or `_target_` (Hydra) mapping anywhere. Linear in the
-    number of distinct containers; raises TooDeep past MAX_DEPTH levels."""
-    return any(isinstance(c, dict) and ("class_path" in c or "_target_" in c) for c in iter_containers(value))
+    """Whether `value` holds a `class_path` (LightningCLI) or `_target_` (Hydra) mapping anywhere."""
+    return _has_key(value, "class_path", "_target_")
 
 
 def read_model_section(path: str | os.PathLike[str]) -> ModelSection:
@@ -71,7 +76,7 @@ def read_model_section(path: str | os.PathLike[str]) -> ModelSection:
 
 
 def describes_hydra(value: Any) -> bool:
-    return any(isinstance(c, dict) and "_target_" in c for c in iter_containers(value))
+    return _has_key(value, "_target_")
 
 
 def _resolve_hydra(data: dict[str, Any], path: Any) -> dict[str, Any]:
@@ -111,9 +116,7 @@ def _describes(name: str, value: Any, test: Any) -> bool:
 
 
 def _describes_lightning(name: str, value: Any) -> bool:
-    return _describes(
-        name, value, lambda v: any(isinstance(c, dict) and "class_path" in c for c in iter_containers(v))
-    )
+    return _describes(name, value, lambda v: _has_key(v, "class_path"))
 
 
 def _jsonargparse(cls: type, values: dict[str, Any]) -> dict[str, Any]:

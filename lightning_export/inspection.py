@@ -118,8 +118,8 @@ def _tensor_bytes(value: Any) -> tuple[int, int]:
 def inspect_checkpoint(
     path: str | Path, *, trust: bool = False, allow_globals: tuple[str, ...] = (), max_growth: float | None = None
 ) -> dict[str, Any]:
-    """max_growth: the loader's bound (None: its default)."""
-    """The JSON-ready summary of a checkpoint. Raises the loader's CheckpointError/UsageError."""
+    """The JSON-ready summary of a checkpoint (max_growth: the loader's bound, None for its default). Raises the
+    loader's CheckpointError/UsageError."""
     from .checkpoint import load_checkpoint
 
     path = Path(path)

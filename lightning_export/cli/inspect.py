@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..checkpoint import DEFAULT_MAX_GROWTH
+from . import options as o
 from .common import Steps, execute
 from .render import fmt_bytes
 
@@ -34,7 +36,9 @@ class Inspection:
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Lightning .ckpt file, or a file holding a plain state dict.", show_default=False)],  # noqa: E501
     depth: Annotated[int, typer.Option(metavar="N", min=1, max=64, help="Submodule levels shown in the table (--json has all).")] = 2,  # noqa: E501
-    allow_global: Annotated[list[str], typer.Option("--allow-global", metavar="NAME", help="Allow one class in the checkpoint (pkg.mod.Name) for the safe loader; repeatable.")] = [],  # noqa: B006,E501
+    allow_global: o.AllowGlobal = [],  # noqa: B006
+    trust_checkpoint: o.TrustCheckpoint = False,
+    max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
 ) -> None:
@@ -42,7 +46,8 @@ def inspect(
         from ..inspection import inspect_checkpoint
 
         with steps.step("reading checkpoint metadata"):
-            return Inspection(inspect_checkpoint(checkpoint, allow_globals=tuple(allow_global)))
+            return Inspection(inspect_checkpoint(checkpoint, allow_globals=tuple(allow_global),
+                                                 trust=trust_checkpoint, max_growth=max_growth))
 
     def render(stderr: Console, result: Inspection) -> None:
         _render(stderr, result.summary, depth)
