@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import invoke
 
+from fixtures.make_checkpoints import _TRAINER_KWARGS
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -120,8 +122,7 @@ def test_hydra_config_instantiated_by_hydra(tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
     module = instantiate(cfg.model)
     data = torch.utils.data.TensorDataset(torch.randn(8, 6), torch.randn(8, 5))
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(max_steps=2, **_TRAINER_KWARGS)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     ckpt = tmp_path / "hydra.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -176,8 +177,7 @@ def test_forward_taking_a_dict_batch_exports_to_onnx(tmp_path: Path, opset) -> N
     pl.seed_everything(0, verbose=False)
     module = DictBatchModel()
     data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 2))
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(max_steps=2, **_TRAINER_KWARGS)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     ckpt = tmp_path / "dict.ckpt"
     trainer.save_checkpoint(ckpt)
