@@ -142,13 +142,27 @@ def verify(
     checkpoint: str | os.PathLike[str],
     *,
     progress: Step | None = None,
+    checkpoint_sha256: str | None = None,
     **options: Any,
 ) -> Report:
     """Re-verify existing artifacts against their checkpoint (the format comes from each file). With a dict,
-    the values are the sha256 each file must still have (None: any). Options as for `export`."""
+    the values are the sha256 each file must still have (None: any); with `checkpoint_sha256`, the checkpoint
+    must still be that file (a manifest's). Options as for `export`."""
     expected = dict(artifacts) if isinstance(artifacts, dict) else {a: None for a in artifacts}
+    if checkpoint_sha256:
+        options["hash_checkpoint"] = True
     opts = _options(checkpoint, options)
-    return run(opts, progress=progress, existing={Path(k): v for k, v in expected.items()})
+    report = run(opts, progress=progress, existing={Path(k): v for k, v in expected.items()})
+    got = report.checkpoint.get("sha256")
+    if checkpoint_sha256 and got != checkpoint_sha256:
+        err = VerificationError(
+            f"{checkpoint} is not the checkpoint the manifest records: sha256 {str(got)[:16]}… vs "
+            f"{checkpoint_sha256[:16]}…"
+        )
+        err.report = report
+        report.error = {"code": err.exit_code, "kind": err.kind, "message": str(err)}
+        raise err
+    return report
 
 
 def _finish(report: Report) -> None:

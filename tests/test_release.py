@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -158,3 +159,24 @@ def test_manifest_may_not_be_an_artifact(release: dict, tmp_path: Path) -> None:
                       "--manifest", tmp_path / "x.safetensors")
     assert res.code == 2, res
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_verify_with_manifest_fails_when_the_checkpoint_changed(release: dict, tmp_path: Path) -> None:
+    """The manifest records the checkpoint's sha256: a different file at its path is not the release's."""
+    out, _ = release["runs"][0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    (st,) = [a for a in manifest["artifacts"] if a["format"] == "safetensors"]
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    shutil.copy(out / st["path"], stage / Path(st["path"]).name)
+    ckpt = stage / "cli.ckpt"
+    raw = torch.load(str(release["ckpt"]), weights_only=True)
+    raw["epoch"] = 99  # same weights, another file
+    torch.save(raw, str(ckpt))
+    manifest["artifacts"] = [dict(st, path=Path(st["path"]).name)]
+    manifest["checkpoint"]["path"] = ckpt.name
+    manifest["options"]["config"] = str(release["config"])
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    res = run_lexport("verify", "--manifest", stage / "manifest.json", "--json")
+    assert res.code == 1, res
+    assert "not the checkpoint the manifest records" in res.json()["error"]["message"]

@@ -64,19 +64,19 @@ def verify(
         options = {k: v for k, v in given.items() if v is not None and v != () and v is not False}
         options["init_args"] = dict(parse_init_arg(item) for item in init_arg)
         options["hash_checkpoint"] = json_out  # a full read of the checkpoint: only for the JSON record
-        artifacts, checkpoint = _targets(paths, manifest, options)
-        return verify_artifacts(artifacts, checkpoint, progress=steps.step, **options)
+        artifacts, checkpoint, checkpoint_sha = _targets(paths, manifest, options)
+        return verify_artifacts(artifacts, checkpoint, progress=steps.step, checkpoint_sha256=checkpoint_sha, **options)
 
     execute(work, json_out=json_out, quiet=quiet, render=render_report)
 
 
-def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) -> tuple[Any, Path]:
-    """(artifacts, checkpoint) from the arguments, or from the manifest (whose options fill `options` where the
-    command line says nothing)."""
+def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) -> tuple[Any, Path, str | None]:
+    """(artifacts, checkpoint, the checkpoint's recorded sha256) from the arguments, or from the manifest (whose
+    options fill `options` where the command line says nothing)."""
     if manifest is None:
         if len(paths) < 2:
             raise UsageError("lexport verify needs ARTIFACT... CHECKPOINT (or --manifest FILE)")
-        return list(paths[:-1]), paths[-1]
+        return list(paths[:-1]), paths[-1], None
     if paths:
         raise UsageError("with --manifest, the artifacts and the checkpoint come from the manifest: name neither")
     record = read_manifest(manifest)
@@ -103,7 +103,8 @@ def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) 
     checkpoint = Path(str(recorded_ckpt))
     if not artifacts:
         raise UsageError(f"--manifest {manifest}: it records no published artifact to verify")
-    return artifacts, _locate(checkpoint, base)
+    sha = (record.get("checkpoint") or {}).get("sha256")
+    return artifacts, _locate(checkpoint, base), sha if isinstance(sha, str) else None
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
