@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +67,19 @@ def invoke(*args: object) -> Result:
     runner = CliRunner()
     res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     return Result(res.exit_code, res.stdout, res.stderr)
+
+
+def patch_format(monkeypatch: pytest.MonkeyPatch, name: str, **changes) -> None:
+    """Replace fields of a registered format for one test (a writer that fails half-way, a wrong loader)."""
+    from lightning_export.formats import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], **changes))
+
+
+@pytest.fixture
+def small(tmp_path: Path, ckpts: dict) -> Path:
+    """A private copy of the classifier checkpoint under tmp_path/in, for tests that check the input is untouched."""
+    p = tmp_path / "in" / "classifier.ckpt"
+    p.parent.mkdir()
+    shutil.copyfile(ckpts["classifier"], p)
+    return p

@@ -6,7 +6,6 @@ path; temp files are removed (by the next run in that directory after a SIGKILL)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, invoke
+from conftest import REPO, invoke, patch_format
 
 from lightning_export import outputs
 from lightning_export.formats import REGISTRY
@@ -163,18 +162,6 @@ def test_sigterm_at_any_moment_exits_130_with_json(moment: str, ckpts: dict, tmp
 
 
 # ------------------------------------------------------------------------------------ in-process failures
-def _patched(monkeypatch: pytest.MonkeyPatch, name: str, **changes) -> None:
-    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], **changes))
-
-
-@pytest.fixture
-def small(tmp_path: Path, ckpts: dict) -> Path:
-    p = tmp_path / "in" / "classifier.ckpt"
-    p.parent.mkdir()
-    shutil.copyfile(ckpts["classifier"], p)
-    return p
-
-
 def _half_then(exc: BaseException):
     def write(ctx, path):
         path.write_bytes(b"\0" * 4096)  # a partial artifact ...
@@ -194,7 +181,7 @@ def _half_then(exc: BaseException):
     ids=["exporter-error", "disk-full", "ctrl-c"],
 )
 def test_failure_while_writing_leaves_nothing(exc, code, monkeypatch, small: Path, tmp_path: Path) -> None:
-    _patched(monkeypatch, "state-dict", write=_half_then(exc))
+    patch_format(monkeypatch, "state-dict", write=_half_then(exc))
     out = tmp_path / "out"
     res = invoke(small, "--to", "state-dict", "--output-dir", out)
     assert res.code == code, res
@@ -207,7 +194,7 @@ def test_failure_keeps_the_old_file_with_force(monkeypatch, small: Path, tmp_pat
     """--force replaces an existing artifact only with a complete, verified one."""
     final = tmp_path / "model.pt"
     final.write_bytes(b"the previous artifact")
-    _patched(monkeypatch, "state-dict", write=_half_then(RuntimeError("boom")))
+    patch_format(monkeypatch, "state-dict", write=_half_then(RuntimeError("boom")))
     res = invoke(small, "--to", "state-dict", "-o", final, "--force")
     assert res.code == 5, res
     assert final.read_bytes() == b"the previous artifact"
@@ -220,7 +207,7 @@ def test_verification_failure_publishes_nothing(monkeypatch, small: Path, tmp_pa
     def wrong_load(path):
         return {k: v + 1 for k, v in torch.load(str(path), weights_only=True).items()}
 
-    _patched(monkeypatch, "state-dict", load=wrong_load)
+    patch_format(monkeypatch, "state-dict", load=wrong_load)
     out = tmp_path / "out"
     res = invoke(small, "--to", "state-dict", "--output-dir", out)
     assert res.code == 1, res
@@ -234,7 +221,7 @@ def test_verification_failure_publishes_nothing(monkeypatch, small: Path, tmp_pa
 def test_exporter_that_writes_nothing(monkeypatch, small: Path, tmp_path: Path) -> None:
     from lightning_export.formats import Written
 
-    _patched(monkeypatch, "state-dict", write=lambda ctx, path: Written("nothing", [path]))
+    patch_format(monkeypatch, "state-dict", write=lambda ctx, path: Written("nothing", [path]))
     out = tmp_path / "out"
     res = invoke(small, "--to", "state-dict", "--output-dir", out)
     assert res.code == 5, res
@@ -249,7 +236,7 @@ def test_not_enough_space_fails_before_writing(monkeypatch, small: Path, tmp_pat
         calls.append(path)
         raise AssertionError("must not be called")
 
-    _patched(monkeypatch, "safetensors", write=write)
+    patch_format(monkeypatch, "safetensors", write=write)
     real = shutil.disk_usage
     monkeypatch.setattr(
         outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1000)
@@ -386,7 +373,7 @@ def test_private_writer_modes_are_normalised(umask_022, monkeypatch, small: Path
         os.chmod(path, 0o600)
         return written
 
-    _patched(monkeypatch, "state-dict", write=write)
+    patch_format(monkeypatch, "state-dict", write=write)
     out = tmp_path / "out"
     res = invoke(small, "--to", "state-dict", "--output-dir", out)
     assert res.code == 0, res

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Result, invoke
+from conftest import REPO, Result, invoke, patch_format
 
 from lightning_export import outputs
 from lightning_export.formats import REGISTRY
@@ -193,18 +193,6 @@ def test_size_estimates_cover_the_artifacts(monkeypatch, tmp_path: Path, mid_ckp
             assert estimates[a["format"]] < a["bytes"] * 1.2, (a["format"], a["bytes"], estimates[a["format"]])
 
 
-def _patched(monkeypatch: pytest.MonkeyPatch, name: str, **changes) -> None:
-    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], **changes))
-
-
-@pytest.fixture
-def small(tmp_path: Path, ckpts: dict) -> Path:
-    p = tmp_path / "in" / "classifier.ckpt"
-    p.parent.mkdir()
-    shutil.copyfile(ckpts["classifier"], p)
-    return p
-
-
 @pytest.mark.parametrize(
     "exc, text",
     [
@@ -221,7 +209,7 @@ def test_io_errors_from_a_writer_are_output_errors(exc, text, monkeypatch, small
             raise exc
         raise exc from OSError(errno.EIO, "Input/output error")
 
-    _patched(monkeypatch, "state-dict", write=write)
+    patch_format(monkeypatch, "state-dict", write=write)
     out = tmp_path / "out"
     res = invoke(small, "--to", "state-dict", "--output-dir", out, "--json")
     assert res.code == 6, res
@@ -324,7 +312,7 @@ def test_destination_that_appears_during_the_export_is_not_replaced(monkeypatch,
         final.write_bytes(b"the other run's artifact")
         return real(ctx, path)
 
-    _patched(monkeypatch, "state-dict", write=write)
+    patch_format(monkeypatch, "state-dict", write=write)
     res = invoke(small, "--to", "state-dict", "-o", final, "--json")
     assert res.code == 6, res
     assert res.json()["error"]["message"].startswith(f"{final} appeared while exporting; pass --force to replace it")
@@ -396,7 +384,7 @@ def test_keep_failed_replaces_an_old_failed_artifact(monkeypatch, small: Path, t
     def wrong_load(path):
         return {k: v + 1 for k, v in torch.load(str(path), weights_only=True).items()}
 
-    _patched(monkeypatch, "state-dict", load=wrong_load)
+    patch_format(monkeypatch, "state-dict", load=wrong_load)
     out = tmp_path / "out"
     out.mkdir()
     (out / "classifier.FAILED.pt").write_bytes(b"old failure")

@@ -107,6 +107,21 @@ def _mutate(draw, sources: list[Source]) -> tuple[str, bytes]:
     return f"{src.name}:join@{i}+{j}", bytes(data[:i]) + other[j:]
 
 
+def _ended_cleanly(res, label: str, d: Path, path: Path, digest: str) -> None:
+    """A documented exit code, one error message and no traceback; the state dict published only on exit 0,
+    nothing else in the output dir; the input unchanged."""
+    out = d / "out"
+    assert res.code in DOCUMENTED, (label, res)
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, (label, res)
+    assert "internal error" not in res.stderr, (label, res)
+    if res.code != 0:
+        assert res.stderr.count("error (") >= 1, (label, res)
+    produced = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert produced == (["fuzzed.pt"] if res.code == 0 else []), (label, res, produced)
+    assert sorted(p.name for p in (d / "in").iterdir()) == ["fuzzed.ckpt"], label
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{label}: the input was modified"
+
+
 def _run_one(args_for, label: str, blob: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="lexport-fuzz-") as d:
         d = Path(d)
@@ -116,15 +131,7 @@ def _run_one(args_for, label: str, blob: bytes) -> None:
         digest = hashlib.sha256(blob).hexdigest()
         out = d / "out"
         res = invoke(path, *args_for(out))
-        assert res.code in DOCUMENTED, (label, res)
-        assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, (label, res)
-        assert "internal error" not in res.stderr, (label, res)
-        if res.code != 0:
-            assert res.stderr.count("error (") >= 1, (label, res)
-        produced = sorted(p.name for p in out.iterdir()) if out.exists() else []
-        assert produced == (["fuzzed.pt"] if res.code == 0 else []), (label, res, produced)
-        assert sorted(p.name for p in (d / "in").iterdir()) == ["fuzzed.ckpt"], label
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{label}: the input was modified"
+        _ended_cleanly(res, label, d, path, digest)
 
 
 @FUZZ_SETTINGS
@@ -583,17 +590,9 @@ def test_fuzzed_pickle_structures(data: st.DataObject) -> None:
         if seconds > pickle_stats["slowest"][0]:
             pickle_stats["slowest"] = (seconds, label)
 
-        assert res.code in DOCUMENTED, (label, res)
-        assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, (label, res)
-        assert "internal error" not in res.stderr, (label, res)
+        _ended_cleanly(res, label, d, path, digest)
         assert seconds < PER_EXAMPLE_SECONDS, f"{label}: took {seconds:.1f} s"
         assert not marker.exists(), f"{label}: code from the checkpoint ran"
-        if res.code != 0:
-            assert res.stderr.count("error (") >= 1, (label, res)
-        produced = sorted(p.name for p in out.iterdir()) if out.exists() else []
-        assert produced == (["fuzzed.pt"] if res.code == 0 else []), (label, res, produced)
-        assert sorted(p.name for p in (d / "in").iterdir()) == ["fuzzed.ckpt"], label
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{label}: the input was modified"
         if res.code == 0 and not module:
             # The bytes published are the bytes in the file: what a plain, non-mmap torch.load reads.
             try:  # what a user does with the artifact: a plain torch.load, no mmap
