@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, UserModuleError
 
 # torch < 2.6 has published weights_only bypasses (CVE-2025-32434); untrusted loads refuse it.
 MIN_TORCH_FOR_UNTRUSTED = (2, 6)
@@ -693,6 +694,8 @@ def load_checkpoint(
     stored uncompressed, and every storage behind a state_dict tensor is checked against its record's CRC-32.
     Work is bounded by the file's size: see DEFAULT_MAX_GROWTH."""
     path = Path(path)
+    # --allow-global takes comma-separated names too: the refusal's hint prints them that way, on one line.
+    allow_globals = tuple(n.strip() for value in allow_globals for n in value.split(",") if n.strip())
     if not max_growth >= 1:  # also refuses NaN
         raise UsageError(f"--max-growth must be a number >= 1, not {max_growth}")
     from . import sharded
@@ -767,11 +770,19 @@ def _torch_load(
             safe.append(obj)
             if name != _qualname(obj):
                 safe.append((obj, name))
-        ctx = torch.serialization.safe_globals(safe) if safe else contextlib.nullcontext()
-        with ctx, warnings.catch_warnings():
-            # torch warns about pickle protocols and legacy formats; the user gets one clear message instead.
-            warnings.simplefilter("ignore")
-            return torch.load(str(path), **kwargs)
+            safe.extend(_dtype_classes(obj))
+        try:
+            return _weights_only_load(path, safe, kwargs)
+        except pickle.UnpicklingError as e:
+            # Objects beyond what torch and --allow-global admit (hparams holding modules, partials, numpy arrays):
+            # each becomes an inert placeholder, unless one of them comes from a module whose objects run code.
+            unloaded = _unloaded_globals(path, safe) if is_zip else []
+            if not unloaded or any(_code_running(n) for n in unloaded):
+                raise
+            try:
+                return _weights_only_load(path, [*safe, *((_placeholder(n), n) for n in unloaded)], kwargs)
+            except pickle.UnpicklingError:
+                raise e from None
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e, is_zip, allowed, allow_globals) from e
     except Exception as e:
@@ -779,6 +790,137 @@ def _torch_load(
     finally:
         if saved_env is not None:
             os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = saved_env
+
+
+def _weights_only_load(path: Path, safe: list[Any], kwargs: dict[str, Any]) -> Any:
+    import warnings
+
+    import torch
+
+    ctx = torch.serialization.safe_globals(safe) if safe else contextlib.nullcontext()
+    with ctx, warnings.catch_warnings():
+        # torch warns about pickle protocols and legacy formats; the user gets one clear message instead.
+        warnings.simplefilter("ignore")
+        return torch.load(str(path), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- placeholders
+# hyper_parameters often hold objects: save_hyperparameters(logger=False) pickles the `net` module and Hydra's
+# partial optimizers, forecasting libraries pickle metrics and numpy arrays. The weights never need them, so the
+# weights_only unpickler itself builds an inert placeholder for each such global instead of refusing the file.
+#
+# Why this runs no code from the file. torch's weights_only unpickler calls only torch's own allowlisted functions
+# (tensor and storage rebuilders, dtypes, OrderedDict, ...) and the objects passed in safe_globals. lexport passes,
+# for every global name torch would refuse, a fresh subclass of Unloaded keyed by that name (torch accepts
+# (object, "module.Name") pairs): the name is a string, nothing is imported or looked up. Unloaded's __new__,
+# __init__ and __setstate__ ignore their arguments, so calling it (REDUCE), creating it (NEWOBJ) or building it
+# (BUILD) does nothing. Tensors still come only through torch's rebuild functions, and the state dict must hold
+# nothing but torch.Tensor values (a placeholder is not one). A file that names anything from a module whose objects
+# run code (os, subprocess, builtins.eval, ...) is refused as before and never loaded with placeholders, so its
+# refusal still says what it is. tests/test_security.py runs such pickles and checks that no marker file appears.
+class Unloaded:
+    """An object of the checkpoint that the safe loader did not load; `name` is the global the pickle named.
+    What the pickle passed to it (arguments, state) is kept as data, never used: so the names of objects nested
+    inside it (a module's submodules) can be listed."""
+
+    __slots__ = ("args", "state")
+    name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Unloaded:
+        self = object.__new__(cls)
+        self.args, self.state = args, None
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.what} (not loaded)>"
+
+    @property
+    def what(self) -> str:
+        return "numpy.ndarray" if self.name.endswith("multiarray._reconstruct") else self.name
+
+
+def _placeholder(name: str) -> type[Unloaded]:
+    return type(name.rpartition(".")[2] or name, (Unloaded,), {"__slots__": (), "name": name})
+
+
+def unloaded_in(value: Any) -> list[str]:
+    """The global names of every placeholder inside `value` (a hyper-parameter), nested ones included, sorted.
+    Each object is visited once, so the walk is bounded by what the file holds."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, Unloaded):
+            found.add(v.name)
+            stack.extend((v.args, v.state))
+        elif isinstance(v, type) and issubclass(v, Unloaded):  # a class passed as data (ndarray, Adam)
+            found.add(v.name)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+        elif isinstance(v, argparse.Namespace):  # hparams_type "Namespace", rebuilt by model.py
+            stack.extend(vars(v).values())
+    return sorted(found)
+
+
+def unloaded_arguments_error(cls_name: str, held: dict[str, Any]) -> UserModuleError:
+    """The error for constructor arguments that the checkpoint holds only as placeholders: which, and where to give
+    them; and, when every object inside them is a class that may be allowed, the one --allow-global line that loads
+    them all (nested objects included), so one round is enough."""
+    names = sorted({n for v in held.values() for n in unloaded_in(v)})
+    what = ", ".join(f"{k}: a {v.what}" if isinstance(v, Unloaded) else f"{k}: holds objects" for k, v in held.items())
+    args = ", ".join(held)
+    first = next(iter(held))
+    hint = (
+        "Give them yourself: --config FILE (the run's LightningCLI config.yaml or Hydra .hydra/config.yaml), "
+        f"--init-args FILE, or --init-arg {first}=VALUE (a submodule as {{class_path: pkg.mod.Class, init_args: ...}})."
+    )
+    refused = [n for n in names if _hint_refusal(n)]
+    if refused:
+        hint += (f"\n{', '.join(refused)} cannot be allowed (only classes can), so --allow-global cannot load "
+                 f"{'it' if len(refused) == 1 else 'them'}; --trust-checkpoint can (full unpickling: runs code from "
+                 "the file).")
+    else:
+        hint += f"\nOr load the real objects, if you trust these classes (only they are unpickled):\n{allow_global_flag(names)}"
+    return UserModuleError(
+        f"{cls_name}.__init__ needs {args}, which the checkpoint's hyper_parameters hold as objects that lexport did "
+        f"not load ({what}): loading them would run code from the file",
+        hint=hint,
+    )
+
+
+def _unloaded_globals(path: Path, safe: list[Any]) -> list[str]:
+    """Every global the file's pickle names that torch and the user's --allow-global do not admit, read from its
+    opcodes (not only the first one torch names), sorted."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(safe) if safe else contextlib.nullcontext():
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - an opcode the scanner does not know: no placeholders, the refusal stands
+        return []
+
+
+def _code_running(name: str) -> bool:
+    """A global from a module whose objects run commands, import code or open files (or that torch blocks)."""
+    try:
+        from torch._weights_only_unpickler import _blocklisted_modules
+    except ImportError:  # pragma: no cover - a torch that moved it: lexport's own list still applies
+        _blocklisted_modules = []
+    module = _py3_name(name).rpartition(".")[0]
+    return bool(_blocked_module(_py3_name(name))) or module.split(".")[0] in _blocklisted_modules
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
@@ -795,6 +937,19 @@ def _weights_only_detail(e: BaseException) -> str:
         text = text.split("Check the documentation of torch.load", 1)[0]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[0][:300] if lines else type(e).__name__
+
+
+def _dtype_classes(obj: Any) -> list[Any]:
+    """Allowing numpy.dtype admits its per-dtype classes too (numpy.dtypes.Float64DType, ...): a pickle names only
+    numpy.dtype, but what it builds is an instance of one of them, which torch checks again. Without this, each
+    dtype class is named by torch only once the previous ones are allowed, one round at a time."""
+    import sys
+
+    np = sys.modules.get("numpy")
+    if np is None or obj is not getattr(np, "dtype", None):
+        return []
+    dtypes = getattr(np, "dtypes", None)
+    return [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)] if dtypes else []
 
 
 def _qualname(obj: Any) -> str:
@@ -842,16 +997,19 @@ def _unpickling_error(
             "--allow-global pkg.mod.Name (or, only if you trust the file completely, --trust-checkpoint: full "
             "unpickling, runs code from the file).",
         )
-    # One flag a line: a terminal that wraps long lines never separates a flag from its name.
-    flags = "\n".join(f"  --allow-global {n}" for n in wanted)
     return CheckpointError(
         f"{path} wants Python objects that are not loaded by default: {listed}",
         hint=(
             "Two ways in. If you know these classes, allow exactly them (only they are unpickled, nothing else):\n"
-            f"{flags}\n"
+            f"{allow_global_flag(wanted)}\n"
             "Or, only if you trust the file completely: --trust-checkpoint (full unpickling: runs code from the file)."
         ),
     )
+
+
+def allow_global_flag(names: list[str]) -> str:
+    """Every name on one line, sorted, as one shell word: pasted whole, it needs no second round."""
+    return "--allow-global " + ",".join(sorted(set(names)))
 
 
 def _printable(text: str) -> str:

@@ -335,6 +335,14 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
             hash_file=opts.hash_checkpoint,
             max_growth=opts.max_growth,
         )
+    from .checkpoint import unloaded_in
+
+    unloaded = [k for k, v in ckpt.hparams.items() if unloaded_in(v)]
+    if unloaded:
+        report.notes.append(
+            f"hyper_parameters {', '.join(unloaded)} hold objects that were left unloaded (placeholders: nothing "
+            "from the file ran); the weights do not need them"
+        )
     report.checkpoint = {
         "path": str(ckpt_path),
         "sha256": None,

@@ -92,6 +92,10 @@ def plain_value(value: Any) -> tuple[bool, Any]:
 
 
 def _type_name(value: Any) -> str:
+    from .checkpoint import Unloaded
+
+    if isinstance(value, Unloaded):
+        return f"{value.what} (not loaded)"
     t = type(value)
     return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
 

@@ -271,6 +271,11 @@ def constructor_arguments(
     kwargs = {**loaded, **supplied}
     if not has_varkw:
         kwargs = {k: v for k, v in kwargs.items() if k in names}
+    from .checkpoint import unloaded_arguments_error, unloaded_in
+
+    held = {k: v for k, v in kwargs.items() if k not in supplied and unloaded_in(v)}
+    if held:  # objects the safe loader left as placeholders: the user gives them, or allows their classes
+        raise unloaded_arguments_error(cls.__name__, held)
     # Values that describe objects are built by their engine (jsonargparse for class_path, Hydra for _target_);
     # the rest is passed as loaded (shared references kept).
     from .configs import instantiate_arguments

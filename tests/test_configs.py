@@ -158,7 +158,7 @@ def test_project_classes_resolve_from_the_project_root(tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", save], cwd=proj, check=True, timeout=120)
     res = run_lexport("run.ckpt", "--to", "safetensors", "--attr", "net", "-o", "a.safetensors", cwd=proj)
-    assert res.code == 3 and "--allow-global src.models.cfg.Cfg" in res.stderr, res
+    assert res.code == 0 and "cfg hold objects that were left unloaded" in " ".join(res.stderr.split()), res
     res = run_lexport("run.ckpt", "--to", "safetensors", "--attr", "net", "-o", "b.safetensors",
                       "--allow-global", "src.models.cfg.Cfg", cwd=proj)
     assert res.code == 0, res

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
 import resource
@@ -475,14 +476,36 @@ class Config:
     layers: int = 2
 
 
-def test_harmless_class_is_offered_and_the_hint_works(tmp_path: Path) -> None:
+def test_harmless_class_in_hparams_is_a_placeholder_for_weights(tmp_path: Path) -> None:
+    """An object in hyper_parameters does not stop a weights export: it is left unloaded (an inert placeholder,
+    said in a note), and the weights are the file's."""
     src = _save(tmp_path, {"state_dict": _weights(), "hyper_parameters": {"config": Config()}}, "cfg.ckpt")
+    res, out = _export(src, tmp_path, "--json")
+    assert res.code == 0, res
+    assert any("config hold objects that were left unloaded" in n for n in json.loads(res.stdout)["notes"]), res
+    from safetensors.torch import load_file
+
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], v) for k, v in _weights().items()) and set(got) == set(_weights())
+    ckpt = ck_mod.load_checkpoint(src, hash_file=False)
+    assert isinstance(ckpt.hparams["config"], ck_mod.Unloaded) and ckpt.hparams["config"].name.endswith(".Config")
+    name = f"{Config.__module__}.Config"
+    assert ck_mod.load_checkpoint(src, hash_file=False, allow_globals=(name,)).hparams["config"] == Config()
+
+
+def test_harmless_class_is_offered_on_one_line_and_the_hint_works(tmp_path: Path) -> None:
+    """Where placeholders cannot be used (legacy, non-zip files have no opcode scan), the refusal offers the flag on
+    a line of its own, and that line pasted back works."""
+    src = tmp_path / "in" / "cfg.ckpt"
+    src.parent.mkdir(parents=True)
+    torch.save({"state_dict": _weights(), "hyper_parameters": {"config": Config()}}, str(src),
+               _use_new_zipfile_serialization=False)
     res, out = _export(src, tmp_path)
     name = f"{Config.__module__}.Config"
     _refused(res, out, 3, name, "not loaded by default")
-    # Copy-paste safe: each flag on a line of its own.
-    assert f"--allow-global {name}" in [line.strip() for line in res.stderr.splitlines()], res.stderr
-    res, out = _export(src, tmp_path, "--allow-global", name)
+    lines = [line.strip() for line in res.stderr.splitlines()]
+    assert f"--allow-global {name}" in lines, res.stderr
+    res, out = _export(src, tmp_path, *f"--allow-global {name}".split())
     assert res.code == 0, res
     assert out.is_file()
 

@@ -122,8 +122,9 @@ def _stdout_to_stderr(active: bool) -> Iterator[Any]:
 def print_error(stderr: Console, e: LexportError) -> None:
     stderr.print(f"[bold red]error[/bold red] ({e.kind}, exit {e.exit_code}): ", end="")
     stderr.print(e.message, markup=False)
-    if e.hint:
-        stderr.print(e.hint, markup=False, style="dim")
+    for line in (e.hint or "").splitlines():
+        # A flag line is never wrapped by rich: pasted back, it must be the one line it was printed as.
+        stderr.print(line, markup=False, style="dim", soft_wrap=line.lstrip().startswith("--"))
 
 
 class Steps:

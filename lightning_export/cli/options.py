@@ -22,7 +22,7 @@ Rtol = Annotated[float | None, typer.Option(metavar="FLOAT", help="Relative tole
 Seed = Annotated[int, typer.Option(metavar="INT", help="Seed of the random verification inputs.")]
 RandomInputs = Annotated[int, typer.Option(metavar="N", help="Random inputs checked besides the example.", min=0)]
 TrustCheckpoint = Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint fully. This RUNS CODE FROM THE FILE: only for files you trust.")]  # noqa: E501
-AllowGlobal = Annotated[list[str], typer.Option("--allow-global", metavar="NAME", help="Allow one class in the checkpoint (pkg.mod.Name) for the safe loader; repeatable.")]  # noqa: E501
+AllowGlobal = Annotated[list[str], typer.Option("--allow-global", metavar="NAME", help="Allow classes in the checkpoint (pkg.mod.Name, or several comma-separated) for the safe loader; repeatable.")]  # noqa: E501
 MaxGrowth = Annotated[float, typer.Option("--max-growth", metavar="FACTOR", help="Refuse a checkpoint whose tensors (or zip records) would take more than FACTOR times the bytes they occupy in the file, plus 64 MiB: views, stride tricks, zip bombs.")]  # noqa: E501
 StrictFinite = Annotated[bool, typer.Option("--strict-finite", help="NaN/Inf in weights or example outputs is an error (exit 4), not a warning.")]  # noqa: E501
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout and nothing else there.")]
