@@ -1109,7 +1109,12 @@ def _as_checkpoint(path: Path, obj: Any, hasher: _Hasher | None) -> Checkpoint:
         if isinstance(sd, dict) and not sd:
             raise CheckpointError(f"{path}: its 'state_dict' entry is empty (no tensors to export)")
         if not _is_tensor_mapping(sd):
-            raise CheckpointError(f"{path}: its 'state_dict' entry does not hold tensors")
+            names = unloaded_in(sd) if isinstance(sd, (Unloaded, dict)) else []
+            raise CheckpointError(
+                f"{path}: its 'state_dict' entry does not hold tensors"
+                + (f" (it holds objects that were not loaded: {', '.join(names)})" if names else ""),
+                hint=f"If you know these classes, allow them:\n{allow_global_flag(names)}" if names else None,
+            )
         hparams = _hparams(obj.get("hyper_parameters"))
         return Checkpoint(path, obj, dict(sd), plain=False, hparams=hparams, _sha=hasher)
     if _is_tensor_mapping(obj):

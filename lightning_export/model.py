@@ -286,6 +286,9 @@ def constructor_arguments(
         for p in params
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs
     ]
+    whole = raw.get("hyper_parameters")
+    if missing and unloaded_in(whole):  # hyper_parameters itself is an object (a Namespace) left unloaded
+        raise unloaded_arguments_error(cls.__name__, dict.fromkeys(missing, whole))
     if missing:
         flags = " ".join(f"--init-arg {n}=VALUE" for n in missing)
         foreign = sorted(k for k in loaded if k not in names)

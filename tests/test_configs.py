@@ -109,34 +109,6 @@ trainer:
 """
 
 
-def test_hydra_config_instantiated_by_hydra(tmp_path: Path) -> None:
-    pytest.importorskip("hydra")
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    run = tmp_path / "outputs" / "run" / ".hydra"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(textwrap.dedent(HYDRA_CONFIG))
-    cfg = OmegaConf.load(run / "config.yaml")
-    pl.seed_everything(0, verbose=False)
-    module = instantiate(cfg.model)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 6), torch.randn(8, 5))
-    trainer = pl.Trainer(max_steps=2, **_TRAINER_KWARGS)
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    ckpt = tmp_path / "hydra.ckpt"
-    trainer.save_checkpoint(ckpt)
-
-    res = invoke(ckpt, "--config", run / "config.yaml", "--attr", "net", "--to", "onnx", "-o", tmp_path / "n.onnx")
-    assert res.code == 0, res
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(tmp_path / "n.onnx"))
-    x = torch.randn(2, 6)
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), module.net.eval()(x).detach(), atol=1e-5, rtol=1e-4)
-
-
 def test_project_classes_resolve_from_the_project_root(tmp_path: Path) -> None:
     """From a project's root, its own classes (src.models...) are importable for --allow-global and for the
     unpickler under --trust-checkpoint, as with `python -m`."""

@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,81 @@ def test_nested_class_path_in_hparams_is_not_imported(named_class_ckpt, tmp_path
     assert not marker.exists()
     assert modname not in sys.modules
     assert "class_path" in res.stderr and "Traceback" not in res.stderr
+
+
+PAYLOAD_MODULE = textwrap.dedent(
+    """
+    import os
+
+    def _mark(what):
+        open(os.environ["LEXPORT_TEST_MARKER"], "a").write(what + "\\n")
+
+    _mark("imported")
+
+    class Payload:
+        def __new__(cls, *args):
+            _mark("new")
+            return super().__new__(cls)
+
+        def __init__(self, *args):
+            _mark("init")
+
+        def __setstate__(self, state):
+            _mark("setstate")
+
+        def __reduce__(self):  # pickled as a call: REDUCE
+            return (Payload, (1, 2))
+
+    class Built:
+        def __setstate__(self, state):  # pickled as NEWOBJ + BUILD
+            _mark("setstate")
+
+    def run_me(*args):
+        _mark("called")
+    """
+)
+
+
+def test_placeholders_never_import_call_or_build_what_the_file_names(tmp_path: Path, monkeypatch) -> None:
+    """hyper_parameters holding objects of an importable module whose import, __new__, __init__, __setstate__ and
+    functions all leave a marker: a weights export succeeds and the marker never appears (REDUCE, NEWOBJ, BUILD and
+    a function call in the pickle all meet placeholders). --trust-checkpoint is the control: it does run them."""
+    import pickletools
+
+    modname = f"lexport_payload_{os.getpid()}"
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / f"{modname}.py").write_text(PAYLOAD_MODULE)
+    marker = tmp_path / "MARKER"
+    monkeypatch.setenv("LEXPORT_TEST_MARKER", str(marker))
+    monkeypatch.syspath_prepend(str(pkg))
+    path = tmp_path / "in" / "payload.ckpt"
+    path.parent.mkdir()
+    save = (
+        f"import torch, {modname} as m, copyreg\n"
+        "class Call:\n    def __reduce__(self): return (m.run_me, ('x',))\n"
+        "b = m.Built(); b.width = 3\n"
+        "torch.save({'state_dict': {'layer.weight': torch.eye(2)}, 'hyper_parameters': "
+        "{'a': m.Payload(), 'b': b, 'c': Call(), 'd': [m.Payload, m.run_me]}}, " + repr(str(path)) + ")\n"
+    )
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", save], check=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": str(pkg)}, capture_output=True)
+    marker.unlink()
+    ops = {op.name for op, _, _ in pickletools.genops(zipfile.ZipFile(path).read("payload/data.pkl"))}
+    assert {"REDUCE", "NEWOBJ", "BUILD", "GLOBAL"} <= ops, ops
+    sys.modules.pop(modname, None)
+    res = invoke(path, "--to", "safetensors", "--to", "state-dict", "--output-dir", tmp_path / "out")
+    assert res.code == 0, res
+    assert not marker.exists(), marker.read_text()
+    assert modname not in sys.modules
+    hp = ck_mod.load_checkpoint(path, hash_file=False).hparams
+    assert {k: type(v).__mro__[1] for k, v in hp.items() if k != "d"} == dict.fromkeys("abc", ck_mod.Unloaded)
+    assert not marker.exists() and modname not in sys.modules
+    ck_mod.load_checkpoint(path, hash_file=False, trust=True)
+    assert "called" in marker.read_text(), "the control: full unpickling runs the file's calls"
+    sys.modules.pop(modname, None)
 
 
 def test_lightning_cli_checkpoint_needs_module(ckpts: dict, tmp_path: Path) -> None:
