@@ -682,10 +682,42 @@ def _check_existing(
             return
         with quiet_torch_logs():
             result.verification = _verify(fmt, path, ctx, opts, refs)
+        if not result.verification.passed and not (opts.precision or opts.quantize):
+            flag = _made_with(fmt.name, path)
+            if flag:
+                result.verification.problems.append(
+                    f"{path.name} looks exported with {flag}: verify it with that flag (a manifest records it)"
+                )
     except OSError as e:
         result.error = {"code": 2, "kind": "usage", "message": f"cannot read {path}: {e.strerror or e}"}
     finally:
         result.seconds = time.perf_counter() - started
+
+
+def _made_with(format_name: str, path: Path) -> str | None:
+    """The deployment flag an artifact was evidently exported with (its graph takes float16/bfloat16 inputs, or
+    holds onnxruntime's integer quantization ops), for a verify that was not given it; None when unsure."""
+    try:
+        if format_name == "onnx":
+            import onnx
+
+            graph = onnx.load(str(path), load_external_data=False).graph
+            if {n.op_type for n in graph.node} & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}:
+                return "--quantize int8-dynamic"
+            types = {i.type.tensor_type.elem_type for i in graph.input}
+            dtypes = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+        elif format_name == "exported-program":
+            import torch
+
+            program = torch.export.load(str(path))
+            types = {getattr(n.meta.get("val"), "dtype", None) for n in program.graph.nodes if n.op == "placeholder"}
+            dtypes = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - only a hint: a file that cannot be read has failed verification already
+        return None
+    found = [name for t, name in dtypes.items() if t in types]
+    return f"--precision {found[0]}" if found else None
 
 
 def _fsync_and_hash(staging: Any, file_sha256: Any) -> tuple[int, str]:

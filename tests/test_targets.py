@@ -272,3 +272,24 @@ def test_int8_dynamic_onnx(monkeypatch, target_ckpts, tmp_path, name, max_ratio)
     m = rebuilt(target_ckpts, name)
     x = fresh(m)
     close(run_onnx(a.path, x), expected(m, x), *QUANTIZE_TOLERANCE["int8-dynamic"])
+
+
+@pytest.mark.parametrize("flag", [["--precision", "fp16"], ["--quantize", "int8-dynamic"]], ids=["fp16", "int8"])
+def test_verify_without_the_deployment_flag_names_it(ckpts, tmp_path, flag):
+    """An fp16 or int8 ONNX file verified without the flag it was made with fails, and the message names the flag;
+    with the flag it passes."""
+    from conftest import invoke
+
+    common = ["--module", "fixtures.modules:MyClassifierModule", "--attr", "model"]
+    out = tmp_path / "m.onnx"
+    assert invoke(ckpts["classifier"], *common, "--to", "onnx", *flag, "-o", out).code == 0
+    from lightning_export.core import verify
+    from lightning_export.errors import VerificationError
+
+    opts = {"module": "fixtures.modules:MyClassifierModule", "attr": "model"}
+    with pytest.raises(VerificationError) as info:
+        verify([out], ckpts["classifier"], **opts)
+    problems = info.value.report.artifacts[0].verification.problems
+    assert f"m.onnx looks exported with {' '.join(flag)}: verify it with that flag" in problems[-1], problems
+    option = {"precision": flag[1]} if flag[0] == "--precision" else {"quantize": flag[1]}
+    assert verify([out], ckpts["classifier"], **opts, **option).artifacts[0].verification.passed
