@@ -23,6 +23,7 @@ from .errors import (
     UserModuleError,
     VerificationError,
     describe_exception,
+    export_failure,
 )
 from .report import ArtifactResult, Report, versions
 
@@ -423,6 +424,7 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
                 _export_one(fmt, ctx, dest, opts, refs, result)
             if shown is not None and not result.ok:
                 shown.failed = True  # the status line ends in ✗
+    _say_what_else_worked(report)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = ckpt.sha256
 
@@ -441,6 +443,28 @@ def _onnx_names_given(opts: ExportOptions, formats: list[Any], verifying: bool) 
         if any(not n for n in names):
             raise UsageError(f"{flag} {','.join(names)!r}: a name is empty", hint="Separate names with one comma.")
     return given
+
+
+def _say_what_else_worked(report: Report) -> None:
+    """A format that failed on data-dependent control flow: its error says what the other formats of this run did."""
+    from .errors import DATA_DEPENDENT_HINT, DEBUG_HINT
+
+    failed = [a for a in report.artifacts if a.error and DATA_DEPENDENT_HINT in a.error["message"]]
+    others = [a for a in report.artifacts if a not in failed]
+    if not failed or not others:
+        return
+
+    def outcome(a: ArtifactResult) -> str:
+        if a.error:
+            return "export failed"
+        if a.verification is not None and not a.verification.passed:
+            traced = a.exporter in ("torch.jit.trace", "torch.onnx.torchscript")
+            return "failed verification" + (f" ({a.exporter} traced one branch)" if traced else "")
+        return "verified" if a.verification is not None else "written, not verified"
+
+    said = "In this run: " + "; ".join(f"{a.format} {outcome(a)}" for a in others) + "."
+    for a in failed:
+        a.error["message"] = a.error["message"].replace(DEBUG_HINT, f"{said}\n{DEBUG_HINT}")
 
 
 @dataclass
@@ -639,7 +663,7 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
                     f"cannot write {dest.name} in {dest.parent}: the writer could not write all bytes "
                     "(disk full or an I/O error)"
                 ) from e
-            raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
+            raise export_failure(f"{fmt.name} export failed", e) from e
         result.exporter = written.exporter
         result.notes.extend(written.notes)
         result.info.update(written.info)

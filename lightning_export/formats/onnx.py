@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, UsageError, describe_exception
+from ..errors import (
+    DATA_DEPENDENT_HINT,
+    DEBUG_HINT,
+    ExportError,
+    UsageError,
+    describe_exception,
+    is_data_dependent,
+    source_pointers,
+)
 from ..outputs import write_os_error
 from . import ExportContext, Format, Written, register
 from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
@@ -168,6 +176,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
             if write_os_error(e) is not None:  # a full disk or an I/O error: the other exporter fares no better
                 raise
             errors.append(f"dynamo exporter: {describe_exception(e)}")
+            errors += [f"  at {p}" for p in source_pointers(e)]
             for f in path.parent.iterdir():
                 f.unlink()
             try:
@@ -175,15 +184,21 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 exporter = "torch.onnx.torchscript"
                 reason = str(e) if isinstance(e, _Skip) else f"the dynamo exporter failed ({describe_exception(e)})"
                 notes.append(f"{reason}; written by the TorchScript-based exporter")
+                if is_data_dependent(e):
+                    notes.append("forward branches on a tensor's value: the TorchScript-based exporter traces, so the "
+                                 "graph holds only the branch the example input takes")
             except Exception as e2:  # noqa: BLE001
                 if write_os_error(e2) is not None:
                     raise
                 errors.append(f"TorchScript-based exporter: {describe_exception(e2)}")
+                errors += [f"  at {p}" for p in source_pointers(e2) if f"  at {p}" not in errors]
                 detail = tail(chatter)
+                hints = [f"Exporter output:\n{detail}"] if detail else []
+                if is_data_dependent(e) or is_data_dependent(e2):
+                    hints.append(DATA_DEPENDENT_HINT)
                 raise ExportError(
                     "ONNX export failed with both exporters:\n  " + "\n  ".join(errors),
-                    hint=(f"Exporter output:\n{detail}\n" if detail else "")
-                    + "Set LEXPORT_DEBUG=1 for the full traceback.",
+                    hint="\n".join([*hints, DEBUG_HINT]),
                 ) from e2
     if external:
         notes.append("weights are over 1.8 GB: stored as ONNX external data beside the .onnx file")
