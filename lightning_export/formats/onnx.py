@@ -146,7 +146,7 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
     import torch
 
     ex = ctx.example
-    names = list(ctx.input_names) or [f"input_{i}" for i in range(len(ex.tensors()))]
+    names = list(ctx.input_names) or default_input_names(ctx.target, ex)
     args: tuple = (*ex.args, ex.kwargs) if ex.kwargs else _positional(ex)
     kwargs: dict[str, Any] = {}
     if ctx.opset is not None:
