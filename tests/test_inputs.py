@@ -112,3 +112,19 @@ def test_ort_runner_feeds_by_name_when_the_exporter_dropped_an_unused_input(tmp_
     a, b, c = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
     (out,) = onnx_format.load(tmp_path / "m.onnx")(a, b, c)
     torch.testing.assert_close(out, a * 2 + c)
+
+
+def test_default_onnx_names_flatten_dicts_and_never_clash() -> None:
+    from lightning_export.formats.onnx import io_names
+    from lightning_export.inputs import Inputs
+
+    class M(nn.Module):
+        def forward(self, batch, output):
+            return {"logits": batch["x"], "aux": (output, output)}
+
+    example = Inputs(({"x": torch.zeros(1), "m": [torch.zeros(1), 3]},), {"output": torch.zeros(1)})
+    out = M()(*example.args, **example.kwargs)
+    assert io_names(M(), example, out, [], []) == (("batch_x", "batch_m_0", "output"), ("logits", "aux_0", "aux_1"))
+    assert io_names(M(), example, torch.zeros(1), [], []) == (("batch_x", "batch_m_0", "output"), ())
+    with pytest.raises(UsageError, match="both an input and an output name"):
+        io_names(M(), example, torch.zeros(1), [], ["batch_x"])

@@ -114,9 +114,12 @@ def io_names(
         if dup:
             raise UsageError(f"{flag}: {', '.join(dup)} given twice: names must be unique", hint=defaults)
         names.append(tuple(given))
-    if set(names[0]) & set(names[1]):
-        clash = ", ".join(sorted(set(names[0]) & set(names[1])))
-        raise UsageError(f"{clash}: both an input and an output name; ONNX graph names must be distinct")
+    clash = set(names[0]) & set(names[1])
+    if clash and not (input_names or output_names):
+        return names[0], ()  # a parameter called `output`: the exporter names the outputs
+    if clash:
+        raise UsageError(f"{', '.join(sorted(clash))}: both an input and an output name; ONNX graph names must be "
+                         "distinct")
     return names[0], names[1]
 
 
