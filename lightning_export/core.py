@@ -23,6 +23,7 @@ from .errors import (
     UserModuleError,
     VerificationError,
     describe_exception,
+    export_failure,
 )
 from .report import ArtifactResult, Report, versions
 
@@ -56,6 +57,9 @@ class ExportOptions:
     seed: int = 0
     random_inputs: int = DEFAULT_RANDOM_INPUTS
     opset: int | None = None
+    # ONNX graph names, one per input/output tensor (comma-separated values are split); empty: the defaults.
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
     torchscript_mode: str = "trace"
     # Deployment options, declared by the formats that honour them (formats/_precision.py, executorch).
     precision: str | None = None  # fp16 | bf16 for graph formats (fp32: unchanged)
@@ -94,7 +98,7 @@ def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None, 
 def _options(checkpoint: str | os.PathLike[str], options: dict[str, Any]) -> ExportOptions:
     if isinstance(options.get("formats"), str):
         options["formats"] = (options["formats"],)
-    for key in ("formats", "inputs", "allow_globals"):
+    for key in ("formats", "inputs", "allow_globals", "input_names", "output_names"):
         if key in options:
             options[key] = tuple(options[key])
     if isinstance(options.get("init_args"), dict):
@@ -188,7 +192,7 @@ MANIFEST_VERSION = 1
 # Options recorded in a manifest: everything that shapes the artifacts' bytes or their verification.
 _MANIFEST_OPTIONS = (
     "formats", "module", "attr", "config", "init_args", "init_args_file", "inputs", "example_inputs",
-    "dynamic_batch", "opset", "torchscript_mode", "seed", "random_inputs", "atol", "rtol", "strict_finite",
+    "dynamic_batch", "opset", "input_names", "output_names", "torchscript_mode", "seed", "random_inputs", "atol", "rtol", "strict_finite",
     "trust_checkpoint", "allow_globals", "max_growth", "meta_build", "precision", "quantize", "executorch_backend",
 )
 
@@ -322,6 +326,7 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
         outputs.check_destination(opts.manifest, ckpt_path, force=opts.force)
     graph = [f for f in formats if f.kind == "graph"]
     opts = replace(opts, formats=tuple(f.name for f in formats))
+    onnx_names = _onnx_names_given(opts, formats, existing is not None)
     # Weights formats never need the class: --config alone does not make lexport import anything for them.
     wants_module = opts.module or any(f.needs_module for f in formats)
 
@@ -376,6 +381,8 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
 
     example = None
     refs: _References | None = None
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
     if graph:
         with step("running the module on the example inputs"), _phase(UserModuleError, "running the module"):
             example, source = _example_inputs(opts, specs, target, built.module)
@@ -395,6 +402,10 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
                 e.message += f"\n(the inputs are {source})"
                 raise
             _check_finite_outputs(reference, opts, report)
+        if any(f.name == "onnx" for f in graph):
+            from .formats.onnx import io_names
+
+            input_names, output_names = io_names(target, example, reference, *onnx_names)
 
     ctx = ExportContext(
         target=target,
@@ -404,6 +415,8 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
         dynamic_batch=opts.dynamic_batch,
         torchscript_mode=opts.torchscript_mode,
         executorch_backend=opts.executorch_backend,
+        input_names=input_names,
+        output_names=output_names,
     )
     if existing is None:
         for d in {dest.parent for dest in destinations.values()}:
@@ -419,8 +432,47 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
                 _export_one(fmt, ctx, dest, opts, refs, result)
             if shown is not None and not result.ok:
                 shown.failed = True  # the status line ends in ✗
+    _say_what_else_worked(report)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = ckpt.sha256
+
+
+def _onnx_names_given(opts: ExportOptions, formats: list[Any], verifying: bool) -> tuple[list[str], list[str]]:
+    """--input-names/--output-names split at commas; names only ONNX has, checked before any slow work (their count
+    once the example inputs and outputs are known)."""
+    from .formats.onnx import parse_names
+
+    given = parse_names(opts.input_names), parse_names(opts.output_names)
+    if verifying:  # export-only: the names are in the graph already
+        return [], []
+    for flag, names in zip(("--input-names", "--output-names"), given):
+        if names and not any(f.name == "onnx" for f in formats):
+            raise UsageError(f"{flag} names an ONNX graph's {flag[2:-6]}s: it needs --to onnx")
+        if any(not n for n in names):
+            raise UsageError(f"{flag} {','.join(names)!r}: a name is empty", hint="Separate names with one comma.")
+    return given
+
+
+def _say_what_else_worked(report: Report) -> None:
+    """A format that failed on data-dependent control flow: its error says what the other formats of this run did."""
+    from .errors import DATA_DEPENDENT_HINT, DEBUG_HINT
+
+    failed = [a for a in report.artifacts if a.error and DATA_DEPENDENT_HINT in a.error["message"]]
+    others = [a for a in report.artifacts if a not in failed]
+    if not failed or not others:
+        return
+
+    def outcome(a: ArtifactResult) -> str:
+        if a.error:
+            return "export failed"
+        if a.verification is not None and not a.verification.passed:
+            traced = a.exporter in ("torch.jit.trace", "torch.onnx.torchscript")
+            return "failed verification" + (f" ({a.exporter} traced one branch)" if traced else "")
+        return "verified" if a.verification is not None else "written, not verified"
+
+    said = "In this run: " + "; ".join(f"{a.format} {outcome(a)}" for a in others) + "."
+    for a in failed:
+        a.error["message"] = a.error["message"].replace(DEBUG_HINT, f"{said}\n{DEBUG_HINT}")
 
 
 @dataclass
@@ -619,7 +671,7 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
                     f"cannot write {dest.name} in {dest.parent}: the writer could not write all bytes "
                     "(disk full or an I/O error)"
                 ) from e
-            raise ExportError(f"{fmt.name} export failed: {describe_exception(e)}") from e
+            raise export_failure(f"{fmt.name} export failed", e) from e
         result.exporter = written.exporter
         result.notes.extend(written.notes)
         result.info.update(written.info)

@@ -78,3 +78,109 @@ def describe_exception(e: BaseException, limit: int = 400) -> str:
     # A first line ending in ':' introduces the reason on the next lines: keep a few of them.
     first = " ".join(lines[:4] if lines and lines[0].endswith(":") else lines[:1])[:limit]
     return f"{type(root).__name__}: {first}" if first else type(root).__name__
+
+
+DEBUG_HINT = "Set LEXPORT_DEBUG=1 for the full traceback."
+# Said when a format fails on Python control flow that depends on tensor values; observed on torch 2.13 with
+# `if x.sum() > 0:` in forward (fixtures.modules.DataDependentBranch).
+DATA_DEPENDENT_HINT = (
+    "forward branches on a tensor's value, which torch.export cannot capture: exported-program, executorch, aoti "
+    "and onnx's dynamo exporter all refuse it. --to torchscript --torchscript-mode script compiles both branches; "
+    "tracing (torchscript's default, onnx's TorchScript-based fallback) records only the branch the example takes, "
+    "which verification then reports. Or write the branch with torch.where or torch.cond."
+)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _is_library(filename: str) -> bool:
+    """Frames of torch, Lightning, lexport, the standard library: not where the user can change anything."""
+    import os
+    import sysconfig
+
+    if filename.startswith("<") or any(p in filename for p in ("site-packages", "dist-packages")):
+        return True
+    here = os.path.dirname(os.path.abspath(__file__))
+    stdlib = sysconfig.get_paths().get("stdlib") or "\0"
+    return filename.startswith((here, stdlib))
+
+
+def source_pointers(e: BaseException, limit: int = 2) -> list[str]:
+    """The user's file and line (and the code there) that torch's error points at: the `File "...", line N` lines
+    of its message (torch.export and TorchScript print them), else the innermost traceback frame outside torch,
+    Lightning and lexport."""
+    import re
+    import traceback
+
+    found: list[str] = []
+    for exc in _chain(e):
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r'\s*File "(.+?)", line (\d+)(?:, in (\S+))?', line)
+            if m and not _is_library(m.group(1)):
+                code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+                where = f"{m.group(1)}:{m.group(2)}" + (f" in {m.group(3)}" if m.group(3) else "")
+                found.append(f"{where}: {code}" if code else where)
+    if not found:
+        for exc in _chain(e):
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_library(f.filename)]
+            if frames:
+                f = frames[-1]
+                found.append(f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}".rstrip(": "))
+                break
+    return list(dict.fromkeys(found))[:limit]
+
+
+def torch_suggestion(e: BaseException) -> str | None:
+    """torch's own advice in its message ("consider using ...", "Suggested fixes: ..."), when it gives one."""
+    import re
+
+    for exc in _chain(e):
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()]
+        for i, line in enumerate(lines):
+            if re.match(r"(consider|suggested fix|suggestion|hint:|try |to fix|did you mean|you may want)", line, re.I):
+                if line.endswith(":") and i + 1 < len(lines):
+                    line = f"{line} {lines[i + 1]}"
+                return line[:300]
+    return None
+
+
+def is_data_dependent(e: BaseException) -> bool:
+    return any("DataDependent" in type(x).__name__ or "data-dependent" in str(x) for x in _chain(e))
+
+
+def export_failure(what: str, e: BaseException, *, detail: str | None = None) -> ExportError:
+    """An export that torch refused: its reason in one line, the user's source line and torch's suggestion when it
+    gives them, what to try for data-dependent control flow, and the LEXPORT_DEBUG hint."""
+    lines = [f"{what}: {describe_exception(e)}"]
+    lines += [f"  at {p}" for p in source_pointers(e)]
+    # For data-dependent guards torch suggests its own internal APIs (guard_or_false): the hint below fits users.
+    suggestion = None if is_data_dependent(e) else torch_suggestion(e)
+    if suggestion:
+        lines.append(f"  torch suggests: {suggestion}")
+    hints = [detail] if detail else []
+    if is_data_dependent(e):
+        hints.append(DATA_DEPENDENT_HINT)
+    hints.append(DEBUG_HINT)
+    return ExportError("\n".join(lines), hint="\n".join(hints))
+
+
+def lightning_package() -> str:
+    """`lightning.pytorch` when the unified `lightning` package is installed, else `pytorch_lightning` when that is:
+    the prefix for the Lightning commands a hint names. Found without importing Lightning."""
+    import importlib.util
+
+    for name, prefix in (("lightning", "lightning.pytorch"), ("pytorch_lightning", "pytorch_lightning")):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return prefix
+        except (ImportError, ValueError):
+            continue
+    return "lightning.pytorch"

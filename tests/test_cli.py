@@ -106,3 +106,13 @@ def test_console_script_installed():
     assert exe, "the lexport console script is installed"
     res = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert res.returncode == 0
+
+
+def test_hints_name_the_installed_lightning_package():
+    import importlib.util
+
+    from lightning_export.errors import lightning_package
+
+    expected = "lightning.pytorch" if importlib.util.find_spec("lightning") else "pytorch_lightning"
+    assert lightning_package() == expected
+    assert "lightning" not in sys.modules or expected == "lightning.pytorch"  # found without importing it

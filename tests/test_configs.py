@@ -160,6 +160,9 @@ def test_forward_taking_a_dict_batch_exports_to_onnx(tmp_path: Path, opset) -> N
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(tmp_path / "d.onnx"))
+    # Both exporters name the inputs after forward's parameter and the dict's keys.
+    assert [i.name for i in sess.get_inputs()] == ["batch_x", "batch_bias"]
+    assert [o.name for o in sess.get_outputs()] == ["output"]
     batch = {"x": torch.randn(2, 4), "bias": torch.randn(2, 2)}
     feeds = dict(zip([i.name for i in sess.get_inputs()], [batch["x"].numpy(), batch["bias"].numpy()]))
     got = sess.run(None, feeds)[0]

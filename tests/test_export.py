@@ -210,8 +210,44 @@ def test_data_dependent_onnx_falls_back_and_is_still_caught(ckpts, tmp_path):
     onnx, ep = info.value.report.artifacts
     assert onnx.exporter == "torch.onnx.torchscript"  # dynamo refused the data-dependent guard
     assert onnx.verification.passed is False
+    assert any("only the branch the example input takes" in n for n in onnx.notes)
     assert ep.error["code"] == 5 and "GuardOnDataDependent" in ep.error["message"]
+    # What the other format of the run did, and what can export such a forward.
+    assert "In this run: onnx failed verification (torch.onnx.torchscript traced one branch)" in ep.error["message"]
+    assert "--torchscript-mode script" in ep.error["message"]
     assert info.value.exit_code == 1  # the first failing artifact decides
+
+
+def test_data_dependent_export_errors_point_at_the_users_line(ckpts, tmp_path):
+    """Every torch.export-based format fails on `if x.sum() > 0:`; each error names that line of the user's file,
+    says what works instead, and how to see the traceback. The failed step ends in ✗."""
+    import inspect
+
+    from fixtures.modules import Branchy
+
+    lines, first = inspect.getsourcelines(Branchy.forward)
+    line = first + next(i for i, text in enumerate(lines) if "if x.sum() > 0" in text)
+    res = invoke(
+        ckpts["data_dependent"], "--module", "fixtures.modules:DataDependentBranch", "--attr", "model",
+        "--to", "exported-program,executorch,aoti,torchscript", "--torchscript-mode", "script",
+        "--output-dir", tmp_path, "--json",
+    )
+    assert res.code == 5, res
+    for art in res.json()["artifacts"]:
+        if art["format"] == "torchscript":
+            assert art["verification"]["passed"] is True  # scripting keeps both branches
+            continue
+        message = art["error"]["message"]
+        assert f"fixtures/modules.py:{line} in forward: if x.sum() > 0:" in message, message
+        assert "Set LEXPORT_DEBUG=1 for the full traceback." in message
+        assert "In this run: " in message and "torchscript verified" in message
+        assert "Traceback" not in message and len(message.splitlines()) <= 8
+    res = invoke(ckpts["data_dependent"], "--module", "fixtures.modules:DataDependentBranch", "--attr", "model",
+                 "--to", "exported-program", "--output-dir", tmp_path)
+    assert res.code == 5
+    assert "✗ exporting exported-program" in res.stderr and "✓ exporting" not in res.stderr
+    assert f"modules.py:{line} in forward" in res.stderr and "LEXPORT_DEBUG=1" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_init_arg_supplies_missing_arguments(ckpts, tmp_path):

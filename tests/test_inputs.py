@@ -34,3 +34,97 @@ def test_default_integer_range_covers_the_first_embedding() -> None:
     assert int(t.max()) > 1000 and int(t.max()) < 30000
     assert embedding_vocabulary(nn.Linear(2, 2)) is None
     assert int(from_specs([parse_input_spec("int64[4,64]")], seed=0).args[0].max()) <= 9
+
+
+# ---- ONNX graph names ----------------------------------------------------------------------------------------
+
+
+def _graph_names(path) -> tuple[list[str], list[str]]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+
+
+def test_onnx_default_names_come_from_forward_and_the_outputs(ckpts, tmp_path) -> None:
+    from tests.conftest import invoke
+
+    res = invoke(ckpts["multi_input"], "--module", "fixtures.modules:MultiInputTupleOutput", "--to", "onnx",
+                 "-o", tmp_path / "m.onnx", "--json")
+    assert res.code == 0, res
+    assert _graph_names(tmp_path / "m.onnx") == (["x", "y"], ["output_0", "output_1"])
+    info = res.json()["artifacts"][0]["info"]
+    assert (info["inputs"], info["outputs"]) == (["x", "y"], ["output_0", "output_1"])
+
+
+def test_custom_onnx_names_reach_the_graph_the_report_and_the_manifest(ckpts, tmp_path) -> None:
+    import json
+
+    from tests.conftest import invoke, run_lexport
+
+    res = invoke(ckpts["multi_input"], "--module", "fixtures.modules:MultiInputTupleOutput", "--to", "onnx",
+                 "-o", tmp_path / "m.onnx", "--input-names", "features", "--input-names", "extra",
+                 "--output-names", "score,box", "--manifest", tmp_path / "m.json", "--json")
+    assert res.code == 0, res
+    assert _graph_names(tmp_path / "m.onnx") == (["features", "extra"], ["score", "box"])
+    info = res.json()["artifacts"][0]["info"]
+    assert (info["inputs"], info["outputs"]) == (["features", "extra"], ["score", "box"])
+    options = json.loads((tmp_path / "m.json").read_text())["options"]
+    assert (options["input_names"], options["output_names"]) == (["features", "extra"], ["score,box"])
+    res = run_lexport("verify", "--manifest", tmp_path / "m.json", "--json")
+    assert res.code == 0, res
+    assert res.json()["artifacts"][0]["verification"]["passed"] is True
+
+
+def test_onnx_names_that_do_not_fit_are_usage_errors(ckpts, tmp_path) -> None:
+    from tests.conftest import invoke
+
+    common = (ckpts["multi_input"], "--module", "fixtures.modules:MultiInputTupleOutput", "--to", "onnx",
+              "--output-dir", tmp_path)
+    res = invoke(*common, "--input-names", "only_one")
+    assert res.code == 2, res
+    assert "--input-names gives 1 name; the graph has 2 input tensors" in res.stderr
+    assert "--input-names x,y" in res.stderr  # the defaults, ready to edit
+    res = invoke(*common, "--output-names", "a,a")
+    assert res.code == 2 and "a given twice" in res.stderr, res
+    res = invoke(*common, "--input-names", "a,,b")
+    assert res.code == 2 and "a name is empty" in res.stderr, res
+    res = invoke(ckpts["classifier"], "--to", "safetensors", "--output-dir", tmp_path, "--output-names", "y")
+    assert res.code == 2 and "it needs --to onnx" in res.stderr, res
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ort_runner_feeds_by_name_when_the_exporter_dropped_an_unused_input(tmp_path) -> None:
+    """The TorchScript-based exporter drops inputs the graph does not use; the runner must not shift the rest."""
+    from lightning_export.formats import ExportContext
+    from lightning_export.formats import onnx as onnx_format
+    from lightning_export.inputs import Inputs
+
+    class IgnoresB(nn.Module):
+        def forward(self, a, b, c):
+            return a * 2 + c
+
+    example = Inputs((torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)), {})
+    ctx = ExportContext(target=IgnoresB(), state_dict={}, example=example, opset=17)
+    written = onnx_format.write(ctx, tmp_path / "m.onnx")
+    assert written.exporter == "torch.onnx.torchscript" and written.info["inputs"] == ["a", "c"]
+    assert any("dropped" in n and "b" in n for n in written.notes)
+    a, b, c = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    (out,) = onnx_format.load(tmp_path / "m.onnx")(a, b, c)
+    torch.testing.assert_close(out, a * 2 + c)
+
+
+def test_default_onnx_names_flatten_dicts_and_never_clash() -> None:
+    from lightning_export.formats.onnx import io_names
+    from lightning_export.inputs import Inputs
+
+    class M(nn.Module):
+        def forward(self, batch, output):
+            return {"logits": batch["x"], "aux": (output, output)}
+
+    example = Inputs(({"x": torch.zeros(1), "m": [torch.zeros(1), 3]},), {"output": torch.zeros(1)})
+    out = M()(*example.args, **example.kwargs)
+    assert io_names(M(), example, out, [], []) == (("batch_x", "batch_m_0", "output"), ("logits", "aux_0", "aux_1"))
+    assert io_names(M(), example, torch.zeros(1), [], []) == (("batch_x", "batch_m_0", "output"), ())
+    with pytest.raises(UsageError, match="both an input and an output name"):
+        io_names(M(), example, torch.zeros(1), [], ["batch_x"])

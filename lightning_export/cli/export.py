@@ -68,6 +68,8 @@ def lexport(
     seed: o.Seed = 0,
     random_inputs: o.RandomInputs = 5,
     opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset version (default: the dynamo exporter's; below 18 the TorchScript-based exporter writes it).")] = None,
+    input_names: o.InputNames = [],  # noqa: B006
+    output_names: o.OutputNames = [],  # noqa: B006
     torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="trace or script.")] = "trace",
     precision: o.Precision = None,
     quantize: o.Quantize = None,
@@ -106,6 +108,8 @@ def lexport(
             seed=seed,
             random_inputs=random_inputs,
             opset=opset,
+            input_names=tuple(input_names),
+            output_names=tuple(output_names),
             torchscript_mode=torchscript_mode,
             precision=precision,
             quantize=quantize,

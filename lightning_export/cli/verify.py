@@ -83,7 +83,8 @@ def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) 
     base = manifest.parent
     recorded = record.get("options") or {}
     for key, value in recorded.items():
-        if key in ("formats", "meta_build", "strict_finite", "torchscript_mode", "opset", "executorch_backend") or (
+        if key in ("formats", "meta_build", "strict_finite", "torchscript_mode", "opset", "executorch_backend",
+                   "input_names", "output_names") or (
             key.endswith("_sha256")
         ):
             continue  # export-only options, and the inputs' hashes

@@ -22,6 +22,9 @@ class ExportContext:
     dynamic_batch: bool = False
     torchscript_mode: str = "trace"
     executorch_backend: str = "xnnpack"
+    # ONNX graph input/output names, one per tensor leaf of (args, kwargs) / of the output (empty: defaults).
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
 
 
 @dataclass

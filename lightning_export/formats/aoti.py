@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError
+from ..errors import DEBUG_HINT, ExportError
 from . import ExportContext, Format, Written, register
 from ._graph import dynamic_shapes_for, exporting, tail
 from ._precision import module_bytes
@@ -82,7 +82,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
             detail = tail(chatter)
             raise ExportError(
                 f"AOTInductor compilation failed: {type(e).__name__}: {str(e)[:2000]}",
-                hint=(f"Compiler output:\n{detail}\n" if detail else "") + "Set LEXPORT_DEBUG=1 for the traceback.",
+                hint=(f"Compiler output:\n{detail}\n" if detail else "") + DEBUG_HINT,
             ) from e
         compile_seconds = time.perf_counter() - started
     meta = _metadata(path)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, describe_exception
+from ..errors import (
+    DATA_DEPENDENT_HINT,
+    DEBUG_HINT,
+    ExportError,
+    UsageError,
+    describe_exception,
+    is_data_dependent,
+    source_pointers,
+)
 from ..outputs import write_os_error
 from . import ExportContext, Format, Written, register
 from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
@@ -30,6 +38,91 @@ def _positional(ex: Any) -> tuple:
     return (*args, {}) if args and isinstance(args[-1], dict) and not ex.kwargs else args
 
 
+def _leaf_names(value: Any, prefix: str) -> list[str]:
+    """`prefix` for a tensor, `prefix_key` / `prefix_0` for the tensors inside dicts, lists and tuples (the dynamo
+    exporter's own convention, e.g. `batch_x` for batch["x"]); non-tensor leaves are no graph inputs/outputs."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [prefix]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _leaf_names(v, f"{prefix}_{k}")]
+    if isinstance(value, (tuple, list)):
+        return [n for i, v in enumerate(value) for n in _leaf_names(v, f"{prefix}_{i}")]
+    return []
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Flattened names can collide (`a_b` from a["b"] and from a parameter `a_b`): number the later ones."""
+    seen: set[str] = set()
+    out = []
+    for n in names:
+        name, i = n, 1
+        while name in seen:
+            name, i = f"{n}_{i}", i + 1
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def default_input_names(module: Any, example: Any) -> list[str]:
+    """One name per input tensor, in the graph's order: forward's parameter names, flattened."""
+    import inspect
+
+    try:
+        bound = inspect.signature(module.forward).bind(*example.args, **example.kwargs).arguments
+    except (TypeError, ValueError):  # no readable signature: positions
+        bound = {f"input_{i}": a for i, a in enumerate(example.args)} | dict(example.kwargs)
+    return _unique([n for name, value in bound.items() for n in _leaf_names(value, name)])
+
+
+def default_output_names(output: Any) -> list[str]:
+    """`output` for one tensor, `output_0`.. for a tuple or list, the keys for a dict (flattened below)."""
+    if isinstance(output, dict):
+        return _unique([n for k, v in output.items() for n in _leaf_names(v, str(k))])
+    return _unique(_leaf_names(output, "output") if not isinstance(output, (tuple, list)) or len(output) != 1
+                   else _leaf_names(output[0], "output"))
+
+
+def parse_names(values: tuple[str, ...] | list[str]) -> list[str]:
+    """`--input-names a,b` and `--input-names a --input-names b` alike."""
+    return [n.strip() for v in values for n in str(v).split(",")]
+
+
+def io_names(
+    module: Any, example: Any, output: Any, input_names: list[str], output_names: list[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The graph's input and output names: the defaults, or the user's when they fit (else a UsageError)."""
+    names = []
+    for flag, given, default, what in (
+        ("--input-names", input_names, default_input_names(module, example), "input tensors"),
+        ("--output-names", output_names, default_output_names(output), "output tensors"),
+    ):
+        if not given:
+            names.append(tuple(default))
+            continue
+        defaults = f"The defaults would be: {flag} {','.join(default)}" if default else "The graph has none."
+        if len(given) != len(default):
+            raise UsageError(
+                f"{flag} gives {len(given)} name{'s' if len(given) != 1 else ''}; the graph has {len(default)} "
+                f"{what}: one name each, in order",
+                hint=defaults,
+            )
+        if any(not n for n in given):
+            raise UsageError(f"{flag}: empty name in {','.join(given)!r}", hint=defaults)
+        dup = sorted({n for n in given if given.count(n) > 1})
+        if dup:
+            raise UsageError(f"{flag}: {', '.join(dup)} given twice: names must be unique", hint=defaults)
+        names.append(tuple(given))
+    clash = set(names[0]) & set(names[1])
+    if clash and not (input_names or output_names):
+        return names[0], ()  # a parameter called `output`: the exporter names the outputs
+    if clash:
+        raise UsageError(f"{', '.join(sorted(clash))}: both an input and an output name; ONNX graph names must be "
+                         "distinct")
+    return names[0], names[1]
+
+
 def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     import torch
 
@@ -43,6 +136,8 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
         external_data=external,
         opset_version=ctx.opset,
         dynamic_shapes=dyn,
+        input_names=list(ctx.input_names) or None,
+        output_names=list(ctx.output_names) or None,
         verbose=False,
     )
     if program is None:
@@ -54,14 +149,15 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
     import torch
 
     ex = ctx.example
-    n_inputs = len(ex.tensors())
-    names = [f"input_{i}" for i in range(n_inputs)]
+    names = list(ctx.input_names) or default_input_names(ctx.target, ex)
     args: tuple = (*ex.args, ex.kwargs) if ex.kwargs else _positional(ex)
     kwargs: dict[str, Any] = {}
     if ctx.opset is not None:
         kwargs["opset_version"] = ctx.opset
     if ctx.dynamic_batch:
         kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
+    if ctx.output_names:
+        kwargs["output_names"] = list(ctx.output_names)
     torch.onnx.export(ctx.target, args, str(path), input_names=names, dynamo=False, **kwargs)
 
 
@@ -83,6 +179,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
             if write_os_error(e) is not None:  # a full disk or an I/O error: the other exporter fares no better
                 raise
             errors.append(f"dynamo exporter: {describe_exception(e)}")
+            errors += [f"  at {p}" for p in source_pointers(e)]
             for f in path.parent.iterdir():
                 f.unlink()
             try:
@@ -90,19 +187,33 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 exporter = "torch.onnx.torchscript"
                 reason = str(e) if isinstance(e, _Skip) else f"the dynamo exporter failed ({describe_exception(e)})"
                 notes.append(f"{reason}; written by the TorchScript-based exporter")
+                if is_data_dependent(e):
+                    notes.append("forward branches on a tensor's value: the TorchScript-based exporter traces, so the "
+                                 "graph holds only the branch the example input takes")
             except Exception as e2:  # noqa: BLE001
                 if write_os_error(e2) is not None:
                     raise
                 errors.append(f"TorchScript-based exporter: {describe_exception(e2)}")
+                errors += [f"  at {p}" for p in source_pointers(e2) if f"  at {p}" not in errors]
                 detail = tail(chatter)
+                hints = [f"Exporter output:\n{detail}"] if detail else []
+                if is_data_dependent(e) or is_data_dependent(e2):
+                    hints.append(DATA_DEPENDENT_HINT)
                 raise ExportError(
                     "ONNX export failed with both exporters:\n  " + "\n  ".join(errors),
-                    hint=(f"Exporter output:\n{detail}\n" if detail else "")
-                    + "Set LEXPORT_DEBUG=1 for the full traceback.",
+                    hint="\n".join([*hints, DEBUG_HINT]),
                 ) from e2
     if external:
         notes.append("weights are over 1.8 GB: stored as ONNX external data beside the .onnx file")
     info = _describe(path)
+    names = list(ctx.input_names) or default_input_names(ctx.target, ctx.example)
+    if info["inputs"] != names:
+        # The TorchScript-based exporter drops inputs the graph does not use: record every tensor's name, so a
+        # runner (OrtRunner, a deployer) knows which of the module's inputs each graph input is.
+        _record_input_names(path, names)
+        unused = [n for n in names if n not in info["inputs"]]
+        if unused:
+            notes.append(f"inputs the graph does not use were dropped by {exporter}: {', '.join(unused)}")
     if ctx.opset is not None and info["opset"] != ctx.opset:
         raise ExportError(f"--opset {ctx.opset} was asked for, but {exporter} wrote opset {info['opset']}")
     return Written(exporter, notes, info)
@@ -110,6 +221,21 @@ def write(ctx: ExportContext, path: Path) -> Written:
 
 class _Skip(Exception):
     """Not an error: the dynamo exporter cannot produce what was asked for."""
+
+
+# Metadata key holding the names of all of forward's input tensors, in order, when the graph takes fewer of them.
+INPUTS_METADATA = "lexport.input_names"
+
+
+def _record_input_names(path: Path, names: list[str]) -> None:
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # external data stays where it is
+    entry = model.metadata_props.add()
+    entry.key, entry.value = INPUTS_METADATA, json.dumps(names)
+    onnx.save(model, str(path))
 
 
 def _describe(path: Path) -> dict[str, Any]:
@@ -137,6 +263,12 @@ class OrtRunner:
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
+        recorded = self.session.get_modelmeta().custom_metadata_map.get(INPUTS_METADATA)
+        self.all_names: list[str] | None = None
+        if recorded:
+            import json
+
+            self.all_names = [str(n) for n in json.loads(recorded)]
 
     def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
         import torch
@@ -144,8 +276,18 @@ class OrtRunner:
 
         leaves, _ = tree_flatten((args, kwargs))
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-        if len(tensors) < len(self.names):
-            raise RuntimeError(f"the ONNX graph takes {len(self.names)} inputs, {len(tensors)} were given")
+        if self.all_names is not None and len(tensors) == len(self.all_names):
+            # Some inputs were dropped at export: feed the others by name.
+            given = dict(zip(self.all_names, tensors))
+            if all(n in given for n in self.names):
+                tensors = [given[n] for n in self.names]
+        # Otherwise both exporters keep the graph inputs in the order of the flattened (args, kwargs), whatever
+        # their names; a count that differs would shift every later input: refuse it.
+        if len(tensors) != len(self.names):
+            raise RuntimeError(
+                f"the ONNX graph takes {len(self.names)} inputs ({', '.join(self.names)}), {len(tensors)} tensors "
+                "were given"
+            )
         feed = {name: _to_numpy(t) for name, t in zip(self.names, tensors)}
         return [torch.from_numpy(o) if hasattr(o, "dtype") else o for o in self.session.run(None, feed)]
 
