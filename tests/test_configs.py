@@ -11,10 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import invoke
-
-from fixtures.make_checkpoints import _TRAINER_KWARGS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -137,36 +134,6 @@ def test_project_classes_resolve_from_the_project_root(tmp_path: Path) -> None:
     res = run_lexport("run.ckpt", "--to", "safetensors", "--attr", "net", "-o", "c.safetensors",
                       "--trust-checkpoint", cwd=proj)
     assert res.code == 0, res
-
-
-@pytest.mark.parametrize("opset", [None, 17], ids=["dynamo", "torchscript-exporter"])
-def test_forward_taking_a_dict_batch_exports_to_onnx(tmp_path: Path, opset) -> None:
-    """torch.onnx.export reads a trailing dict in args as kwargs; a forward(batch: dict) must still export."""
-    import pytorch_lightning as pl
-
-    from fixtures.modules import DictBatchModel
-
-    pl.seed_everything(0, verbose=False)
-    module = DictBatchModel()
-    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 2))
-    trainer = pl.Trainer(max_steps=2, **_TRAINER_KWARGS)
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    ckpt = tmp_path / "dict.ckpt"
-    trainer.save_checkpoint(ckpt)
-    extra = ["--opset", str(opset)] if opset else []
-    res = invoke(ckpt, "--module", "fixtures.modules:DictBatchModel", "--to", "onnx", "-o", tmp_path / "d.onnx",
-                 *extra)
-    assert res.code == 0, res
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(tmp_path / "d.onnx"))
-    # Both exporters name the inputs after forward's parameter and the dict's keys.
-    assert [i.name for i in sess.get_inputs()] == ["batch_x", "batch_bias"]
-    assert [o.name for o in sess.get_outputs()] == ["output"]
-    batch = {"x": torch.randn(2, 4), "bias": torch.randn(2, 2)}
-    feeds = dict(zip([i.name for i in sess.get_inputs()], [batch["x"].numpy(), batch["bias"].numpy()]))
-    got = sess.run(None, feeds)[0]
-    torch.testing.assert_close(torch.from_numpy(got), module.eval()(batch).detach(), atol=1e-5, rtol=1e-4)
 
 
 def test_hydra_run_config_with_paths_only_hydra_resolves(tmp_path: Path) -> None:

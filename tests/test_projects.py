@@ -178,24 +178,10 @@ def test_hydra_template_graph_export_without_config_names_the_objects_to_give(hy
 
 
 # ------------------------------------------------------------------------------------- numpy in hparams
-def test_numpy_hparams_load_after_exactly_one_round_of_the_hint(tmp_path: Path) -> None:
+def test_numpy_hparams_load_after_exactly_one_round_of_the_hint(ckpts: dict, tmp_path: Path) -> None:
     """A constructor taking numpy arrays and a numpy scalar: a weights export needs no flag; a graph export
     prints one --allow-global line, and that line pasted back once is enough (numpy's dtype classes included)."""
-    import numpy as np
-    import pytorch_lightning as pl
-
-    from fixtures.make_checkpoints import _TRAINER_KWARGS
-    from fixtures.modules import NumpyNormModel
-
-    pl.seed_everything(0, verbose=False)
-    module = NumpyNormModel(mean=np.arange(4.0), std=np.ones(4, dtype=np.float32) * 2, eps=np.float64(1e-3),
-                            classes=np.array([0, 1], dtype=np.int64))
-    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 2))
-    trainer = pl.Trainer(max_steps=2, **_TRAINER_KWARGS)
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    ckpt = tmp_path / "np.ckpt"
-    trainer.save_checkpoint(ckpt)
-
+    ckpt = ckpts["numpy_hparams"]
     res = invoke(ckpt, "--to", "safetensors", "-o", tmp_path / "w.safetensors")
     assert res.code == 0, res
     args = [ckpt, "--module", "fixtures.modules:NumpyNormModel", "--to", "onnx", "-o", tmp_path / "m.onnx"]
@@ -210,30 +196,44 @@ def test_numpy_hparams_load_after_exactly_one_round_of_the_hint(tmp_path: Path) 
 
 
 # ----------------------------------------------------------------------------------------- dict batch
-def test_forward_taking_a_dict_batch_exports_to_every_graph_format(tmp_path: Path) -> None:
-    """forward(batch: dict) to torchscript, exported-program, executorch and aoti in one run (onnx, with both its
-    exporters, is in test_configs): each is verified by lexport in its own runtime; the exported program is also
-    called here with a dict."""
-    import pytorch_lightning as pl
-
-    from fixtures.make_checkpoints import _TRAINER_KWARGS
+def _dict_module(ckpt: Path) -> torch.nn.Module:
     from fixtures.modules import DictBatchModel
+
+    return DictBatchModel.load_from_checkpoint(ckpt, weights_only=False).eval()
+
+
+@pytest.mark.parametrize("opset", [None, 17], ids=["dynamo", "torchscript-exporter"])
+def test_forward_taking_a_dict_batch_exports_to_onnx(ckpts: dict, tmp_path: Path, opset) -> None:
+    """torch.onnx.export reads a trailing dict in args as kwargs; a forward(batch: dict) must still export."""
+    extra = ["--opset", str(opset)] if opset else []
+    res = invoke(ckpts["dict_batch"], "--module", "fixtures.modules:DictBatchModel", "--to", "onnx",
+                 "-o", tmp_path / "d.onnx", *extra)
+    assert res.code == 0, res
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "d.onnx"))
+    # Both exporters name the inputs after forward's parameter and the dict's keys.
+    assert [i.name for i in sess.get_inputs()] == ["batch_x", "batch_bias"]
+    assert [o.name for o in sess.get_outputs()] == ["output"]
+    batch = {"x": torch.randn(2, 4), "bias": torch.randn(2, 2)}
+    feeds = dict(zip([i.name for i in sess.get_inputs()], [batch["x"].numpy(), batch["bias"].numpy()]))
+    got = sess.run(None, feeds)[0]
+    torch.testing.assert_close(torch.from_numpy(got), _dict_module(ckpts["dict_batch"])(batch).detach(),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_forward_taking_a_dict_batch_exports_to_every_graph_format(ckpts: dict, tmp_path: Path) -> None:
+    """forward(batch: dict) to torchscript, exported-program, executorch and aoti in one run (onnx above): each is
+    verified by lexport in its own runtime; the exported program is also called here with a dict."""
     from lightning_export.formats import REGISTRY
 
     graph = [n for n, f in REGISTRY.items() if f.kind == "graph" and n != "onnx"]
     assert {"torchscript", "exported-program", "executorch", "aoti"} <= set(graph), graph
-    pl.seed_everything(0, verbose=False)
-    module = DictBatchModel()
-    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 2))
-    trainer = pl.Trainer(max_steps=2, **_TRAINER_KWARGS)
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    ckpt = tmp_path / "dict.ckpt"
-    trainer.save_checkpoint(ckpt)
-    res = invoke(ckpt, "--module", "fixtures.modules:DictBatchModel", *(a for n in graph for a in ("--to", n)),
-                 "--output-dir", tmp_path / "out", "--json")
+    res = invoke(ckpts["dict_batch"], "--module", "fixtures.modules:DictBatchModel",
+                 *(a for n in graph for a in ("--to", n)), "--output-dir", tmp_path / "out", "--json")
     assert res.code == 0, res
     report = json.loads(res.stdout)
     assert sorted(a["format"] for a in report["artifacts"] if a["verification"]["passed"]) == sorted(graph), report
-    program = torch.export.load(str(tmp_path / "out" / "dict.pt2")).module()
+    program = torch.export.load(str(tmp_path / "out" / "dict_batch.pt2")).module()
     batch = {"x": torch.randn(2, 4), "bias": torch.randn(2, 2)}
-    torch.testing.assert_close(program(batch), module.eval()(batch).detach())
+    torch.testing.assert_close(program(batch), _dict_module(ckpts["dict_batch"])(batch).detach())
