@@ -198,6 +198,7 @@ class ShardedCheckpoint:
         self.files = _rank_files(self.root)
         self.weights_key, self.entries, self.skipped = _weight_entries(self.root, self.metadata, self.files)
         self._reader: Any = None
+        self.live = _LiveBytes()  # what the LazyStateDicts over this folder have handed out and is still alive
 
     # -- what it holds, without reading any tensor
     @property
@@ -330,19 +331,18 @@ class LazyStateDict(MutableMapping):
     """
 
     def __init__(self, source: ShardedCheckpoint, names: dict[str, str | None] | None = None,
-                 set_values: dict[str, Any] | None = None, live: _LiveBytes | None = None) -> None:
+                 set_values: dict[str, Any] | None = None) -> None:
         self.source = source
         # key -> the folder's key (None: a value assigned in memory, in self._set)
         self._names: dict[str, str | None] = dict(names) if names is not None else {k: k for k in source.entries}
         self._set: dict[str, Any] = dict(set_values or {})
-        self.live = live if live is not None else _LiveBytes()
 
     def __getitem__(self, key: str) -> Any:
         src = self._names[key]
         if src is None:
             return self._set[key]
         t = self.source.tensor(src)
-        self.live.track(t, self.source.entries[src].nbytes)
+        self.source.live.track(t, self.source.entries[src].nbytes)
         return t
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -389,7 +389,6 @@ class LazyStateDict(MutableMapping):
             self.source,
             {new: self._names[old] for new, old in names.items()},
             {new: self._set[old] for new, old in names.items() if self._names[old] is None},
-            self.live,
         )
 
     def copy(self) -> LazyStateDict:
