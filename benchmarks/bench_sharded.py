@@ -1,6 +1,7 @@
 """Sharded case of the benchmark (issue 9): a ~500 MB Lightning sharded folder to a state dict, two ways.
 
-    .venv/bin/python benchmarks/bench_sharded.py [--width 2048] [--depth 10] [--reps 3] [--out benchmarks/results/sharded.json]
+    .venv/bin/python benchmarks/bench_sharded.py [--width 2048] [--depth 10] [--reps 3] [--before CHECKOUT]
+                                                 [--out benchmarks/results/sharded.json]
 
 The folder is made once (cached under benchmarks/results/) by fixtures/make_sharded.py: 2 gloo ranks, BigMLP's
 weights and Adam states as DTensors sharded on dim 0, torch.distributed.checkpoint.save + meta.pt, FSDPStrategy's
@@ -13,7 +14,10 @@ Cases, each in a fresh subprocess, interleaved round-robin (order rotated each r
   checkpoint.py hands folders to sharded.py.
 - ``lexport_stream``: ShardedCheckpoint.iter_tensors, each tensor dropped once read: the reader's own peak, what a
   streaming writer would see.
-- ``lexport_cli``: the real CLI, only if this lexport already accepts folders (skipped otherwise).
+- ``lexport_cli``: the real CLI, with its verification (the default): `lexport FOLDER --attr model --to
+  state-dict`, only if this lexport accepts folders (skipped otherwise).
+- ``lexport_cli_before``: the same command run from another checkout (``--before /path/to/checkout``, put first
+  on PYTHONPATH), to measure a change side by side.
 - ``recipe``: Lightning's documented route: `python -m lightning_fabric.utilities.consolidate_checkpoint FOLDER`
   (whole checkpoint, optimizer states included, into memory and into one file), then the hand-written export
   (torch.load, build BigMLP, load_state_dict, torch.save of .model). Its time is the sum of both steps, its peak the
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sharded.json")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another checkout of lexport, run as the case lexport_cli_before")
     args = parser.parse_args()
     cache = REPO / "benchmarks" / "results"
     cache.mkdir(parents=True, exist_ok=True)
@@ -132,8 +138,13 @@ def main() -> None:
         ],
     }
     if cli_accepts_folders(folder, work):
-        cases["lexport_cli"] = [[LEXPORT, str(folder), "--attr", "model", "--to", "state-dict",
-                                 "-o", str(work / "cli.pt"), "--force", "--no-verify", "-q"]]
+        cases["lexport_cli"] = [[PY, "-m", "lightning_export", str(folder), "--attr", "model", "--to", "state-dict",
+                                 "-o", str(work / "cli.pt"), "--force", "-q"]]
+    # `env` execs python: the measured process is lexport itself; -P: not the current directory (this checkout)
+    if args.before is not None:
+        cases["lexport_cli_before"] = [["env", f"PYTHONPATH={args.before.resolve()}", PY, "-P", "-m", "lightning_export",
+                                        str(folder), "--attr", "model", "--to", "state-dict",
+                                        "-o", str(work / "cli_before.pt"), "--force", "-q"]]
     runs: dict[str, list[dict]] = {n: [] for n in cases}
     names = list(cases)
     for r in range(args.reps):

@@ -12,6 +12,7 @@ import stat
 import threading
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ _ZIP_MAGIC = b"PK\x03\x04"
 class Checkpoint:
     path: Path
     raw: dict[str, Any]  # the whole loaded object (tensors are memory-mapped, never copied)
-    state_dict: dict[str, Any]
+    # A dict of (memory-mapped) tensors for a file; for a sharded folder a sharded.LazyStateDict, which reads a
+    # tensor when asked for it: use tensor_specs() for shapes and dtypes, items() to visit tensors one at a time.
+    state_dict: Mapping[str, Any]
     plain: bool  # True when the file is a bare state dict, not a Lightning checkpoint
     hparams: dict[str, Any] = field(default_factory=dict)
     _sha: _Hasher | None = None
@@ -701,10 +704,13 @@ def load_checkpoint(
     from . import sharded
 
     if sharded.is_sharded_folder(path):
-        # FSDP/ModelParallel: only the model tensors are read, with DCP's own reader; meta.pt as a .ckpt is.
-        meta, state_dict = sharded.load_sharded(path, trust=trust, allow_globals=tuple(allow_globals))
+        # FSDP/ModelParallel: only the model tensors are read, with DCP's own reader, and only when asked for (one
+        # at a time: memory stays about the largest tensor for weight formats); meta.pt as a .ckpt is.
+        meta, lazy = sharded.load_sharded(path, trust=trust, allow_globals=tuple(allow_globals), lazy=True)
         hasher = sharded.FolderHasher(path) if hash_file else None
-        return _as_checkpoint(path, sharded.as_lightning_checkpoint(meta, state_dict), hasher)
+        # raw gets its own copy of the key table: on_load_checkpoint may edit raw["state_dict"] in place.
+        raw = sharded.as_lightning_checkpoint(meta, lazy.copy())
+        return Checkpoint(path, raw, lazy, plain=False, hparams=_hparams(raw.get("hyper_parameters")), _sha=hasher)
     file_size = _check_file(path)
     import torch
 
@@ -1078,6 +1084,13 @@ def _installed_torch() -> str:
     import torch
 
     return str(torch.__version__)
+
+
+def tensor_specs(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """key -> something with the tensor's shape, dtype, numel() and element_size(), without reading any data: the
+    tensors themselves for a loaded state dict, meta tensors for one read lazily (a sharded folder)."""
+    specs = getattr(state_dict, "specs", None)
+    return specs() if callable(specs) else state_dict
 
 
 def _is_tensor_mapping(obj: Any) -> bool:

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -814,8 +814,16 @@ def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> A
 
 
 
-def _check_finite_weights(state_dict: dict[str, Any], opts: ExportOptions, report: Report) -> None:
-    bad = [name for name, t in state_dict.items() if t.dtype.is_floating_point and t.numel() and not _all_finite(t)]
+def _check_finite_weights(state_dict: Mapping[str, Any], opts: ExportOptions, report: Report) -> None:
+    from .checkpoint import tensor_specs
+
+    bad = []
+    for name, spec in tensor_specs(state_dict).items():
+        if spec.dtype.is_floating_point and spec.numel():
+            t = state_dict[name]  # one at a time: a sharded folder's tensors are read when asked for
+            if not _all_finite(t):
+                bad.append(name)
+            del t
     if bad:
         msg = f"non-finite values (NaN or Inf) in the weights: {', '.join(bad[:10])}"
         if opts.strict_finite:

@@ -1,7 +1,7 @@
 """`lexport inspect`: what a checkpoint holds, read from its metadata, without importing any user code.
 
 The checkpoint is opened by the same safe loader as an export (weights_only; tensors memory-mapped, so tensor
-data is not read). The state dict is summarized as a tree of submodule paths, the candidates for `--attr`; the rest
+data is not read; a sharded folder's tensors are described by its metadata and never read). The state dict is summarized as a tree of submodule paths, the candidates for `--attr`; the rest
 of the file (optimizer states, callbacks, loops) is measured by the bytes of the tensors it holds.
 """
 
@@ -124,16 +124,19 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """The JSON-ready summary of a checkpoint (max_growth: the loader's bound, None for its default). Raises the
     loader's CheckpointError/UsageError."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, tensor_specs
 
     path = Path(path)
     kwargs: dict[str, Any] = {"trust": trust, "allow_globals": allow_globals, "hash_file": False}
     if max_growth is not None:
         kwargs["max_growth"] = max_growth
     ckpt = load_checkpoint(path, **kwargs)
-    tree = submodule_tree(ckpt.state_dict)
+    # Shapes and dtypes only: memory-mapped tensors of a file, the metadata's entries of a sharded folder (whose
+    # tensors are read only when asked for, and never are here).
+    specs = tensor_specs(ckpt.state_dict)
+    tree = submodule_tree(specs)
     total = Node("")
-    for t in ckpt.state_dict.values():
+    for t in specs.values():
         total.add(t)
 
     hparams: dict[str, Any] = {}
@@ -154,12 +157,15 @@ def inspect_checkpoint(
             count, nbytes = _tensor_bytes(value)
             if count:
                 other[str(key)] = {"tensors": count, "bytes": nbytes}
+    source = getattr(ckpt.state_dict, "source", None)  # a sharded folder: its unread entries (optimizer states)
+    if source is not None:
+        other.update(source.skipped_summary())
 
     top = [n for n in tree if "." not in n.path]
     candidate = max(top, key=lambda n: n.elements).path if top else None
     return {
         "path": str(path),
-        "file_bytes": path.stat().st_size,
+        "file_bytes": sum(source.files.values()) if source is not None else path.stat().st_size,
         "plain_state_dict": ckpt.plain,
         "lightning_version": ckpt.lightning_version,
         "epoch": ckpt.epoch,

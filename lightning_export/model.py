@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,7 @@ class BuiltModule:
     module: Any  # the whole LightningModule
     target: Any  # the selected submodule (or the module itself)
     attr: str | None
-    state_dict: dict[str, Any]  # the checkpoint's tensors under the attr's prefix, prefix stripped
+    state_dict: Mapping[str, Any]  # the checkpoint's tensors under the attr's prefix, prefix stripped (lazy for a folder)
     notes: list[str] = field(default_factory=list)
     built_on_meta: bool = False
 
@@ -387,7 +388,12 @@ def build_module(
     return BuiltModule(obj, target, attr, sd, notes, built_on_meta)
 
 
-def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """The entries under `prefix`, prefix removed. A lazily read state dict (a sharded folder) gives a lazy view:
+    no tensor is read here."""
+    renamed = getattr(state_dict, "renamed", None)
+    if callable(renamed):
+        return renamed({k[len(prefix):]: k for k in state_dict if k.startswith(prefix)})
     if not prefix:
         return dict(state_dict)
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -395,13 +401,16 @@ def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_only: bool = False) -> None:
     """Strict loading that collects every missing, unexpected and mis-shaped key before failing once."""
+    from .checkpoint import tensor_specs
+
     expected = module.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    specs = tensor_specs(state_dict)  # shapes without reading a lazily read folder's tensors
+    missing = [k for k in expected if k not in specs]
+    unexpected = [k for k in specs if k not in expected]
     mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs module {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {tuple(specs[k].shape)} vs module {tuple(expected[k].shape)}"
         for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k in specs and tuple(specs[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
         parts = []
@@ -422,9 +431,33 @@ def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_onl
     if check_only:
         return
     try:
-        module.load_state_dict(state_dict, strict=True, assign=True)
+        if specs is state_dict:
+            module.load_state_dict(state_dict, strict=True, assign=True)
+        else:
+            _load_in_groups(module, state_dict, specs)
     except Exception as e:
         raise UserModuleError(f"loading the checkpoint into {what} failed: {e}") from e
+
+
+_GROUP_BYTES = 64 << 20
+
+
+def _load_in_groups(module: Any, state_dict: Mapping[str, Any], specs: Mapping[str, Any]) -> None:
+    """Assign a lazily read state dict (a sharded folder) a group of tensors at a time, about _GROUP_BYTES each
+    (a larger tensor alone): module.load_state_dict would first copy the whole mapping into a dict. The keys were
+    checked strictly already; each group is loaded with assign=True through the module's own load_state_dict, so
+    its hooks run as usual."""
+    group: dict[str, Any] = {}
+    size = 0
+    for key, spec in specs.items():
+        nbytes = spec.numel() * spec.element_size()
+        if group and size + nbytes > _GROUP_BYTES:
+            module.load_state_dict(group, strict=False, assign=True)
+            group, size = {}, 0
+        group[key] = state_dict[key]
+        size += nbytes
+    if group:
+        module.load_state_dict(group, strict=False, assign=True)
 
 
 def select_attr(module: Any, attr: str | None) -> Any:

@@ -35,8 +35,9 @@ import math
 import os
 import pickle
 import threading
+import weakref
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,7 @@ class ShardedCheckpoint:
         self.files = _rank_files(self.root)
         self.weights_key, self.entries, self.skipped = _weight_entries(self.root, self.metadata, self.files)
         self._reader: Any = None
+        self.live = _LiveBytes()  # what the LazyStateDicts over this folder have handed out and is still alive
 
     # -- what it holds, without reading any tensor
     @property
@@ -209,6 +211,26 @@ class ShardedCheckpoint:
 
     def keys(self) -> list[str]:
         return list(self.entries)
+
+    def skipped_summary(self) -> dict[str, dict[str, int]]:
+        """Top-level DCP key (optimizer_0, ...) -> tensors and bytes of the entries left unread, from the metadata."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        planner_data = self.metadata.planner_data or {}
+        out: dict[str, dict[str, int]] = {}
+        for fqn in self.skipped:
+            md = self.metadata.state_dict_metadata.get(fqn)
+            path = planner_data.get(fqn)
+            top = str(path[0]) if isinstance(path, (tuple, list)) and path else fqn.split(".", 1)[0]
+            item = out.setdefault(top, {"tensors": 0, "bytes": 0})
+            size = getattr(md, "size", None)
+            if isinstance(md, TensorStorageMetadata) and isinstance(size, (tuple, list)) and all(
+                isinstance(v, int) and v >= 0 for v in size
+            ):  # skipped entries were never checked: a damaged one is left out of the count
+                dtype = getattr(getattr(md, "properties", None), "dtype", None)
+                item["tensors"] += 1
+                item["bytes"] += math.prod(size) * int(getattr(dtype, "itemsize", 0) or 0)
+        return {k: v for k, v in out.items() if v["tensors"]}
 
     # -- reading
     def tensor(self, key: str) -> Any:
@@ -279,6 +301,102 @@ class ShardedCheckpoint:
             if saved_env is not None:
                 os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = saved_env
         return {e.key: targets[e.fqn] for e in entries}
+
+
+class _LiveBytes:
+    """Bytes of the tensors a LazyStateDict handed out that are still alive, and the most at any moment: what the
+    tests check to prove that a consumer holds one tensor at a time."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = self.reads = 0
+
+    def track(self, t: Any, nbytes: int) -> None:
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+        self.reads += 1
+        weakref.finalize(t, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self.now -= nbytes
+
+
+class LazyStateDict(MutableMapping):
+    """The weights of a sharded folder as a state dict whose tensors are read when asked for.
+
+    Keys, shapes and dtypes come from the checked metadata (``specs()``, ``entry()``), so counting, prefix
+    stripping, key checks and size estimates read no tensor. ``d[key]`` reads the tensor from the folder each time
+    (a new CPU tensor, CRC-checked); dropping it frees it. Iterating ``items()`` or ``values()`` therefore holds one
+    tensor at a time, while ``dict(d)`` holds them all, as a ``.ckpt``'s state dict would. Assigned values (a
+    LightningModule's on_load_checkpoint may rename or replace entries) are kept in memory as given.
+    """
+
+    def __init__(self, source: ShardedCheckpoint, names: dict[str, str | None] | None = None,
+                 set_values: dict[str, Any] | None = None) -> None:
+        self.source = source
+        # key -> the folder's key (None: a value assigned in memory, in self._set)
+        self._names: dict[str, str | None] = dict(names) if names is not None else {k: k for k in source.entries}
+        self._set: dict[str, Any] = dict(set_values or {})
+
+    def __getitem__(self, key: str) -> Any:
+        src = self._names[key]
+        if src is None:
+            return self._set[key]
+        t = self.source.tensor(src)
+        self.source.live.track(t, self.source.entries[src].nbytes)
+        return t
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._names[key] = None
+        self._set[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._names[key]
+        self._set.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor
+        return key in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({self.source.path}, {len(self)} tensors)"
+
+    def entry(self, key: str) -> TensorEntry | None:
+        """The folder's entry behind ``key`` (None for a value assigned in memory)."""
+        src = self._names[key]
+        return None if src is None else self.source.entries[src]
+
+    def specs(self) -> dict[str, Any]:
+        """key -> a tensor with the shape and dtype (meta tensors, no data; assigned values as they are)."""
+        import torch
+
+        out = {}
+        for key, src in self._names.items():
+            if src is None:
+                out[key] = self._set[key]
+            else:
+                e = self.source.entries[src]
+                out[key] = torch.empty(e.shape, dtype=e.dtype, device="meta")
+        return out
+
+    def renamed(self, names: dict[str, str]) -> LazyStateDict:
+        """A view with keys ``new`` for each ``new -> old`` of ``names`` (old: a key of this mapping)."""
+        return LazyStateDict(
+            self.source,
+            {new: self._names[old] for new, old in names.items()},
+            {new: self._set[old] for new, old in names.items() if self._names[old] is None},
+        )
+
+    def copy(self) -> LazyStateDict:
+        return self.renamed({k: k for k in self._names})
+
+
+def is_lazy(state_dict: Any) -> bool:
+    return isinstance(state_dict, LazyStateDict)
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -570,14 +688,15 @@ def load_meta(root: Path, *, trust: bool = False, allow_globals: tuple[str, ...]
 
 # ------------------------------------------------------------------------------------------ one call
 def load_sharded(
-    folder: str | os.PathLike[str], *, trust: bool = False, allow_globals: tuple[str, ...] = ()
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    folder: str | os.PathLike[str], *, trust: bool = False, allow_globals: tuple[str, ...] = (), lazy: bool = False
+) -> tuple[dict[str, Any], Any]:
     """(meta, state_dict) of a Lightning sharded folder: meta.pt's dict (epoch, global_step, hyper_parameters,
-    ...) and the module's weights under Lightning's key names, as CPU tensors. Optimizer entries are never read.
-    Everything is checked before the first byte of a tensor is read; CheckpointError (exit 3) otherwise."""
+    ...) and the module's weights under Lightning's key names, as CPU tensors (``lazy``: a LazyStateDict, which
+    reads a tensor when asked for it). Optimizer entries are never read. Everything is checked before the first
+    byte of a tensor is read; CheckpointError (exit 3) otherwise."""
     sharded = ShardedCheckpoint(folder, trust=trust)
     meta = sharded.read_meta(trust=trust, allow_globals=allow_globals)  # a bad meta.pt fails before the big read
-    return meta, sharded.state_dict()
+    return meta, LazyStateDict(sharded) if lazy else sharded.state_dict()
 
 
 def as_lightning_checkpoint(meta: dict[str, Any], state_dict: dict[str, Any]) -> dict[str, Any]:

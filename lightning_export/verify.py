@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +174,7 @@ def tensors_bit_equal(a: Any, b: Any) -> bool:
     return True
 
 
-def compare_tensor_maps(expected: dict[str, Any], actual: Any) -> Verification:
+def compare_tensor_maps(expected: Mapping[str, Any], actual: Any) -> Verification:
     """Bit-exact: same keys, dtypes, shapes and bytes. `actual` maps names to tensors (loaded lazily)."""
     problems: list[str] = []
     actual_keys = set(actual.keys())
@@ -183,13 +184,16 @@ def compare_tensor_maps(expected: dict[str, Any], actual: Any) -> Verification:
         problems.append(f"missing keys: {', '.join(missing[:10])}")
     if extra:
         problems.append(f"unexpected keys: {', '.join(extra[:10])}")
-    for k, t in expected.items():
+    for k in expected:
         if k in actual_keys:
-            got = actual[k]
+            # One pair at a time, dropped before the next is read: `expected` may read each tensor from a sharded
+            # folder when asked for it (sharded.LazyStateDict), and `actual` from the artifact.
+            t, got = expected[k], actual[k]
             if got.dtype != t.dtype or tuple(got.shape) != tuple(t.shape):
                 problems.append(f"{k}: {got.dtype}{list(got.shape)} written, {t.dtype}{list(t.shape)} expected")
             elif not tensors_bit_equal(t, got):
                 problems.append(f"{k}: values differ")
+            del t, got
     return Verification(
         passed=not problems,
         inputs_checked=len(expected),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ class ExportContext:
     """Everything a format needs; built once per run and shared by every format."""
 
     target: Any  # the nn.Module to export (eval mode)
-    state_dict: dict[str, Any]  # stripped checkpoint tensors
+    # Stripped checkpoint tensors. For a sharded folder a lazy mapping that reads a tensor when asked for it:
+    # visit items() one at a time, and take shapes and dtypes from checkpoint.tensor_specs(), never dict(...).
+    state_dict: Mapping[str, Any]
     example: Any  # inputs.Inputs or None
     opset: int | None = None
     dynamic_batch: bool = False
@@ -57,7 +59,9 @@ def storage_bytes(tensors: Iterable[Any]) -> tuple[int, int]:
 
 def weights_estimate(ctx: ExportContext) -> int:
     """Bytes a torch.save of the state dict takes: its storages, plus zip headers, 64-byte alignment and pickle."""
-    nbytes, count = storage_bytes(ctx.state_dict.values())
+    from ..checkpoint import tensor_specs
+
+    nbytes, count = storage_bytes(tensor_specs(ctx.state_dict).values())
     return nbytes + 1024 * count + (64 << 10)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,14 @@ def _raw_bytes(t: Any) -> Any:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The header from shapes and dtypes alone, then each tensor's bytes: a lazily read mapping (a sharded folder)
+    is read one tensor at a time, each dropped once written."""
+    from ..checkpoint import tensor_specs
+
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, t in tensors.items():
+    for name, t in tensor_specs(tensors).items():
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
@@ -64,15 +69,20 @@ def write_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, s
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for t in tensors.values():
+        for name, t in tensors.items():
             data = _raw_bytes(t)
+            if len(data) != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                raise TypeError(f"{name}: {len(data)} bytes read, the header says otherwise")  # a changed source
             for start in range(0, len(data), _BLOCK):
                 f.write(data[start : start + _BLOCK])
+            del data, t
 
 
 def size_estimate(ctx: ExportContext) -> int:
     """Every key's bytes (tied weights are written under each key) plus the JSON header."""
-    data = sum(t.numel() * t.element_size() for t in ctx.state_dict.values())
+    from ..checkpoint import tensor_specs
+
+    data = sum(t.numel() * t.element_size() for t in tensor_specs(ctx.state_dict).values())
     return data + 256 * len(ctx.state_dict) + (64 << 10)
 
 
