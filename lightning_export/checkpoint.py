@@ -276,7 +276,8 @@ def _check_file(path: Path) -> int:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     if stat.S_ISDIR(st.st_mode):
         raise CheckpointError(
-            f"{path} is a directory, not a checkpoint file (nor a sharded checkpoint folder: it has no .metadata)"
+            f"{path} is a directory, not a checkpoint file (nor a checkpoint folder: it has no .metadata, nor "
+            "DeepSpeed's latest)"
         )
     if not stat.S_ISREG(st.st_mode):
         kind = (
@@ -702,6 +703,13 @@ def load_checkpoint(
         meta, state_dict = sharded.load_sharded(path, trust=trust, allow_globals=tuple(allow_globals))
         hasher = sharded.FolderHasher(path) if hash_file else None
         return _as_checkpoint(path, sharded.as_lightning_checkpoint(meta, state_dict), hasher)
+    from . import deepspeed_folder
+
+    if deepspeed_folder.is_deepspeed_folder(path):
+        # DeepSpeed: ZeRO 1/2 module weights as a .ckpt's; ZeRO-3 only through DeepSpeed, with --trust-checkpoint.
+        ds, obj = deepspeed_folder.load_deepspeed(path, trust=trust, allow_globals=tuple(allow_globals),
+                                                  max_growth=max_growth)
+        return _as_checkpoint(path, obj, deepspeed_folder.DeepSpeedHasher(ds) if hash_file else None)
     file_size = _check_file(path)
     import torch
 
