@@ -137,7 +137,7 @@ def test_cli_inspect_and_verify_take_the_folder(ds_runs, tmp_path):
     folder = _folder(ds_runs, "zero2")
     res = _invoke_subcommand("inspect", folder, "--json")
     assert res.code == 0, res
-    assert res.json()["checkpoint"]["global_step"] == 2, res.stdout
+    assert res.json()["global_step"] == 2 and res.json()["hparams"]["hidden_size"] == 20, res.stdout
     assert "zero_to_fp32" not in res.stdout + res.stderr
     assert invoke(folder, "--attr", "model", "--to", "safetensors", "--output-dir", tmp_path).code == 0
     res = _invoke_subcommand("verify", next(tmp_path.glob("*.safetensors")), folder, "--attr", "model")
@@ -227,14 +227,15 @@ def _model_file_truncated(folder: Path, outside: Path) -> str:
 
 
 def _model_file_flipped_bit(folder: Path, outside: Path) -> str:
+    import struct
     import zipfile
 
     model = folder / "checkpoint" / "mp_rank_00_model_states.pt"
-    with zipfile.ZipFile(model) as z:
-        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 80)
-        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
     data = bytearray(model.read_bytes())
-    data[start + 3] ^= 0x01
+    with zipfile.ZipFile(model) as z:  # the largest record: fc1.weight
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + 8] ^= 0x40
     model.write_bytes(bytes(data))
     return "CRC-32"
 
