@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REPO, Result, invoke, run_lexport
 
-from lightning_export.deepspeed_folder import is_deepspeed_folder, load_deepspeed, open_folder
+from lightning_export.deepspeed_folder import is_deepspeed_folder, load_deepspeed, open_folder, strip_forward_prefix
 from lightning_export.errors import CheckpointError
 
 pytestmark = pytest.mark.skipif(
@@ -107,6 +107,13 @@ def test_zero2_state_dict_and_metadata(ds_runs):
     assert not {"module", "optimizer", "ds_config", "param_shapes"} & set(obj)  # DeepSpeed's entries are dropped
 
 
+def test_forward_module_prefix_of_old_lightning_is_stripped():
+    """Lightning < 2.1 saved "_forward_module.model.fc1.weight"; only a prefix every key has is removed."""
+    t = torch.zeros(1)
+    assert strip_forward_prefix({"_forward_module.model.w": t, "_forward_module.b": t}) == {"model.w": t, "b": t}
+    assert strip_forward_prefix({"_forward_module.w": t, "b": t}) == {"_forward_module.w": t, "b": t}
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def test_cli_zero2_exports_equal_the_weights_and_verify(ds_runs, tmp_path):
     """lexport FOLDER --module ... --attr model --to state-dict --to safetensors --to onnx --json"""
@@ -181,8 +188,8 @@ def test_zero3_with_trust_uses_deepspeeds_reconstruction(ds_runs, tmp_path):
     """A true subprocess (deepspeed is imported there, not in the test process)."""
     from safetensors.torch import load_file
 
-    res = run_lexport(_folder(ds_runs, "zero3"), "--module", MODULE, "--attr", "model", "--to", "safetensors",
-                      "--to", "onnx", "--output-dir", tmp_path, "--trust-checkpoint", "--json")
+    res = run_lexport(_folder(ds_runs, "zero3"), "--attr", "model", "--to", "safetensors", "--output-dir", tmp_path,
+                      "--trust-checkpoint", "--json")
     assert res.code == 0, res
     report = json.loads(res.stdout)  # DeepSpeed's prints went to stderr
     assert report["checkpoint"]["global_step"] == 2
