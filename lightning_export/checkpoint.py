@@ -12,7 +12,7 @@ import stat
 import threading
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,7 +280,8 @@ def _check_file(path: Path) -> int:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     if stat.S_ISDIR(st.st_mode):
         raise CheckpointError(
-            f"{path} is a directory, not a checkpoint file (nor a sharded checkpoint folder: it has no .metadata)"
+            f"{path} is a directory, not a checkpoint file (nor a checkpoint folder: it has no .metadata, nor "
+            "DeepSpeed's latest)"
         )
     if not stat.S_ISREG(st.st_mode):
         kind = (
@@ -711,6 +712,37 @@ def load_checkpoint(
         # raw gets its own copy of the key table: on_load_checkpoint may edit raw["state_dict"] in place.
         raw = sharded.as_lightning_checkpoint(meta, lazy.copy())
         return Checkpoint(path, raw, lazy, plain=False, hparams=_hparams(raw.get("hyper_parameters")), _sha=hasher)
+    from . import deepspeed_folder
+
+    if deepspeed_folder.is_deepspeed_folder(path):
+        # DeepSpeed: ZeRO 1/2 module weights as a .ckpt's; ZeRO-3 only through DeepSpeed, with --trust-checkpoint.
+        ds, obj = deepspeed_folder.load_deepspeed(path, trust=trust, allow_globals=tuple(allow_globals),
+                                                  max_growth=max_growth)
+        return _as_checkpoint(path, obj, deepspeed_folder.DeepSpeedHasher(ds) if hash_file else None)
+    hasher: list[_Hasher | None] = []
+
+    def as_checkpoint(obj: Any) -> tuple[Checkpoint, dict[str, Any]]:
+        ckpt = _as_checkpoint(path, obj, hasher[0] if hasher else None)
+        return ckpt, ckpt.state_dict
+
+    started = (lambda: hasher.append(_Hasher(path))) if hash_file else None
+    return load_verified(path, as_checkpoint, trust=trust, allow_globals=allow_globals, max_growth=max_growth,
+                         on_checked=started)
+
+
+def load_verified(
+    path: Path,
+    select: Callable[[Any], tuple[Any, dict[str, Any]]],
+    *,
+    trust: bool,
+    allow_globals: tuple[str, ...],
+    max_growth: float,
+    on_checked: Callable[[], None] | None = None,
+) -> Any:
+    """One torch.save file under every check: a regular file, the zip directory before torch reads it, weights_only
+    (with placeholders and --allow-global), mmap only when all storage records are stored; then `select(obj)` gives
+    (result, tensors) and those tensors are proven to be the file's bytes (growth bound, CRC-32). Returns result.
+    `on_checked` runs once the file is known to be a regular file (the hasher starts there)."""
     file_size = _check_file(path)
     import torch
 
@@ -724,13 +756,14 @@ def load_checkpoint(
         is_zip = f.read(4) == _ZIP_MAGIC
     archive = _read_archive(path, file_size, max_growth) if is_zip else None
     mapped = archive is not None and archive.all_stored
-    hasher = _Hasher(path) if hash_file else None
+    if on_checked is not None:
+        on_checked()
     obj = _torch_load(path, trust=trust, allowed=allowed, allow_globals=allow_globals, mmap=mapped, is_zip=is_zip)
-    ckpt = _as_checkpoint(path, obj, hasher)
-    storages = _check_tensors(path, ckpt.state_dict, file_size=file_size, max_growth=max_growth, archive=archive)
+    result, tensors = select(obj)
+    storages = _check_tensors(path, tensors, file_size=file_size, max_growth=max_growth, archive=archive)
     if archive is not None:
         _verify_storages(path, storages, archive, mapped=mapped)
-    return ckpt
+    return result
 
 
 def _torch_load(
