@@ -1,4 +1,8 @@
-"""Opening a checkpoint safely: weights_only + mmap, metadata, and where the tensors come from."""
+"""Opening a checkpoint safely: weights_only + mmap, metadata, and where the tensors come from.
+
+Objects the weights_only unpickler would refuse (a pickled `net` module, Hydra partials, numpy arrays in
+hyper_parameters) are built as inert placeholders by that same unpickler: see "placeholders" below for why that
+runs no code from the file. Files naming anything from a module whose objects run code are refused outright."""
 
 from __future__ import annotations
 
