@@ -62,10 +62,14 @@ def invoke(*args: object) -> Result:
     """The CLI in-process through typer's CliRunner (fast: torch is imported once per session)."""
     from typer.testing import CliRunner
 
-    from lightning_export.cli import app
+    from lightning_export.cli import SUBCOMMANDS, _subcommand, app
 
+    argv = [str(a) for a in args]
+    command = app
+    if argv and argv[0] in SUBCOMMANDS:  # as main() dispatches: `inspect ...`, `verify ...`
+        command, argv = _subcommand(argv[0]), argv[1:]
     runner = CliRunner()
-    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    res = runner.invoke(command, argv, catch_exceptions=False)
     return Result(res.exit_code, res.stdout, res.stderr)
 
 

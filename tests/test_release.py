@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_lexport
+from conftest import REPO, invoke, run_lexport
 
 FORMATS = "state-dict,safetensors,torchscript,onnx,exported-program,executorch,aoti"
 
@@ -54,7 +54,7 @@ def test_same_bytes_twice_and_equal_to_the_manifest(release: dict) -> None:
 
 def test_inspect_reports_the_cli_run(release: dict) -> None:
     raw = torch.load(str(release["ckpt"]), weights_only=True)
-    res = run_lexport("inspect", release["ckpt"], "--json")
+    res = invoke("inspect", release["ckpt"], "--json")
     assert res.code == 0, res
     s = res.json()
     assert s["global_step"] == raw["global_step"] == 2
@@ -66,12 +66,12 @@ def test_inspect_reports_the_cli_run(release: dict) -> None:
 def test_verify_passes_on_each_artifact(release: dict) -> None:
     out, _ = release["runs"][0]
     artifacts = sorted(p for p in out.iterdir() if p.name != "manifest.json")
-    res = run_lexport("verify", *artifacts, release["ckpt"], "--config", release["config"], "--json")
+    res = invoke("verify", *artifacts, release["ckpt"], "--config", release["config"], "--json")
     assert res.code == 0, res
     report = res.json()
     assert sorted(a["format"] for a in report["artifacts"]) == sorted(FORMATS.split(","))
     assert all(a["verification"]["passed"] for a in report["artifacts"])
-    res = run_lexport("verify", "--manifest", out / "manifest.json", "--json")
+    res = invoke("verify", "--manifest", out / "manifest.json", "--json")
     assert res.code == 0, res
 
 
@@ -87,7 +87,7 @@ def test_verify_fails_on_a_changed_safetensors_weight(release: dict, tmp_path: P
     src = next(out.glob("*.safetensors"))
     (n,) = struct.unpack("<Q", src.read_bytes()[:8])
     bad = _changed_copy(src, tmp_path / src.name, 8 + n + 5)  # a byte of the first tensor
-    res = run_lexport("verify", bad, release["ckpt"], "--json")
+    res = invoke("verify", bad, release["ckpt"], "--json")
     assert res.code == 1, res
     (a,) = res.json()["artifacts"]
     assert not a["verification"]["passed"]
@@ -106,7 +106,7 @@ def test_verify_fails_on_a_changed_onnx_initializer(release: dict, tmp_path: Pat
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     bad = tmp_path / "changed.onnx"
     onnx.save(model, str(bad))
-    res = run_lexport("verify", bad, release["ckpt"], "--config", release["config"], "--json")
+    res = invoke("verify", bad, release["ckpt"], "--config", release["config"], "--json")
     assert res.code == 1, res
     assert res.json()["artifacts"][0]["format"] == "onnx"
 
@@ -134,13 +134,13 @@ def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict,
     """Typed zeros are options too; a manifest's seed and input count are used when the command line is silent."""
     out, _ = release["runs"][0]
     onnx_file = next(out.glob("*.onnx"))
-    res = run_lexport("verify", onnx_file, release["ckpt"], "--config", release["config"], "--atol", "0", "--rtol",
-                      "0", "--random-inputs", "0", "--json")
+    res = invoke("verify", onnx_file, release["ckpt"], "--config", release["config"], "--atol", "0", "--rtol",
+                 "0", "--random-inputs", "0", "--json")
     (a,) = res.json()["artifacts"]
     assert a["verification"]["atol"] == 0.0 and a["verification"]["inputs_checked"] == 1, res
     # An export whose --output-dir does not exist yet, a manifest inside it, read back from another directory.
     dist = tmp_path / "dist"
-    res = run_lexport(release["ckpt"], "--config", release["config"], "--to", "safetensors,onnx", "--output-dir",
+    res = invoke(release["ckpt"], "--config", release["config"], "--to", "safetensors,onnx", "--output-dir",
                       dist, "--manifest", dist / "m.json", "--seed", "7", "--random-inputs", "0")
     assert res.code == 0, res
     manifest = json.loads((dist / "m.json").read_text())
@@ -155,7 +155,7 @@ def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict,
 
 
 def test_manifest_may_not_be_an_artifact(release: dict, tmp_path: Path) -> None:
-    res = run_lexport(release["ckpt"], "--to", "safetensors", "--attr", "net", "-o", tmp_path / "x.safetensors",
+    res = invoke(release["ckpt"], "--to", "safetensors", "--attr", "net", "-o", tmp_path / "x.safetensors",
                       "--manifest", tmp_path / "x.safetensors")
     assert res.code == 2, res
     assert not (tmp_path / "x.safetensors").exists()
@@ -177,6 +177,6 @@ def test_verify_with_manifest_fails_when_the_checkpoint_changed(release: dict, t
     manifest["checkpoint"]["path"] = ckpt.name
     manifest["options"]["config"] = str(release["config"])
     (stage / "manifest.json").write_text(json.dumps(manifest))
-    res = run_lexport("verify", "--manifest", stage / "manifest.json", "--json")
+    res = invoke("verify", "--manifest", stage / "manifest.json", "--json")
     assert res.code == 1, res
     assert "not the checkpoint the manifest records" in res.json()["error"]["message"]
