@@ -6,12 +6,12 @@ runs no code from the file. Files naming anything from a module whose objects ru
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
 import pickle
 import re
+import shlex
 import stat
 import threading
 import zipfile
@@ -126,8 +126,15 @@ _NEVER_MODULES = frozenset(
     torch.classes torch.ops torch._ops torch.library torch._library torch.multiprocessing torch.distributed
     torch._dynamo torch._inductor torch.compiler torch.fx torch.export torch._export torch.onnx
     lightning.pytorch.cli pytorch_lightning.cli lightning.fabric.cli jsonargparse
+    numpy.load numpy.fromfile numpy.loadtxt numpy.genfromtxt numpy.memmap numpy.save numpy.savez numpy.savetxt
+    torch.load torch.save torch.utils.model_zoo hydra.utils hydra._internal.instantiate hydra._internal.utils
+    pandas.read_pickle pandas.read_csv pandas.read_table pandas.read_parquet pandas.read_json pandas.read_hdf
+    pandas.read_feather pandas.read_excel pandas.read_sql pandas.read_html pandas.read_xml pandas.read_orc
+    pandas.read_sas pandas.read_spss pandas.read_stata pandas.read_fwf pandas.read_clipboard pandas.to_pickle
     """.split()
 )
+# Functions and methods of pathlib (Path.write_text, Path.unlink, ...) touch the file system; its classes do not.
+_NEVER_FUNCTIONS_OF = frozenset({"pathlib"})
 # Functions that only rebuild plain data, admitted although they are not classes: numpy pickles its arrays and
 # scalars through them. _reconstruct(subtype, shape, dtype) makes an empty array of an ndarray subclass (it refuses
 # other types); scalar(dtype, bytes) makes a numpy scalar from raw bytes (object dtype: returns the object it is
@@ -145,6 +152,8 @@ def _blocked_module(dotted: str) -> str | None:
         prefix = ".".join(parts[:i])
         if prefix in _NEVER_MODULES:
             return prefix
+    if parts[0] in _NEVER_FUNCTIONS_OF and len(parts) > 1 and not parts[-1][:1].isupper():
+        return parts[0]
     return None
 
 
@@ -885,52 +894,90 @@ class Unloaded:
 
     @property
     def what(self) -> str:
-        return "numpy.ndarray" if self.name.endswith("multiarray._reconstruct") else self.name
+        """The name for messages: escaped (a name from a file carries no terminal control sequences)."""
+        return "numpy.ndarray" if self.name.endswith("multiarray._reconstruct") else _printable(self.name)
 
 
 def _placeholder(name: str) -> type[Unloaded]:
     return type(name.rpartition(".")[2] or name, (Unloaded,), {"__slots__": (), "name": name})
 
 
-def unloaded_in(value: Any) -> list[str]:
+class _WalkBudget(Exception):
+    pass
+
+
+def unloaded_in(value: Any, budget: list[int] | None = None) -> list[str]:
     """The global names of every placeholder inside `value` (a hyper-parameter), nested ones included, sorted.
-    Each object is visited once, so the walk is bounded by what the file holds."""
+    Containers, objects' attributes (an OrderedDict's __dict__, a tensor's, an allowed class's) and placeholders'
+    kept arguments are looked into; each object once, so one walk is bounded by what the file holds. `budget`
+    (a one-item list) is shared by several walks and raises _WalkBudget when spent."""
     found: set[str] = set()
     seen: set[int] = set()
     stack = [value]
     while stack:
         v = stack.pop()
+        if budget is not None:  # every step counts, repeats included: they are the work a shared object makes
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _WalkBudget
         if id(v) in seen:
             continue
         seen.add(id(v))
         if isinstance(v, Unloaded):
             found.add(v.name)
             stack.extend((v.args, v.state))
-        elif isinstance(v, type) and issubclass(v, Unloaded):  # a class passed as data (ndarray, Adam)
-            found.add(v.name)
-        elif isinstance(v, dict):
+            continue
+        if isinstance(v, type):
+            if issubclass(v, Unloaded):  # a class passed as data (ndarray, Adam)
+                found.add(v.name)
+            continue
+        if isinstance(v, dict):
             stack.extend(v.keys())
             stack.extend(v.values())
         elif isinstance(v, (list, tuple, set, frozenset)):
             stack.extend(v)
-        elif isinstance(v, argparse.Namespace):  # hparams_type "Namespace", rebuilt by model.py
-            stack.extend(vars(v).values())
+        attrs = getattr(v, "__dict__", None)  # Namespace, OrderedDict and tensor attributes, allowed classes
+        if isinstance(attrs, dict):
+            stack.extend(attrs.values())
     return sorted(found)
 
 
-def unloaded_arguments_error(cls_name: str, held: dict[str, Any]) -> UserModuleError:
+# Walks of hyper_parameters one key at a time may meet the same shared objects once per key; together they stop
+# here (a few seconds), and the keys not walked by then count as holding the objects found in the whole.
+WALK_BUDGET = 4_000_000
+
+
+def unloaded_by_key(mapping: dict[str, Any]) -> dict[str, list[str]]:
+    """key -> the placeholders inside mapping[key], for the keys that hold any. One walk of the whole first: a
+    mapping without placeholders (the usual case) costs that walk only, whatever its keys share."""
+    everything = unloaded_in(mapping)
+    if not everything:
+        return {}
+    budget, out = [WALK_BUDGET], {}
+    for k, v in mapping.items():
+        try:
+            names = unloaded_in(v, budget)
+        except _WalkBudget:
+            names = everything  # not walked to the end: assume the worst, it is only ever refused for that
+        if names:
+            out[k] = names
+    return out
+
+
+def unloaded_arguments_error(cls_name: str, held: dict[str, list[str]], values: dict[str, Any]) -> UserModuleError:
     """The error for constructor arguments that the checkpoint holds only as placeholders: which, and where to give
     them; and, when every object inside them is a class that may be allowed, the one --allow-global line that loads
     them all (nested objects included), so one round is enough."""
-    names = sorted({n for v in held.values() for n in unloaded_in(v)})
-    what = ", ".join(f"{k}: a {v.what}" if isinstance(v, Unloaded) else f"{k}: holds objects" for k, v in held.items())
-    args = ", ".join(held)
-    first = next(iter(held))
+    names = sorted({n for v in held.values() for n in v})
+    what = ", ".join(f"{_printable(k)}: a {values[k].what}" if isinstance(values.get(k), Unloaded)
+                     else f"{_printable(k)}: holds objects" for k in held)
+    args = _printable(", ".join(held))  # keys come from the file too
+    first = _printable(next(iter(held)))
     hint = (
         "Give them yourself: --config FILE (the run's LightningCLI config.yaml or Hydra .hydra/config.yaml), "
         f"--init-args FILE, or --init-arg {first}=VALUE (a submodule as {{class_path: pkg.mod.Class, init_args: ...}})."
     )
-    refused = [n for n in names if _hint_refusal(n)]
+    refused = [_printable(n) for n in names if _hint_refusal(n)]
     if refused:
         hint += (f"\n{', '.join(refused)} cannot be allowed (only classes can), so --allow-global cannot load "
                  f"{'it' if len(refused) == 1 else 'them'}; --trust-checkpoint can (full unpickling: runs code from "
@@ -1051,8 +1098,10 @@ def _unpickling_error(
 
 
 def allow_global_flag(names: list[str]) -> str:
-    """Every name on one line, sorted, as one shell word: pasted whole, it needs no second round."""
-    return "--allow-global " + ",".join(sorted(set(names)))
+    """Every name on one line, sorted, as one shell word: pasted whole, it needs no second round. Only names that
+    --allow-global accepts are offered: dotted identifiers (nothing a shell would expand) that pass its rule."""
+    offered = sorted({n for n in names if all(p.isidentifier() for p in n.split(".")) and not _hint_refusal(n)})
+    return "--allow-global " + shlex.quote(",".join(offered)) if offered else ""
 
 
 def _printable(text: str) -> str:
@@ -1160,10 +1209,11 @@ def _as_checkpoint(path: Path, obj: Any, hasher: _Hasher | None) -> Checkpoint:
             raise CheckpointError(f"{path}: its 'state_dict' entry is empty (no tensors to export)")
         if not _is_tensor_mapping(sd):
             names = unloaded_in(sd) if isinstance(sd, (Unloaded, dict)) else []
+            flag = allow_global_flag(names)
             raise CheckpointError(
                 f"{path}: its 'state_dict' entry does not hold tensors"
-                + (f" (it holds objects that were not loaded: {', '.join(names)})" if names else ""),
-                hint=f"If you know these classes, allow them:\n{allow_global_flag(names)}" if names else None,
+                + (f" (it holds objects that were not loaded: {_printable(', '.join(names))})" if names else ""),
+                hint=f"If you know these classes, allow them:\n{flag}" if flag else None,
             )
         hparams = _hparams(obj.get("hyper_parameters"))
         return Checkpoint(path, obj, dict(sd), plain=False, hparams=hparams, _sha=hasher)

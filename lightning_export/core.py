@@ -340,12 +340,12 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
             hash_file=opts.hash_checkpoint,
             max_growth=opts.max_growth,
         )
-    from .checkpoint import unloaded_in
+    from .checkpoint import _printable, unloaded_by_key
 
-    unloaded = [k for k, v in ckpt.hparams.items() if unloaded_in(v)]
+    unloaded = list(unloaded_by_key(ckpt.hparams))
     if unloaded:
         report.notes.append(
-            f"hyper_parameters {', '.join(unloaded)} hold objects that were left unloaded (placeholders: nothing "
+            f"hyper_parameters {_printable(', '.join(unloaded))[:300]} hold objects that were left unloaded (placeholders: nothing "
             "from the file ran); the weights do not need them"
         )
     report.checkpoint = {

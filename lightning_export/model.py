@@ -272,11 +272,12 @@ def constructor_arguments(
     kwargs = {**loaded, **supplied}
     if not has_varkw:
         kwargs = {k: v for k, v in kwargs.items() if k in names}
-    from .checkpoint import unloaded_arguments_error, unloaded_in
+    from .checkpoint import unloaded_arguments_error, unloaded_by_key, unloaded_in
 
-    held = {k: v for k, v in kwargs.items() if k not in supplied and unloaded_in(v)}
+    from_file = {k: v for k, v in kwargs.items() if k not in supplied}
+    held = unloaded_by_key(from_file)
     if held:  # objects the safe loader left as placeholders: the user gives them, or allows their classes
-        raise unloaded_arguments_error(cls.__name__, held)
+        raise unloaded_arguments_error(cls.__name__, held, from_file)
     # Values that describe objects are built by their engine (jsonargparse for class_path, Hydra for _target_);
     # the rest is passed as loaded (shared references kept).
     from .configs import instantiate_arguments
@@ -288,8 +289,9 @@ def constructor_arguments(
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs
     ]
     whole = raw.get("hyper_parameters")
-    if missing and unloaded_in(whole):  # hyper_parameters itself is an object (a Namespace) left unloaded
-        raise unloaded_arguments_error(cls.__name__, dict.fromkeys(missing, whole))
+    inside = unloaded_in(whole) if missing else []
+    if inside:  # hyper_parameters itself is an object (a Namespace) left unloaded
+        raise unloaded_arguments_error(cls.__name__, dict.fromkeys(missing, inside), dict.fromkeys(missing, whole))
     if missing:
         flags = " ".join(f"--init-arg {n}=VALUE" for n in missing)
         foreign = sorted(k for k in loaded if k not in names)

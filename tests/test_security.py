@@ -420,3 +420,62 @@ def test_old_torch_refused_via_cli(monkeypatch, ckpts: dict, tmp_path: Path) -> 
 def test_allow_global_bad_name_unit() -> None:
     with pytest.raises(UsageError):
         ck_mod._import_dotted("NoDots")
+
+
+# ------------------------------------------------------------------------------ placeholders: review findings
+def test_hparams_sharing_one_big_list_are_walked_in_bounded_time(tmp_path: Path) -> None:
+    """6,000 hyper-parameters sharing one 300,000-item list (which holds an object left unloaded): walked once per
+    key, that was hours of work from a 700 kB file; the shared walk budget ends it in seconds."""
+    import fractions
+
+    shared = [0] * 300_000 + [fractions.Fraction(1, 3)]
+    path = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "hyper_parameters": {f"k{i}": shared for i in range(6000)}},
+               str(path))
+    assert path.stat().st_size < 1_000_000
+    res = run_lexport(path, "--to", "safetensors", "-o", tmp_path / "w.safetensors", "--json", timeout=60)
+    assert res.code == 0, res
+    assert any("k0, k1" in n and "left unloaded" in n for n in res.json()["notes"]), res.json()["notes"]
+
+
+def test_allow_global_hint_offers_only_safe_names_as_one_shell_word() -> None:
+    assert ck_mod.allow_global_flag(["pkg.mod.Good", "a.B$(touch x)", "numpy.load", "os.system"]) == (
+        "--allow-global pkg.mod.Good")
+    assert ck_mod.allow_global_flag(["a.B;rm -rf ~", "builtins.eval"]) == ""
+    assert ck_mod.allow_global_flag(["b.Second", "a.First", "a.First"]) == "--allow-global a.First,b.Second"
+
+
+def test_placeholder_names_are_printed_escaped() -> None:
+    ph = ck_mod._placeholder("evil\x1b]0;HACKED\x07.Net")()
+    assert "\x1b" not in ph.what and "\x07" not in ph.what and "\x1b" not in repr(ph)
+    from lightning_export.inspection import plain_value
+
+    assert "\x1b" not in plain_value(ph)[1]
+
+
+def test_placeholders_hidden_in_object_attributes_are_found() -> None:
+    """torch's unpickler BUILDs an OrderedDict's __dict__ and sets tensor attributes: placeholders there count."""
+    import collections
+
+    od = collections.OrderedDict(a=1)
+    od.__dict__["hidden"] = ck_mod._placeholder("p.Hidden")()
+    t = torch.ones(1)
+    t.extra = [ck_mod._placeholder("q.Extra")]
+    assert ck_mod.unloaded_in(od) == ["p.Hidden"]
+    assert ck_mod.unloaded_in({"t": t}) == ["q.Extra"]
+    assert ck_mod.unloaded_by_key({"cfg": od, "plain": [1, 2], "t": t}) == {"cfg": ["p.Hidden"], "t": ["q.Extra"]}
+
+
+@pytest.mark.parametrize("name", ["numpy.load", "numpy._core.multiarray._reconstruct", "torch.load",
+                                  "torch.utils.model_zoo.load_url", "pandas.read_pickle", "hydra.utils.instantiate",
+                                  "pathlib.Path.write_text", "pathlib.PosixPath.unlink", "builtins.eval"])
+def test_loaders_are_code_running_names(name: str) -> None:
+    """A file naming a function that loads or writes files is refused outright, never placeholder-loaded (numpy's
+    reconstructor, which --allow-global admits, is the control: it is not)."""
+    assert ck_mod._code_running(name) == (name != "numpy._core.multiarray._reconstruct")
+
+
+@pytest.mark.parametrize("name", ["pathlib.PosixPath", "hydra._internal.target_policy._DeferredTarget", "numpy.ndarray",
+                                  "torch.optim.adam.Adam", "fixtures.modules.CliEncoder"])
+def test_ordinary_classes_stay_placeholders(name: str) -> None:
+    assert not ck_mod._code_running(name)
