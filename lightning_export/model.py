@@ -134,6 +134,11 @@ def _checked_hparams(loaded: dict[str, Any]) -> dict[str, bool]:
     deeply to be a hyper-parameter is the file's fault (exit 3)."""
     from .errors import CheckpointError
 
+    try:  # one walk of them all first: without class_path/_target_ anywhere (the usual case), shared values cost once
+        if not _has_class_path(list(loaded.values())):
+            return dict.fromkeys(loaded, False)
+    except TooDeep:
+        pass  # found again below, with the key's name
     out = {}
     for k, v in loaded.items():
         try:
