@@ -229,16 +229,22 @@ EVIL_MODULE = textwrap.dedent(
 )
 
 
+def _marker_module(tmp_path: Path, monkeypatch, prefix: str, source: str, marker_name: str):
+    """An importable module (tmp_path/pkg on sys.path) that writes to a marker file: (module name, marker, pkg)."""
+    modname = f"{prefix}_{os.getpid()}"
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / f"{modname}.py").write_text(source)
+    marker = tmp_path / marker_name
+    monkeypatch.setenv("LEXPORT_TEST_MARKER", str(marker))
+    monkeypatch.syspath_prepend(str(pkg))
+    return modname, marker, pkg
+
+
 @pytest.fixture
 def named_class_ckpt(tmp_path: Path, monkeypatch):
     """A checkpoint whose hyper_parameters name an importable module that leaves a marker when imported."""
-    modname = f"lexport_evil_{os.getpid()}"
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / f"{modname}.py").write_text(EVIL_MODULE)
-    marker = tmp_path / "IMPORTED"
-    monkeypatch.setenv("LEXPORT_TEST_MARKER", str(marker))
-    monkeypatch.syspath_prepend(str(pkg))
+    modname, marker, _ = _marker_module(tmp_path, monkeypatch, "lexport_evil", EVIL_MODULE, "IMPORTED")
     path = tmp_path / "in" / "named.ckpt"
     path.parent.mkdir()
     torch.save(
@@ -341,13 +347,7 @@ def test_placeholders_never_import_call_or_build_what_the_file_names(tmp_path: P
     a function call in the pickle all meet placeholders). --trust-checkpoint is the control: it does run them."""
     import pickletools
 
-    modname = f"lexport_payload_{os.getpid()}"
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / f"{modname}.py").write_text(PAYLOAD_MODULE)
-    marker = tmp_path / "MARKER"
-    monkeypatch.setenv("LEXPORT_TEST_MARKER", str(marker))
-    monkeypatch.syspath_prepend(str(pkg))
+    modname, marker, pkg = _marker_module(tmp_path, monkeypatch, "lexport_payload", PAYLOAD_MODULE, "MARKER")
     path = tmp_path / "in" / "payload.ckpt"
     path.parent.mkdir()
     save = (
