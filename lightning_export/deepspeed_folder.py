@@ -21,7 +21,7 @@ Lightning >= 2.1 saves the LightningModule's own keys ("model.fc1.weight"); olde
 ZeRO 1/2: ``mp_rank_00_model_states.pt`` is read exactly as a ``.ckpt`` is (checkpoint.py's loader: weights_only,
 --allow-global, the zip directory checked, CRC-32 of every weight) and its ``module`` becomes the state dict. The
 optimizer states are never opened. ZeRO-3: the weights can only be put together from the optimizer partitions,
-which DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` does with ``torch.load(weights_only=False)``, i.e.
+which DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` does with ``torch.load`` with ``weights_only=False``, i.e.
 full unpickling. So that runs only with --trust-checkpoint and an installed deepspeed; otherwise the folder is
 refused with the conversion step to take.
 """
