@@ -37,7 +37,7 @@ class Checkpoint:
     state_dict: Mapping[str, Any]
     plain: bool  # True when the file is a bare state dict, not a Lightning checkpoint
     hparams: dict[str, Any] = field(default_factory=dict)
-    _sha: _Hasher | None = None
+    _sha: _Hasher | None = None  # how its sha256 is taken: a folder's differs from a file's
 
     # Metadata goes into the JSON report: only plain values of the expected type, whatever the file holds.
     @property
@@ -58,13 +58,7 @@ class Checkpoint:
 
     @property
     def sha256(self) -> str:
-        if self._sha:
-            return self._sha.result()
-        if self.path.is_dir():  # a sharded folder: the hash of its files, in order
-            from .sharded import folder_sha256
-
-            return folder_sha256(self.path)
-        return file_sha256(self.path)
+        return (self._sha or _Hasher(self.path)).result()
 
 
 def _plain_int(value: Any) -> int | None:
@@ -72,22 +66,27 @@ def _plain_int(value: Any) -> int | None:
 
 
 class _Hasher(threading.Thread):
-    """Hashes the checkpoint in the background: hashlib releases the GIL, and the read warms the page cache
-    that the memory-mapped tensors are about to use."""
+    """The checkpoint's sha256 (a file's, or a folder's files' through `digest`). Started, it hashes in the
+    background: hashlib releases the GIL, and the read warms the page cache that the memory-mapped tensors are
+    about to use. Not started, result() hashes when asked."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, digest: Callable[[], str] | None = None) -> None:
         super().__init__(daemon=True)
-        self.path, self._digest, self._error = path, None, None
-        self.start()
+        self.path, self._compute = path, digest or (lambda: file_sha256(path))
+        self._digest: str | None = None
+        self._error: OSError | None = None
 
     def run(self) -> None:
         try:
-            self._digest = file_sha256(self.path)
+            self._digest = self._compute()
         except OSError as e:  # reported when asked for
             self._error = e
 
     def result(self) -> str:
-        self.join()
+        if self.ident is None:
+            self.run()
+        else:
+            self.join()
         if self._error is not None:
             raise CheckpointError(f"cannot read {self.path}: {self._error}")
         return self._digest  # type: ignore[return-value]
@@ -721,7 +720,9 @@ def load_checkpoint(
         # FSDP/ModelParallel: only the model tensors are read, with DCP's own reader, and only when asked for (one
         # at a time: memory stays about the largest tensor for weight formats); meta.pt as a .ckpt is.
         meta, lazy = sharded.load_sharded(path, trust=trust, allow_globals=tuple(allow_globals), lazy=True)
-        hasher = sharded.FolderHasher(path) if hash_file else None
+        hasher = _Hasher(path, lambda: sharded.folder_sha256(path))
+        if hash_file:
+            hasher.start()
         # raw gets its own copy of the key table: on_load_checkpoint may edit raw["state_dict"] in place.
         raw = sharded.as_lightning_checkpoint(meta, lazy.copy())
         return Checkpoint(path, raw, lazy, plain=False, hparams=_hparams(raw.get("hyper_parameters")), _sha=hasher)
@@ -731,16 +732,18 @@ def load_checkpoint(
         # DeepSpeed: ZeRO 1/2 module weights as a .ckpt's; ZeRO-3 only through DeepSpeed, with --trust-checkpoint.
         ds, obj = deepspeed_folder.load_deepspeed(path, trust=trust, allow_globals=tuple(allow_globals),
                                                   max_growth=max_growth)
-        return _as_checkpoint(path, obj, deepspeed_folder.DeepSpeedHasher(ds) if hash_file else None)
-    hasher: list[_Hasher | None] = []
+        hasher = _Hasher(ds.root, lambda: deepspeed_folder.folder_sha256(ds))
+        if hash_file:
+            hasher.start()
+        return _as_checkpoint(path, obj, hasher)
+    hasher = _Hasher(path)
 
     def as_checkpoint(obj: Any) -> tuple[Checkpoint, dict[str, Any]]:
-        ckpt = _as_checkpoint(path, obj, hasher[0] if hasher else None)
+        ckpt = _as_checkpoint(path, obj, hasher)
         return ckpt, ckpt.state_dict
 
-    started = (lambda: hasher.append(_Hasher(path))) if hash_file else None
     return load_verified(path, as_checkpoint, trust=trust, allow_globals=allow_globals, max_growth=max_growth,
-                         on_checked=started)
+                         on_checked=hasher.start if hash_file else None)
 
 
 def load_verified(

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .sharded import METADATA_FILE, FolderHasher, _inside
+from .sharded import METADATA_FILE, _inside
 
 LATEST_FILE = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0/1/2, no tensor or pipeline parallelism
@@ -371,17 +371,3 @@ def folder_sha256(ds: DeepSpeedFolder, chunk: int = 8 << 20) -> str:
         name = path.relative_to(ds.root).as_posix()
         outer.update(f"{name}\0{size}\0{h.hexdigest()}\n".encode("utf-8", "surrogateescape"))
     return outer.hexdigest()
-
-
-class DeepSpeedHasher(FolderHasher):
-    """folder_sha256 of a DeepSpeed folder in the background, with checkpoint._Hasher's interface."""
-
-    def __init__(self, ds: DeepSpeedFolder) -> None:
-        self.ds = ds
-        super().__init__(ds.root)
-
-    def run(self) -> None:
-        try:
-            self._digest = folder_sha256(self.ds)
-        except OSError as e:
-            self._error = e

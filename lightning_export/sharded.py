@@ -34,7 +34,6 @@ import io
 import math
 import os
 import pickle
-import threading
 import weakref
 import zipfile
 from collections.abc import Iterator, MutableMapping
@@ -718,24 +717,3 @@ def folder_sha256(folder: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
                 h.update(block)
         outer.update(f"{name}\0{size}\0{h.hexdigest()}\n".encode("utf-8", "surrogateescape"))
     return outer.hexdigest()
-
-
-class FolderHasher(threading.Thread):
-    """folder_sha256 in the background, with checkpoint._Hasher's interface (``result()``)."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__(daemon=True)
-        self.folder, self._digest, self._error = folder, None, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._digest = folder_sha256(self.folder)
-        except OSError as e:
-            self._error = e
-
-    def result(self) -> str:
-        self.join()
-        if self._error is not None:
-            raise CheckpointError(f"cannot read {self.folder}: {self._error}")
-        return self._digest  # type: ignore[return-value]

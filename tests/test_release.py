@@ -141,7 +141,7 @@ def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict,
     # An export whose --output-dir does not exist yet, a manifest inside it, read back from another directory.
     dist = tmp_path / "dist"
     res = invoke(release["ckpt"], "--config", release["config"], "--to", "safetensors,onnx", "--output-dir",
-                      dist, "--manifest", dist / "m.json", "--seed", "7", "--random-inputs", "0")
+                 dist, "--manifest", dist / "m.json", "--seed", "7", "--random-inputs", "0")
     assert res.code == 0, res
     manifest = json.loads((dist / "m.json").read_text())
     assert not Path(manifest["checkpoint"]["path"]).is_absolute(), "paths are relative to the manifest"
@@ -156,7 +156,7 @@ def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict,
 
 def test_manifest_may_not_be_an_artifact(release: dict, tmp_path: Path) -> None:
     res = invoke(release["ckpt"], "--to", "safetensors", "--attr", "net", "-o", tmp_path / "x.safetensors",
-                      "--manifest", tmp_path / "x.safetensors")
+                 "--manifest", tmp_path / "x.safetensors")
     assert res.code == 2, res
     assert not (tmp_path / "x.safetensors").exists()
 
