@@ -292,3 +292,14 @@ def test_hostile_folder_in_a_true_subprocess(zero2, tmp_path):
     assert res.code == 3, res
     assert json.loads(res.stdout)["error"]["code"] == 3
     assert "Traceback" not in res.stderr
+
+
+def test_sha256_is_the_same_hashed_in_the_background_or_when_asked(ds_runs: dict[str, Path]) -> None:
+    """A checkpoint loaded without background hashing gives the same sha256 when asked (it used to hash a DeepSpeed
+    folder as a DCP one)."""
+    from lightning_export.checkpoint import load_checkpoint
+
+    folder = _folder(ds_runs, "zero2")
+    hashed = load_checkpoint(folder).sha256
+    assert load_checkpoint(folder, hash_file=False).sha256 == hashed
+    assert len(hashed) == 64
