@@ -986,7 +986,8 @@ def unloaded_arguments_error(cls_name: str, held: dict[str, list[str]], values: 
                  f"{'it' if len(refused) == 1 else 'them'}; --trust-checkpoint can (full unpickling: runs code from "
                  "the file).")
     else:
-        hint += f"\nOr load the real objects, if you trust these classes (only they are unpickled):\n{allow_global_flag(names)}"
+        hint += ("\nOr load the real objects, if you trust these classes (only they are unpickled):\n"
+                 f"{allow_global_flag(names)}")
     return UserModuleError(
         f"{cls_name}.__init__ needs {args}, which the checkpoint's hyper_parameters hold as objects that lexport did "
         f"not load ({what}): loading them would run code from the file",

@@ -192,8 +192,8 @@ MANIFEST_VERSION = 1
 # Options recorded in a manifest: everything that shapes the artifacts' bytes or their verification.
 _MANIFEST_OPTIONS = (
     "formats", "module", "attr", "config", "init_args", "init_args_file", "inputs", "example_inputs",
-    "dynamic_batch", "opset", "input_names", "output_names", "torchscript_mode", "seed", "random_inputs", "atol", "rtol", "strict_finite",
-    "trust_checkpoint", "allow_globals", "max_growth", "meta_build", "precision", "quantize", "executorch_backend",
+    "dynamic_batch", "opset", "input_names", "output_names", "torchscript_mode", "seed", "random_inputs", "atol",
+    "rtol", "strict_finite", "trust_checkpoint", "allow_globals", "max_growth", "meta_build", "precision", "quantize", "executorch_backend",
 )
 
 
@@ -345,8 +345,8 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
     unloaded = list(unloaded_by_key(ckpt.hparams))
     if unloaded:
         report.notes.append(
-            f"hyper_parameters {_printable(', '.join(unloaded))[:300]} hold objects that were left unloaded (placeholders: nothing "
-            "from the file ran); the weights do not need them"
+            f"hyper_parameters {_printable(', '.join(unloaded))[:300]} hold objects that were left unloaded "
+            "(placeholders: nothing from the file ran); the weights do not need them"
         )
     report.checkpoint = {
         "path": str(ckpt_path),
