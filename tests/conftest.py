@@ -87,3 +87,75 @@ def small(tmp_path: Path, ckpts: dict) -> Path:
     p.parent.mkdir()
     shutil.copyfile(ckpts["classifier"], p)
     return p
+
+
+# ------------------------------------------------------------------------------ optional extras and limits
+# The formats and tests that need an optional extra, by the module they import. A test that needs one skips
+# with a reason when it is missing (`make test` installs every extra, so CI runs them all).
+EXTRA_MODULES = {"executorch": "executorch", "openvino": "openvino", "tflite": "ai_edge_litert"}
+EXTRA_PIP = {"executorch": "executorch", "openvino": "openvino", "tflite": "litert"}
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs(*modules: str) -> pytest.MarkDecorator:
+    """Skip unless every module is importable (`@needs("executorch")`)."""
+    missing = [m for m in modules if not installed(m)]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (an optional extra: pip install -e '.[dev,all]')")
+
+
+def available_formats(names: str | list[str]) -> list[str]:
+    """`names` without the formats whose optional extra is missing here (all of them where `make test` installed)."""
+    wanted = names.split(",") if isinstance(names, str) else list(names)
+    return [n for n in wanted if n not in EXTRA_MODULES or installed(EXTRA_MODULES[n])]
+
+
+# Children that run lexport under RLIMIT_AS: one BLAS thread (OpenBLAS sizes a buffer per thread at import and
+# aborts when that fails), and the limit set above what importing torch + Lightning + onnxruntime maps on this
+# machine (a CUDA build of torch maps several GB more than the CPU build), so the limit keeps its meaning: any
+# multi-GB allocation a file asks for still fails.
+SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _baseline_address_space() -> int:
+    """Peak virtual memory (bytes) of a child that imports what lexport imports to export, measured once."""
+    cache = REPO / ".pytest_cache" / "lexport-baseline-vm"
+    code = ("import torch, pytorch_lightning, onnxruntime, onnx, lightning_export.cli\n"
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak:')][0])")
+    env = {**os.environ, **SINGLE_THREADED}
+    key = f"{sys.executable}:{os.path.getmtime(sys.executable)}"
+    try:
+        saved_key, value = cache.read_text().split("\n")[:2]
+        if saved_key == key:
+            return int(value)
+    except (OSError, ValueError):
+        pass
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(REPO),
+                         timeout=300, check=True)
+    value = int(out.stdout.strip()) * 1024
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}")
+        tmp.write_text(f"{key}\n{value}\n")
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return value
+
+
+def address_space_limit(limit_gb: float) -> int:
+    """RLIMIT_AS for a lexport child: `limit_gb`, the limit a test was written for on the CPU build of torch
+    (whose imports map under 1.5 GB here), raised by however much more this machine's imports map."""
+    calibrated = 3 << 29  # 1.5 GB
+    return int(limit_gb * (1 << 30)) + max(0, _baseline_address_space() - calibrated)
+
+
+def limited_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", **SINGLE_THREADED, **(env or {})}

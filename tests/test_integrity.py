@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, Result, invoke, run_lexport
+from conftest import REPO, Result, address_space_limit, invoke, limited_env, run_lexport
 
 from lightning_export import checkpoint as ck_mod
 from lightning_export.errors import UsageError
@@ -285,12 +285,12 @@ def test_tied_and_sliced_tensors_still_export(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- 3. bounded work
 def _limited(args: list[object], limit_gb: float = 3, timeout: int = 120) -> tuple[Result, float]:
     """The CLI in a subprocess with at most `limit_gb` of address space (torch needs ~2 GB to start)."""
-    limit = int(limit_gb * (1 << 30))
+    limit = address_space_limit(limit_gb)
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    env = {**os.environ, "COLUMNS": "200"}
+    env = limited_env()
     env.pop("LEXPORT_DEBUG", None)
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "lightning_export", *map(str, args)], capture_output=True,

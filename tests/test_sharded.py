@@ -9,6 +9,7 @@ Tests named test_cli_* run the real CLI on such folders (checkpoint.load_checkpo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -188,11 +189,15 @@ def test_metadata_pickle_runs_no_code(folder, tmp_path):
     assert not marker.exists()
 
 
+# 512 bytes of noise, the same in every pytest-xdist worker (collection must not differ between them).
+NOISE = hashlib.sha512(b"not metadata").digest() * 8
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
         (b"", "empty"),
-        (os.urandom(512), "corrupt|not a torch.distributed"),
+        (NOISE, "corrupt|not a torch.distributed"),
         (pickle.dumps({"state_dict_metadata": {}}), "holds a dict, not torch.distributed.checkpoint Metadata"),
         (b"\x80\x04\x95", "truncated or corrupt"),
     ],
