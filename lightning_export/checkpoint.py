@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .address_space import bounded, is_allocation_failure
 from .errors import CheckpointError, UsageError, UserModuleError
 
 # torch < 2.6 has published weights_only bypasses (CVE-2025-32434); untrusted loads refuse it.
@@ -348,6 +349,8 @@ def _torch_version(text: str) -> tuple[int, int]:
 # for tiny checkpoints and shared tensors), and compressed zip records may not declare more than that either.
 DEFAULT_MAX_GROWTH = 4.0
 GROWTH_SLACK = 64 << 20
+# Address space torch.load may map beyond the file and its tensors (mmap'd file, Python objects, thread arenas).
+UNPICKLE_SLACK = 256 << 20
 _CRC_CHUNK = 16 << 20
 _GROWTH_HINT = "Raise the limit with --max-growth N if this is intended."
 # Records torch reads besides the storages; small, so their CRC-32 is checked before torch.load.
@@ -774,7 +777,8 @@ def load_verified(
     mapped = archive is not None and archive.all_stored
     if on_checked is not None:
         on_checked()
-    obj = _torch_load(path, trust=trust, allowed=allowed, allow_globals=allow_globals, mmap=mapped, is_zip=is_zip)
+    obj = _torch_load(path, trust=trust, allowed=allowed, allow_globals=allow_globals, mmap=mapped, is_zip=is_zip,
+                      max_growth=max_growth)
     result, tensors = select(obj)
     storages = _check_tensors(path, tensors, file_size=file_size, max_growth=max_growth, archive=archive)
     if archive is not None:
@@ -790,6 +794,7 @@ def _torch_load(
     allow_globals: tuple[str, ...] = (),
     mmap: bool = False,
     is_zip: bool = True,
+    max_growth: float = DEFAULT_MAX_GROWTH,
 ) -> Any:
     import warnings
 
@@ -826,8 +831,12 @@ def _torch_load(
             if name != _qualname(obj):
                 safe.append((obj, name))
             safe.extend(_dtype_classes(obj))
+        # What the unpickler builds is bounded like the tensors: an allowlisted constructor that takes a size
+        # (bytearray(3e9), torch.Tensor(3e9)) in a 2 kB file fails instead of allocating gigabytes.
+        budget = int(path.stat().st_size * (1 + max_growth)) + UNPICKLE_SLACK
         try:
-            return _weights_only_load(path, safe, kwargs)
+            with bounded(budget):
+                return _weights_only_load(path, safe, kwargs)
         except pickle.UnpicklingError as e:
             # Objects beyond what torch and --allow-global admit (hparams holding modules, partials, numpy arrays):
             # each becomes an inert placeholder, unless one of them comes from a module whose objects run code.
@@ -841,6 +850,10 @@ def _torch_load(
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e, is_zip, allowed, allow_globals) from e
     except Exception as e:
+        if is_allocation_failure(e):
+            raise CheckpointError(
+                f"{path}: unpickling it asks for more memory than {max_growth:g}x its size allows: an object in it "
+                "(in hyper_parameters or elsewhere) is built with a huge size", hint=_GROWTH_HINT) from e
         raise CheckpointError(_explain_load_failure(path, e)) from e
     finally:
         if saved_env is not None:

@@ -449,6 +449,13 @@ def hparams_deep(path: Path, base: Path | None = None, depth: int = 100_000, kin
     return save_with_fragment(path, frag, base=base)
 
 
+def hparams_allocation(path: Path, base: Path | None = None, what: str = "bytearray", n: int = 3_000_000_000) -> Path:
+    """A kilobyte file whose hyper_parameters ask an allowlisted constructor for `n` elements: `bytearray(n)` (3 GB
+    of zeros the unpickler writes) or `torch.Tensor(n)` (12 GB, uninitialised)."""
+    module, name = ("builtins", "bytearray") if what == "bytearray" else ("torch", "Tensor")
+    return save_with_fragment(path, call(module, name, n), base=base)
+
+
 def _one_tensor(path: Path, key: str, storage: str, numel: int, size: tuple, stride: tuple, record: bytes,
                 offset: int = 0) -> Path:
     """A Lightning checkpoint whose state_dict holds exactly one tensor, built from opcodes."""
