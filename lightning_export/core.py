@@ -578,7 +578,8 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report, given: _Supplied) -> 
         explicit=tuple(k for k, _ in opts.init_args),
         warnings=report.warnings,
     )
-    built = model.build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
+    with model.seeded(opts.seed):
+        built = model.build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
     built.module.eval()
     return built
 

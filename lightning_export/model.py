@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,6 +348,34 @@ def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
     obj = cls(**kwargs)
     obj.configure_model()  # a no-op unless overridden, as in load_from_checkpoint
     return obj
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's, Python's and numpy's global generators seeded from --seed while the user's code builds the module
+    (an example_input_array drawn with torch.randn in __init__ is then the same every run, and so are the bytes of
+    formats that embed it); the caller's generator states are restored afterwards."""
+    import random
+
+    import torch
+
+    py_state = random.getstate()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's wheels
+        np = None
+    np_state = np.random.get_state() if np is not None else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if np is not None:
+            np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
 
 
 def build_module(

@@ -1,0 +1,55 @@
+"""Issue 15, item 6: a module whose __init__ draws example_input_array from the global RNG (Lightning's own examples
+do) exports to the same bytes twice, in every format: lexport seeds the generators from --seed before building."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import available_formats, run_lexport
+
+MODULE = "fixtures.modules:GlobalRandomExample"
+
+
+@pytest.fixture(scope="module")
+def random_example_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fixtures.make_checkpoints import _TRAINER_KWARGS, _quiet
+    from fixtures.modules import GlobalRandomExample
+
+    path = tmp_path_factory.mktemp("random-example") / "random_example.ckpt"
+    with _quiet():
+        pl.seed_everything(0, verbose=False)
+        model = GlobalRandomExample()
+        data = TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,)))
+        trainer = pl.Trainer(max_steps=2, **_TRAINER_KWARGS)
+        trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=8))
+        trainer.save_checkpoint(path)
+    return path
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_random_example_input_array_gives_the_same_bytes_in_every_format(random_example_ckpt, tmp_path):
+    from lightning_export.formats import REGISTRY
+
+    formats = available_formats(list(REGISTRY))
+    runs = []
+    for i in (1, 2):
+        out = tmp_path / f"run{i}"
+        res = run_lexport(random_example_ckpt, "--module", MODULE, "--to", ",".join(formats), "--output-dir", out,
+                          "--json")
+        assert res.code == 0, res
+        runs.append({a["format"]: a for a in res.json()["artifacts"]})
+    assert sorted(runs[0]) == sorted(formats)
+    for name in formats:
+        first, second = Path(runs[0][name]["path"]), Path(runs[1][name]["path"])
+        assert _sha(first) == _sha(second), f"{name}: two runs wrote different bytes"
+        for c1, c2 in zip(runs[0][name].get("companions") or [], runs[1][name].get("companions") or []):
+            assert _sha(Path(c1)) == _sha(Path(c2)), f"{name}: companion {c1} differs"
