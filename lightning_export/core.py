@@ -254,6 +254,7 @@ def _phase(error: type[LexportError], what: str) -> Iterator[None]:
     """Whatever goes wrong in a phase is that phase's error, with its exit code: a file that makes the loader run
     out of memory is a bad checkpoint (3), a user's module that raises or recurses while building is the module's
     (4). Never the internal-error exit (70)."""
+    outputs.raise_if_terminated()
     try:
         yield
     except LexportError:

@@ -429,6 +429,14 @@ class _SignalState(threading.local):
 
 
 _signals = _SignalState()
+# The last SIGTERM/SIGINT seen by TerminateOnSignal: a KeyboardInterrupt raised inside an import or a library that
+# swallows it (a bare `except:`) would otherwise be lost, and the run would go on; every phase checks this first.
+_requested: int | None = None
+
+
+def raise_if_terminated() -> None:
+    if _requested is not None:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -462,6 +470,8 @@ class TerminateOnSignal:
 
     @staticmethod
     def _handle(signum: int, frame: object) -> None:
+        global _requested
+        _requested = signum
         if _signals.depth > 0:
             _signals.pending = signum
             return
