@@ -216,7 +216,36 @@ def write(ctx: ExportContext, path: Path) -> Written:
             notes.append(f"inputs the graph does not use were dropped by {exporter}: {', '.join(unused)}")
     if ctx.opset is not None and info["opset"] != ctx.opset:
         raise ExportError(f"--opset {ctx.opset} was asked for, but {exporter} wrote opset {info['opset']}")
+    if _has_bfloat16(ctx.target):
+        _check_cpu_kernels(path)
     return Written(exporter, notes, info)
+
+
+def _has_bfloat16(module: Any) -> bool:
+    import torch
+
+    return any(t.dtype == torch.bfloat16 for t in [*module.parameters(), *module.buffers()])
+
+
+def _check_cpu_kernels(path: Path) -> None:
+    """onnxruntime has no CPU kernels for bfloat16 Add, MatMul, Gemm, Conv...: a bf16 graph it cannot even load is
+    an export that cannot run here (exit 5), with the runtime's reason and what runs instead."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        text = " ".join(str(e).split())
+        if "NOT_IMPLEMENTED" not in text and "Could not find an implementation" not in text:
+            return  # not a kernel gap: verification reports it as usual
+        reason = text.split("NOT_IMPLEMENTED : ", 1)[-1]
+        raise ExportError(
+            f"onnxruntime cannot run this bfloat16 graph on the CPU: {reason}",
+            hint="Use --precision fp16 for onnx (onnxruntime runs float16 on the CPU), or keep --precision bf16 "
+                 "with --to exported-program, executorch or aoti, which run bfloat16 on the CPU.",
+        ) from e
 
 
 class _Skip(Exception):
