@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: one per core, at most 4 (each worker trains the session's fixture checkpoints itself).
+JOBS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 2)
 
 .PHONY: demo test lint bench clean fuzz
 
@@ -21,7 +23,7 @@ demo: $(STAMP)
 		--output-dir .demo/out --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
 # Issue 7: 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
 fuzz: $(STAMP)
