@@ -478,9 +478,11 @@ class TerminateOnSignal:
         raise KeyboardInterrupt
 
     def __exit__(self, *exc: object) -> None:
+        global _requested
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        _requested = None  # the run is over: the signal was raised (or the run ended first); the next run starts clean
 
 
 def validate_output_flags(output: Path | None, formats: list[str]) -> None:
