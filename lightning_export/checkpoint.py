@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UsageError, UserModuleError
+from .text import fmt_bytes
 
 # torch < 2.6 has published weights_only bypasses (CVE-2025-32434); untrusted loads refuse it.
 MIN_TORCH_FOR_UNTRUSTED = (2, 6)
@@ -435,8 +436,8 @@ def _read_archive(path: Path, file_size: int, max_growth: float) -> _Archive:
         limit = max_growth * file_size + GROWTH_SLACK
         if inflated > limit:
             raise CheckpointError(
-                f"{path}: its compressed records declare {_mb(inflated)} once inflated, more than {max_growth:g}x "
-                f"the file ({_mb(file_size)}) + {_mb(GROWTH_SLACK)}; refusing to inflate it (a zip bomb?)",
+                f"{path}: its compressed records declare {fmt_bytes(inflated)} once inflated, more than {max_growth:g}x "
+                f"the file ({fmt_bytes(file_size)}) + {fmt_bytes(GROWTH_SLACK)}; refusing to inflate it (a zip bomb?)",
                 hint=_GROWTH_HINT,
             )
         byteorder = None
@@ -455,10 +456,6 @@ def _read_archive(path: Path, file_size: int, max_growth: float) -> _Archive:
                 byteorder = data.decode("ascii", errors="replace")
     return _Archive(storages, byteorder)
 
-
-
-def _mb(n: float) -> str:
-    return f"{n / (1 << 20):,.1f} MiB" if n >= 1 << 20 else f"{int(n):,} bytes"
 
 
 @dataclass
@@ -516,12 +513,12 @@ def _check_tensors(path: Path, state_dict: dict[str, Any], *, file_size: int, ma
                                   "storage as two element sizes")
     backed = sum(s.nbytes for s in storages.values())
     if archive is None and backed > file_size:
-        raise CheckpointError(f"{path}: its tensors claim {_mb(backed)} of storage in a file of {_mb(file_size)}: "
+        raise CheckpointError(f"{path}: its tensors claim {fmt_bytes(backed)} of storage in a file of {fmt_bytes(file_size)}: "
                               "the file is corrupt or crafted")
     if dense > max_growth * backed + GROWTH_SLACK:
         raise CheckpointError(
-            f"{path}: its state dict expands to {_mb(dense)} from {_mb(backed)} of stored weights (tensors that "
-            f"repeat one value, e.g. expand() or stride 0), more than {max_growth:g}x + {_mb(GROWTH_SLACK)}",
+            f"{path}: its state dict expands to {fmt_bytes(dense)} from {fmt_bytes(backed)} of stored weights (tensors that "
+            f"repeat one value, e.g. expand() or stride 0), more than {max_growth:g}x + {fmt_bytes(GROWTH_SLACK)}",
             hint=_GROWTH_HINT,
         )
     return list(storages.values())

@@ -23,6 +23,7 @@ from .errors import (
     UserModuleError,
     VerificationError,
     describe_exception,
+    error_json,
     export_failure,
 )
 from .report import ArtifactResult, Report, versions
@@ -126,7 +127,7 @@ def run(
         _finish(report)
     except LexportError as e:
         e.report = report
-        report.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
+        report.error = error_json(e)
         try:
             _write_manifest(opts, report)  # the record of a failed run is worth keeping too
         except LexportError as m:
@@ -136,7 +137,7 @@ def run(
         _write_manifest(opts, report)
     except LexportError as e:
         e.report = report
-        report.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
+        report.error = error_json(e)
         raise
     return report
 
@@ -164,7 +165,7 @@ def verify(
             f"{checkpoint_sha256[:16]}…"
         )
         err.report = report
-        report.error = {"code": err.exit_code, "kind": err.kind, "message": str(err)}
+        report.error = error_json(err)
         raise err
     return report
 
@@ -702,7 +703,7 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
         if not opts.verify:
             result.notes.append("not verified (--no-verify)")
     except LexportError as e:
-        result.error = {"code": e.exit_code, "kind": e.kind, "message": str(e)}
+        result.error = error_json(e)
     finally:
         if staging is not None:
             staging.discard()
@@ -716,7 +717,7 @@ def _check_existing(
     file must also still have the sha256 recorded there."""
     from .checkpoint import file_sha256
     from .formats._graph import quiet_torch_logs
-    from .verify import Verification
+    from .compare import Verification
 
     started = time.perf_counter()
     result.path = str(path)
@@ -741,7 +742,7 @@ def _check_existing(
                     f"{path.name} looks exported with {flag}: verify it with that flag (a manifest records it)"
                 )
     except OSError as e:
-        result.error = {"code": 2, "kind": "usage", "message": f"cannot read {path}: {e.strerror or e}"}
+        result.error = error_json(UsageError(f"cannot read {path}: {e.strerror or e}"))
     finally:
         result.seconds = time.perf_counter() - started
 
@@ -782,7 +783,7 @@ def _fsync_and_hash(staging: Any, file_sha256: Any) -> tuple[int, str]:
 
 
 def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> Any:
-    from .verify import Verification, compare_outputs, compare_tensor_maps
+    from .compare import Verification, compare_outputs, compare_tensor_maps
 
     try:
         loaded = fmt.load(path)
@@ -851,7 +852,7 @@ def _all_finite(t: Any, chunk: int = 1 << 22) -> bool:
 def _check_finite_outputs(value: Any, opts: ExportOptions, report: Report) -> None:
     import torch
 
-    from .verify import flatten_outputs
+    from .compare import flatten_outputs
 
     bad = [
         name

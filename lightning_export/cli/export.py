@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoint import DEFAULT_MAX_GROWTH
 from ..errors import EXIT_CODES
 from ..formats import REGISTRY

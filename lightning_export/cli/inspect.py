@@ -12,7 +12,7 @@ from rich.table import Table
 from ..checkpoint import DEFAULT_MAX_GROWTH
 from . import options as o
 from .common import Steps, execute
-from .render import fmt_bytes
+from ..text import fmt_bytes
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
