@@ -13,7 +13,6 @@ from typing import Any
 
 from . import outputs
 from .bounded import short_repr
-from .checkpoint import DEFAULT_MAX_GROWTH
 from .errors import (
     CheckpointError,
     ExportError,
@@ -27,6 +26,7 @@ from .errors import (
     export_failure,
 )
 from .report import ArtifactResult, Report, versions
+from .safeload.archive import DEFAULT_MAX_GROWTH
 
 DEFAULT_RANDOM_INPUTS = 5
 MAX_RANDOM_INPUTS = 1000
@@ -201,7 +201,7 @@ _MANIFEST_OPTIONS = (
 def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
     """The --json record plus the options; every path in it is relative to the manifest's directory, so the
     manifest and the files it names can move together (a later CI stage)."""
-    from .checkpoint import file_sha256
+    from .hashing import file_sha256
 
     home = (opts.manifest or Path(".")).resolve().parent
 
@@ -331,7 +331,7 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
     # Weights formats never need the class: --config alone does not make lexport import anything for them.
     wants_module = opts.module or any(f.needs_module for f in formats)
 
-    from .checkpoint import load_checkpoint
+    from .sources import load_checkpoint
 
     with step("loading checkpoint"), _phase(CheckpointError, f"reading {ckpt_path}"):
         ckpt = load_checkpoint(
@@ -341,12 +341,13 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
             hash_file=opts.hash_checkpoint,
             max_growth=opts.max_growth,
         )
-    from .checkpoint import _printable, unloaded_by_key
+    from .safeload.placeholders import unloaded_by_key
+    from .text import printable
 
     unloaded = list(unloaded_by_key(ckpt.hparams))
     if unloaded:
         report.notes.append(
-            f"hyper_parameters {_printable(', '.join(unloaded))[:300]} hold objects that were left unloaded "
+            f"hyper_parameters {printable(', '.join(unloaded))[:300]} hold objects that were left unloaded "
             "(placeholders: nothing from the file ran); the weights do not need them"
         )
     report.checkpoint = {
@@ -367,7 +368,7 @@ def _run(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, s
         target, state_dict = built.target, built.state_dict
         report.notes.extend(built.notes)
     else:
-        from .model import strip_prefix
+        from .statedict import strip_prefix
 
         target = None
         state_dict = strip_prefix(ckpt.state_dict, f"{opts.attr}." if opts.attr else "")
@@ -646,7 +647,7 @@ def _detach(value: Any) -> Any:
 def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, result: ArtifactResult) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from .checkpoint import file_sha256
+    from .hashing import file_sha256
 
     started = time.perf_counter()
     staging = None
@@ -715,9 +716,9 @@ def _check_existing(
 ) -> None:
     """`lexport verify`: the same verification as after an export, on a file that exists; with a manifest, the
     file must also still have the sha256 recorded there."""
-    from .checkpoint import file_sha256
-    from .formats._graph import quiet_torch_logs
     from .compare import Verification
+    from .formats._graph import quiet_torch_logs
+    from .hashing import file_sha256
 
     started = time.perf_counter()
     result.path = str(path)
@@ -816,7 +817,7 @@ def _verify(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> A
 
 
 def _check_finite_weights(state_dict: Mapping[str, Any], opts: ExportOptions, report: Report) -> None:
-    from .checkpoint import tensor_specs
+    from .statedict import tensor_specs
 
     bad = []
     for name, spec in tensor_specs(state_dict).items():

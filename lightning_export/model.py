@@ -15,21 +15,17 @@ from typing import Any
 
 from .bounded import MAX_DEPTH, TooDeep, load_yaml, short_repr
 from .errors import UsageError, UserModuleError
+from .statedict import strip_prefix
+from .userpath import ensure_cwd_importable
 
 # Keys LightningCLI adds to hyper_parameters; naming a class in a checkpoint must never import it.
 _CLI_KEYS = ("_class_path", "_instantiator")
 
 
 # ---------------------------------------------------------------------------------------------- importing
-def _ensure_cwd_importable() -> None:
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-
-
 def import_object(spec: str, *, what: str = "--module") -> Any:
     """Resolve `pkg.mod:Class`, `pkg.mod.Class` or `path/to/file.py:Class`."""
-    _ensure_cwd_importable()
+    ensure_cwd_importable()
     if ":" in spec:
         mod_part, _, attr = spec.rpartition(":")
     else:
@@ -277,7 +273,7 @@ def constructor_arguments(
     kwargs = {**loaded, **supplied}
     if not has_varkw:
         kwargs = {k: v for k, v in kwargs.items() if k in names}
-    from .checkpoint import unloaded_arguments_error, unloaded_by_key, unloaded_in
+    from .safeload.placeholders import unloaded_arguments_error, unloaded_by_key, unloaded_in
 
     from_file = {k: v for k, v in kwargs.items() if k not in supplied}
     held = unloaded_by_key(from_file)
@@ -395,20 +391,9 @@ def build_module(
     return BuiltModule(obj, target, attr, sd, notes, built_on_meta)
 
 
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
-    """The entries under `prefix`, prefix removed. A lazily read state dict (a sharded folder) gives a lazy view:
-    no tensor is read here."""
-    renamed = getattr(state_dict, "renamed", None)
-    if callable(renamed):
-        return renamed({k[len(prefix):]: k for k in state_dict if k.startswith(prefix)})
-    if not prefix:
-        return dict(state_dict)
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_only: bool = False) -> None:
     """Strict loading that collects every missing, unexpected and mis-shaped key before failing once."""
-    from .checkpoint import tensor_specs
+    from .statedict import tensor_specs
 
     expected = module.state_dict(keep_vars=True)
     specs = tensor_specs(state_dict)  # shapes without reading a lazily read folder's tensors

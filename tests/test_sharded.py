@@ -21,13 +21,8 @@ import torch
 from conftest import invoke
 
 from lightning_export.errors import CheckpointError
-from lightning_export.sharded import (
-    ShardedCheckpoint,
-    folder_sha256,
-    is_sharded_folder,
-    load_sharded,
-    read_dcp_metadata,
-)
+from lightning_export.sources.dcp import ShardedCheckpoint, folder_sha256, load_sharded
+from lightning_export.sources.dcp_layout import is_sharded_folder, read_dcp_metadata
 
 MODULE = "fixtures.modules:MyClassifierModule"
 
@@ -404,8 +399,8 @@ def test_state_dict_artifact_is_torch_save_byte_for_byte(sharded):
     import io
 
     from lightning_export.formats.state_dict import save_streaming
-    from lightning_export.model import strip_prefix
-    from lightning_export.sharded import LazyStateDict
+    from lightning_export.sources.dcp import LazyStateDict
+    from lightning_export.statedict import strip_prefix
 
     for how in ("dtensor", "trainer"):
         lazy = strip_prefix(LazyStateDict(ShardedCheckpoint(sharded[how][0])), "model.")
@@ -440,7 +435,7 @@ def test_weight_formats_hold_one_tensor_at_a_time(big_folder, tmp_path, monkeypa
 
     from safetensors.torch import load_file
 
-    from lightning_export import sharded as sharded_mod
+    from lightning_export.sources import dcp as sharded_mod
 
     opened: list = []
 
@@ -467,7 +462,7 @@ def test_weight_formats_hold_one_tensor_at_a_time(big_folder, tmp_path, monkeypa
 
 _MEASURE = """
 import sys, threading, time
-import torch, torch.distributed.checkpoint, safetensors.torch, lightning_export.cli, lightning_export.sharded
+import torch, torch.distributed.checkpoint, safetensors.torch, lightning_export.cli, lightning_export.sources.dcp
 def anon():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))

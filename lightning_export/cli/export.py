@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ..version import __version__
-from ..checkpoint import DEFAULT_MAX_GROWTH
 from ..errors import EXIT_CODES
 from ..formats import REGISTRY
+from ..safeload.archive import DEFAULT_MAX_GROWTH
+from ..version import __version__
 from . import options as o
 from .common import Steps, execute
 from .render import render_report

@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..checkpoint import DEFAULT_MAX_GROWTH
+from ..safeload.archive import DEFAULT_MAX_GROWTH
+from ..text import fmt_bytes
 from . import options as o
 from .common import Steps, execute
-from ..text import fmt_bytes
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 

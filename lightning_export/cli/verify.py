@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..checkpoint import DEFAULT_MAX_GROWTH
 from ..errors import UsageError
+from ..safeload.archive import DEFAULT_MAX_GROWTH
 from . import options as o
 from .common import Steps, execute
 from .render import render_report

@@ -59,7 +59,7 @@ def storage_bytes(tensors: Iterable[Any]) -> tuple[int, int]:
 
 def weights_estimate(ctx: ExportContext) -> int:
     """Bytes a torch.save of the state dict takes: its storages, plus zip headers, 64-byte alignment and pickle."""
-    from ..checkpoint import tensor_specs
+    from ..statedict import tensor_specs
 
     nbytes, count = storage_bytes(tensor_specs(ctx.state_dict).values())
     return nbytes + 1024 * count + (64 << 10)
