@@ -488,12 +488,12 @@ class _Supplied:
 def _read_supplied(opts: ExportOptions) -> _Supplied:
     """Read every config and argument file up front (cheap; bounded YAML), so a bad one is exit 2 before any
     slow work, whatever the formats."""
-    from .model import load_args_file
+    from .build.argfiles import load_args_file
 
     class_path = opts.module
     args: dict[str, Any] = {}
     if opts.config:
-        from .configs import read_model_section
+        from .build.configs import read_model_section
 
         section = read_model_section(opts.config)
         class_path = class_path or section.class_path
@@ -548,7 +548,9 @@ def _destinations(opts: ExportOptions, formats: list[Any]) -> dict[str, Path]:
 
 
 def _build(opts: ExportOptions, ckpt: Any, report: Report, given: _Supplied) -> Any:
-    from . import model
+    from .build.arguments import constructor_arguments
+    from .build.importing import resolve_class
+    from .build.module import build_module
 
     class_path, supplied = given.class_path, given.args
     if class_path is None:
@@ -570,8 +572,8 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report, given: _Supplied) -> 
                     "class_path), and " if opts.config else "")
             raise UsageError(f"{said}{needs} needs the LightningModule class", hint=hint)
     report.module = class_path
-    cls = model.resolve_class(class_path)
-    kwargs = model.constructor_arguments(
+    cls = resolve_class(class_path)
+    kwargs = constructor_arguments(
         cls,
         ckpt.hparams,
         ckpt.raw,
@@ -580,7 +582,7 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report, given: _Supplied) -> 
         explicit=tuple(k for k, _ in opts.init_args),
         warnings=report.warnings,
     )
-    built = model.build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
+    built = build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
     built.module.eval()
     return built
 

@@ -84,8 +84,8 @@ def lexport(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
     def options() -> Any:
+        from ..build.argfiles import parse_init_arg
         from ..core import ExportOptions
-        from ..model import parse_init_arg
 
         return ExportOptions(
             checkpoint=checkpoint,

@@ -57,8 +57,8 @@ def verify(
     }
 
     def work(steps: Steps) -> Any:
+        from ..build.argfiles import parse_init_arg
         from ..core import verify as verify_artifacts
-        from ..model import parse_init_arg
 
         # Only what was typed; the manifest (if any) fills the rest, then ExportOptions' defaults.
         options = {k: v for k, v in given.items() if v is not None and v != () and v is not False}

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from ..model import lightning_base
+from ..build.importing import lightning_base
 from . import ExportContext, storage_bytes
 
 

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bounded import MAX_DEPTH, TooDeep, iter_containers
-from .errors import UsageError, UserModuleError
-from .userpath import ensure_cwd_importable
+from ..bounded import MAX_DEPTH, TooDeep, iter_containers
+from ..errors import UsageError, UserModuleError
+from ..userpath import ensure_cwd_importable
+from .argfiles import load_args_file
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
@@ -45,8 +46,6 @@ def describes_object(value: Any) -> bool:
 
 def read_model_section(path: str | os.PathLike[str]) -> ModelSection:
     """The `model:` section of a LightningCLI config.yaml or of a Hydra config (`.hydra/config.yaml`)."""
-    from .model import load_args_file
-
     data = load_args_file(path, flag="--config")
     model = data.get("model")
     if model is None:
