@@ -11,10 +11,18 @@ __all__ = ["export", "verify", "ExportOptions", "Report", "LexportError", "__ver
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package (and `lexport --help`) must not import torch.
-    if name in ("export", "verify", "ExportOptions", "run"):
-        from . import core
+    if name in ("export", "run"):
+        from .pipeline import export
 
-        return getattr(core, name)
+        return getattr(export, name)
+    if name == "verify":
+        from .pipeline.verify import verify
+
+        return verify
+    if name == "ExportOptions":
+        from .pipeline.options import ExportOptions
+
+        return ExportOptions
     if name == "Report":
         from .report import Report
 

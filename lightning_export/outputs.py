@@ -44,7 +44,7 @@ def _resolved(path: Path) -> Path | None:
         return None
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -55,7 +55,7 @@ def check_destination(path: Path, checkpoint: Path, *, force: bool) -> None:
     resolved = _resolved(path)
     if resolved is None:
         raise OutputError(f"output {path} cannot be resolved: it is a symbolic link loop")
-    same = resolved == _resolved(checkpoint) or _same_file(path, checkpoint)
+    same = resolved == _resolved(checkpoint) or same_file(path, checkpoint)
     if same:
         raise OutputError(
             f"output {path} is the input checkpoint; refusing to overwrite it (even with --force)",

@@ -219,3 +219,31 @@ def test_help_path_imports_no_torch_at_module_level(module: str) -> None:
                 for a in node.names:
                     todo.append(f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target)
     assert not heavy, heavy
+
+
+def test_every_import_of_the_package_resolves() -> None:
+    """A function-level import runs only when its function does: a module moved away is caught here, not by a
+    user."""
+    bad = []
+    for m in MODULES:
+        for target, name, line in _imports(m):
+            if target not in MODULES:
+                bad.append(f"{m}:{line} imports {target}, which is not a module of the package")
+            elif name is not None and not _defines(target, name):
+                bad.append(f"{m}:{line} imports {name} from {target}, which does not define it")
+    assert not bad, "\n".join(bad)
+
+
+def _defines(module: str, name: str) -> bool:
+    tree = MODULES[module][1]
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((a.asname or a.name).split(".")[0] == name for a in node.names):
+                return True
+    return name == "__version__" and module == "lightning_export"

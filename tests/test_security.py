@@ -450,7 +450,7 @@ def test_allow_global_hint_offers_only_safe_names_as_one_shell_word() -> None:
 def test_placeholder_names_are_printed_escaped() -> None:
     ph = placeholder("evil\x1b]0;HACKED\x07.Net")()
     assert "\x1b" not in ph.what and "\x07" not in ph.what and "\x1b" not in repr(ph)
-    from lightning_export.inspection import plain_value
+    from lightning_export.pipeline.inspection import plain_value
 
     assert "\x1b" not in plain_value(ph)[1]
 

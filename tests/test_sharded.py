@@ -503,7 +503,7 @@ def test_peak_memory_is_far_below_the_weights(big_folder, tmp_path):
 
 def test_inspect_folder_reads_no_tensor(sharded, folder):
     """Every byte of every weight record is zeroed, metadata intact: reading any weight fails, inspect does not."""
-    from lightning_export.inspection import inspect_checkpoint
+    from lightning_export.pipeline.inspection import inspect_checkpoint
 
     ck = ShardedCheckpoint(folder)
     for entry in ck.entries.values():

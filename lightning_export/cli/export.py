@@ -1,4 +1,4 @@
-"""`lexport CKPT --to FORMAT`: parse flags → ExportOptions → core.run → render. No torch at import time."""
+"""`lexport CKPT --to FORMAT`: parse flags → ExportOptions → pipeline.export.run → render. No torch at import time."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def lexport(
 ) -> None:
     def options() -> Any:
         from ..build.argfiles import parse_init_arg
-        from ..core import ExportOptions
+        from ..pipeline.options import ExportOptions
 
         return ExportOptions(
             checkpoint=checkpoint,
@@ -123,7 +123,7 @@ def lexport(
         )
 
     def export(steps: Steps) -> Any:
-        from ..core import run
+        from ..pipeline.export import run
 
         return run(options(), progress=steps.step)
 

@@ -122,6 +122,18 @@ class ExecuTorchRunner:
         return list(self.method.execute(feed))
 
 
+def check(opts: Any, requested: bool) -> None:
+    """The backend, and that executorch is installed, before any slow work (exit 2)."""
+    if not requested:
+        return
+    if opts.executorch_backend.strip().lower() not in BACKENDS:
+        raise UsageError(f"--executorch-backend {opts.executorch_backend!r}: use one of {', '.join(BACKENDS)}")
+    try:
+        _require_executorch()
+    except ExportError as e:
+        raise UsageError(e.message, hint=e.hint) from None
+
+
 def load(path: Path) -> Any:
     return ExecuTorchRunner(path)
 
@@ -143,5 +155,7 @@ register(
         rtol=1e-5,
         size_estimate=size_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:6] == b"ET",  # the flatbuffer's file identifier
+        options=("executorch_backend",),
+        check=check,
     )
 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bounded import iter_containers, short_repr
+from ..bounded import iter_containers, short_repr
 
 # hparams values shown as they are when they are plain data of at most this many leaves; else their type.
 _MAX_PLAIN_LEAVES = 64
@@ -92,7 +92,7 @@ def plain_value(value: Any) -> tuple[bool, Any]:
 
 
 def _type_name(value: Any) -> str:
-    from .safeload.placeholders import Unloaded
+    from ..safeload.placeholders import Unloaded
 
     if isinstance(value, Unloaded):
         return f"{value.what} (not loaded)"
@@ -124,8 +124,8 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """The JSON-ready summary of a checkpoint (max_growth: the loader's bound, None for its default). Raises the
     loader's CheckpointError/UsageError."""
-    from .sources import load_checkpoint
-    from .statedict import tensor_specs
+    from ..sources import load_checkpoint
+    from ..statedict import tensor_specs
 
     path = Path(path)
     kwargs: dict[str, Any] = {"trust": trust, "allow_globals": allow_globals, "hash_file": False}
