@@ -247,3 +247,21 @@ def _defines(module: str, name: str) -> bool:
             if any((a.asname or a.name).split(".")[0] == name for a in node.names):
                 return True
     return name == "__version__" and module == "lightning_export"
+
+
+def test_no_private_names_through_module_aliases() -> None:
+    """`from . import mod` then `mod._helper` is a private name imported across modules too."""
+    bad = []
+    for m, (path, tree) in MODULES.items():
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(m, path.name == "__init__.py", node)
+                aliases |= {a.asname or a.name for a in node.names if f"{target}.{a.name}" in MODULES}
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname for a in node.names if a.asname and a.name in MODULES}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{m}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not bad, "\n".join(bad)

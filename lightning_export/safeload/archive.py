@@ -169,21 +169,27 @@ def read_archive(path: Path, file_size: int, max_growth: float) -> Archive:
                 f"the file ({fmt_bytes(file_size)}) + {fmt_bytes(GROWTH_SLACK)}; refusing to inflate it (a zip bomb?)",
                 hint=_GROWTH_HINT,
             )
-        byteorder = None
-        for short in _METADATA_RECORDS:
-            full = f"{prefix}/{short}"
-            if full not in names:
-                continue
-            try:
-                data = zf.read(full)  # zipfile checks the CRC-32 when it reaches the end of the record
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
-                raise CheckpointError(
-                    f"record {printable(full)} does not match its CRC-32: the file is corrupt or was altered "
-                    f"({printable(str(e))[:120]})"
-                ) from e
-            if short == "byteorder":
-                byteorder = data.decode("ascii", errors="replace")
+        byteorder = _check_metadata_records(zf, prefix, names)
     return Archive(storages, byteorder)
+
+
+def _check_metadata_records(zf: zipfile.ZipFile, prefix: str, names: set[str]) -> str | None:
+    """The CRC-32 of the small records torch reads besides the storages; returns the byteorder record's value."""
+    byteorder = None
+    for short in _METADATA_RECORDS:
+        full = f"{prefix}/{short}"
+        if full not in names:
+            continue
+        try:
+            data = zf.read(full)  # zipfile checks the CRC-32 when it reaches the end of the record
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+            raise CheckpointError(
+                f"record {printable(full)} does not match its CRC-32: the file is corrupt or was altered "
+                f"({printable(str(e))[:120]})"
+            ) from e
+        if short == "byteorder":
+            byteorder = data.decode("ascii", errors="replace")
+    return byteorder
 
 
 @dataclass

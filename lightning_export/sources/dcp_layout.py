@@ -193,7 +193,7 @@ def weight_entries(
     root: Path, metadata: Any, files: dict[str, int]
 ) -> tuple[str, dict[str, TensorEntry], list[str]]:
     import torch
-    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     where = f"{root}/{METADATA_FILE}"
     planner_data = metadata.planner_data or {}
@@ -234,45 +234,7 @@ def weight_entries(
             raise CheckpointError(f"{where} is corrupt: {fqn!r} has no stored chunks")
         if len(md.chunks) > MAX_CHUNKS_PER_TENSOR:
             raise CheckpointError(f"{where}: {fqn!r} is split into {len(md.chunks)} chunks; refusing so many")
-        chunks = []
-        for c in md.chunks:
-            offsets = plain_ints(getattr(c, "offsets", None), "a chunk offset", fqn, root)
-            sizes = plain_ints(getattr(c, "sizes", None), "a chunk size", fqn, root)
-            if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-                o + s > d for o, s, d in zip(offsets, sizes, shape)
-            ):
-                raise CheckpointError(
-                    f"{where} is corrupt: a chunk of {name!r} at {list(offsets)} of size {list(sizes)} lies outside "
-                    f"the tensor's shape {list(shape)}"
-                )
-            info = storage.get(MetadataIndex(fqn, torch.Size(offsets)))
-            rel = getattr(info, "relative_path", None)
-            off, length = getattr(info, "offset", None), getattr(info, "length", None)
-            if info is None or not isinstance(rel, str) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, length)
-            ):
-                raise CheckpointError(f"{where} is corrupt: the chunk of {name!r} at {list(offsets)} has no storage")
-            if getattr(info, "transform_descriptors", None):
-                raise CheckpointError(
-                    f"{root}: {name!r} is stored through transforms {list(info.transform_descriptors)} "
-                    "(compression or encryption); lexport reads plain torch.distributed.checkpoint records only"
-                )
-            if rel not in files:
-                inside(root, rel, copy_hint=COPY_HINT)  # names why: missing, a link out of the folder, not a file
-                raise CheckpointError(f"{root}: {rel} is not a regular file of the folder")
-            if off + length > files[rel]:
-                raise CheckpointError(
-                    f"{root}/{rel} is truncated: {name!r} is stored at bytes {off}..{off + length} of a "
-                    f"{files[rel]}-byte file",
-                    hint=COPY_HINT,
-                )
-            chunk = Chunk(offsets, sizes, rel, off, length)
-            if chunk.numel * dtype.itemsize > length:
-                raise CheckpointError(
-                    f"{where} is corrupt: a chunk of {name!r} declares {chunk.numel * dtype.itemsize} bytes of "
-                    f"{dtype} in a {length}-byte record"
-                )
-            chunks.append(chunk)
+        chunks = [_chunk(c, fqn, name, shape, dtype, storage, files, root) for c in md.chunks]
         _check_coverage(name, shape, chunks, where)
         if name in entries:
             raise CheckpointError(f"{where} is corrupt: the weight {name!r} is listed twice")
@@ -280,6 +242,53 @@ def weight_entries(
     if not entries:
         raise CheckpointError(f"{root}: its {key!r} entry holds no tensors (nothing to export)")
     return key, entries, skipped
+
+
+def _chunk(c: Any, fqn: str, name: str, shape: tuple[int, ...], dtype: Any, storage: Any, files: dict[str, int],
+           root: Path) -> Chunk:
+    """One stored chunk of a weight, checked: inside the tensor, its record inside a rank file of the folder, and its
+    bytes within the record."""
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    where = f"{root}/{METADATA_FILE}"
+    offsets = plain_ints(getattr(c, "offsets", None), "a chunk offset", fqn, root)
+    sizes = plain_ints(getattr(c, "sizes", None), "a chunk size", fqn, root)
+    if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+        o + s > d for o, s, d in zip(offsets, sizes, shape)
+    ):
+        raise CheckpointError(
+            f"{where} is corrupt: a chunk of {name!r} at {list(offsets)} of size {list(sizes)} lies outside "
+            f"the tensor's shape {list(shape)}"
+        )
+    info = storage.get(MetadataIndex(fqn, torch.Size(offsets)))
+    rel = getattr(info, "relative_path", None)
+    off, length = getattr(info, "offset", None), getattr(info, "length", None)
+    if info is None or not isinstance(rel, str) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, length)
+    ):
+        raise CheckpointError(f"{where} is corrupt: the chunk of {name!r} at {list(offsets)} has no storage")
+    if getattr(info, "transform_descriptors", None):
+        raise CheckpointError(
+            f"{root}: {name!r} is stored through transforms {list(info.transform_descriptors)} "
+            "(compression or encryption); lexport reads plain torch.distributed.checkpoint records only"
+        )
+    if rel not in files:
+        inside(root, rel, copy_hint=COPY_HINT)  # names why: missing, a link out of the folder, not a file
+        raise CheckpointError(f"{root}: {rel} is not a regular file of the folder")
+    if off + length > files[rel]:
+        raise CheckpointError(
+            f"{root}/{rel} is truncated: {name!r} is stored at bytes {off}..{off + length} of a "
+            f"{files[rel]}-byte file",
+            hint=COPY_HINT,
+        )
+    chunk = Chunk(offsets, sizes, rel, off, length)
+    if chunk.numel * dtype.itemsize > length:
+        raise CheckpointError(
+            f"{where} is corrupt: a chunk of {name!r} declares {chunk.numel * dtype.itemsize} bytes of "
+            f"{dtype} in a {length}-byte record"
+        )
+    return chunk
 
 
 def _check_coverage(name: str, shape: tuple[int, ...], chunks: list[Chunk], where: str) -> None:
