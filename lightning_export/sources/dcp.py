@@ -131,7 +131,7 @@ class ShardedCheckpoint:
         return dict(self.iter_tensors(max_bytes=max_bytes))
 
     def read_meta(self, *, trust: bool = False, allow_globals: tuple[str, ...] = ()) -> dict[str, Any]:
-        """meta.pt, under exactly the rules of a .ckpt (checkpoint.py's loader: weights_only, --allow-global)."""
+        """meta.pt, under exactly the rules of a .ckpt (safeload's loader: weights_only, --allow-global)."""
         return load_meta(self.root, trust=trust, allow_globals=allow_globals)
 
     def _read(self, entries: list[TensorEntry]) -> dict[str, Any]:
@@ -301,7 +301,7 @@ def _PreparsedReader(path: Path, metadata: Any) -> Any:  # noqa: N802 - a class 
 
 
 def load_meta(root: Path, *, trust: bool = False, allow_globals: tuple[str, ...] = ()) -> dict[str, Any]:
-    """meta.pt through checkpoint.py's own loader: the same weights_only rules, messages and --allow-global."""
+    """meta.pt through safeload's loader: the same weights_only rules, messages and --allow-global."""
     path = root / META_FILE
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(
@@ -331,7 +331,7 @@ def load_sharded(
 
 
 def as_lightning_checkpoint(meta: dict[str, Any], state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The dict a .ckpt would have held (without optimizer states): what checkpoint._as_checkpoint expects."""
+    """The dict a .ckpt would have held (without optimizer states): what base.as_checkpoint expects."""
     obj = {k: v for k, v in meta.items() if k not in ("state_dict", "optimizer_states")}
     obj["state_dict"] = state_dict
     return obj

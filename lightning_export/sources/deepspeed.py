@@ -18,7 +18,7 @@ folders written by a real ``pl.Trainer(strategy=DeepSpeedStrategy(stage=2 or 3))
 Lightning >= 2.1 saves the LightningModule's own keys ("model.fc1.weight"); older versions prefixed them with
 "_forward_module.", which is stripped here as Lightning's convert_zero_checkpoint_to_fp32_state_dict does.
 
-ZeRO 1/2: ``mp_rank_00_model_states.pt`` is read exactly as a ``.ckpt`` is (checkpoint.py's loader: weights_only,
+ZeRO 1/2: ``mp_rank_00_model_states.pt`` is read exactly as a ``.ckpt`` is (safeload's loader: weights_only,
 --allow-global, the zip directory checked, CRC-32 of every weight) and its ``module`` becomes the state dict. The
 optimizer states are never opened. ZeRO-3: the weights can only be put together from the optimizer partitions,
 which DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` does with ``torch.load`` with ``weights_only=False``, i.e.
@@ -229,7 +229,7 @@ def load_deepspeed(
 def _load_model_states(
     path: Path, *, trust: bool, allow_globals: tuple[str, ...], max_growth: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model states file with exactly the checks load_checkpoint makes on a .ckpt (checkpoint.load_verified)."""
+    """The model states file with exactly the checks load_checkpoint makes on a .ckpt (safeload.loader.load_verified)."""
     return load_verified(path, lambda obj: ((obj, module := _module_weights(path, obj)), module), trust=trust,
                          allow_globals=allow_globals, max_growth=max_growth)
 
