@@ -57,6 +57,11 @@ def storage_bytes(tensors: Iterable[Any]) -> tuple[int, int]:
     return total, count
 
 
+def module_bytes(module: Any) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers (tied weights once)."""
+    return storage_bytes([*module.parameters(), *module.buffers()])[0]
+
+
 def weights_estimate(ctx: ExportContext) -> int:
     """Bytes a torch.save of the state dict takes: its storages, plus zip headers, 64-byte alignment and pickle."""
     from ..statedict import tensor_specs

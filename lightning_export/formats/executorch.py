@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, UsageError
-from . import ExportContext, Format, Written, register
+from . import ExportContext, Format, Written, module_bytes, register
 from ._graph import captured_stdout, exporting
-from ._precision import module_bytes
 
 BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
@@ -140,7 +139,7 @@ def load(path: Path) -> Any:
 
 def size_estimate(ctx: ExportContext) -> int:
     """Weights (constant segment, or packed inside the XNNPACK blob) plus the flatbuffer program: a few kB."""
-    return module_bytes(ctx) + module_bytes(ctx) // 10 + (1 << 20)
+    return module_bytes(ctx.target) + module_bytes(ctx.target) // 10 + (1 << 20)
 
 
 register(

@@ -15,20 +15,11 @@ from ..errors import (
     source_pointers,
 )
 from ..outputs import write_os_error
-from . import ExportContext, Format, Written, register
+from . import ExportContext, Format, Written, module_bytes, register
 from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
 
 # protobuf's hard limit is 2 GiB; stay clear of it (graph + initializers).
 EXTERNAL_DATA_ABOVE = 1_800_000_000
-
-
-def _weights_bytes(module: Any) -> int:
-    seen, total = set(), 0
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _positional(ex: Any) -> tuple:
@@ -166,7 +157,7 @@ DYNAMO_MIN_OPSET = 18
 
 
 def write(ctx: ExportContext, path: Path) -> Written:
-    external = _weights_bytes(ctx.target) > EXTERNAL_DATA_ABOVE
+    external = module_bytes(ctx.target) > EXTERNAL_DATA_ABOVE
     notes: list[str] = []
     errors: list[str] = []
     with exporting(ctx) as chatter:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import outputs
 from ..errors import LexportError, OutputError, UsageError, error_json, export_failure
-from ..formats import get_format, parse_format_list
+from ..formats import REGISTRY, get_format, parse_format_list
 from ..formats._graph import quiet_torch_logs
 from ..hashing import file_sha256
 from ..report import ArtifactResult, Report
@@ -38,7 +38,7 @@ def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
 def _export(opts: ExportOptions, report: Report, step: Step) -> None:
     given = check_flags(opts)
     if not opts.formats:
-        raise UsageError("nothing to do: pass --to FORMAT (state-dict, safetensors, torchscript, onnx, ...)")
+        raise UsageError(f"nothing to do: pass --to FORMAT ({', '.join(list(REGISTRY)[:4])}, ...)")
     formats = [get_format(name) for name in parse_format_list(opts.formats)]
     outputs.validate_output_flags(opts.output, [f.name for f in formats])
     formats = with_format_options(formats, opts)
