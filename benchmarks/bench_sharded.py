@@ -9,7 +9,7 @@ layout. 2048 x 10 gives 168 MB of weights and a 504 MB folder (weights + exp_avg
 
 Cases, each in a fresh subprocess, interleaved round-robin (order rotated each round), medians:
 
-- ``lexport_reader``: lightning_export.sharded.load_sharded (weights only, tensor by tensor, CRC-checked), then
+- ``lexport_reader``: lightning_export.sources.dcp.load_sharded (weights only, tensor by tensor, CRC-checked), then
   torch.save of the "model." submodule's state dict: what `lexport FOLDER --attr model --to state-dict` does once
   checkpoint.py hands folders to sharded.py.
 - ``lexport_stream``: ShardedCheckpoint.iter_tensors, each tensor dropped once read: the reader's own peak, what a
@@ -47,14 +47,14 @@ MB = 1e6
 
 READER = """
 import sys, torch
-from lightning_export.sharded import load_sharded
+from lightning_export.sources.dcp import load_sharded
 meta, sd = load_sharded(sys.argv[1])
 torch.save({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}, sys.argv[2])
 """
 
 STREAM = """
 import sys
-from lightning_export.sharded import ShardedCheckpoint
+from lightning_export.sources.dcp import ShardedCheckpoint
 n = 0
 for key, tensor in ShardedCheckpoint(sys.argv[1]).iter_tensors():
     n += tensor.numel()
@@ -64,7 +64,7 @@ print(n)
 
 # What the reader's process holds before reading anything: torch, torch.distributed.checkpoint, lexport's reader.
 BASELINE = """
-import time, torch, torch.distributed.checkpoint, lightning_export.sharded
+import time, torch, torch.distributed.checkpoint, lightning_export.sources.dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 time.sleep(0.2)
 """

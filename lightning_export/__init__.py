@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["export", "verify", "ExportOptions", "Report", "LexportError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package (and `lexport --help`) must not import torch.
-    if name in ("export", "verify", "ExportOptions", "run"):
-        from . import core
+    if name in ("export", "run"):
+        from .pipeline import export
 
-        return getattr(core, name)
+        return getattr(export, name)
+    if name == "verify":
+        from .pipeline.verify import verify
+
+        return verify
+    if name == "ExportOptions":
+        from .pipeline.options import ExportOptions
+
+        return ExportOptions
     if name == "Report":
         from .report import Report
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LexportError(Exception):
     """Base of every error lexport reports to a user. Never shown with a traceback."""
@@ -184,3 +186,13 @@ def lightning_package() -> str:
         except (ImportError, ValueError):
             continue
     return "lightning.pytorch"
+
+
+def error_json(e: BaseException, *, code: int | None = None) -> dict[str, Any]:
+    """The one JSON shape of an error, {"code", "kind", "message"}: a LexportError's own; an interruption's
+    (130); anything else is a bug in lexport (70)."""
+    if isinstance(e, LexportError):
+        return {"code": e.exit_code if code is None else code, "kind": e.kind, "message": str(e)}
+    if isinstance(e, KeyboardInterrupt):
+        return {"code": 130, "kind": "interrupted", "message": "interrupted (SIGINT or SIGTERM)"}
+    return {"code": 70, "kind": "internal", "message": f"{type(e).__name__}: {str(e)[:500]}"}

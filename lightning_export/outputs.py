@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExportError, OutputError, UsageError
+from .text import fmt_bytes
 
 TMP_PREFIX = ".lexport-tmp-"
 
@@ -43,7 +44,7 @@ def _resolved(path: Path) -> Path | None:
         return None
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -54,7 +55,7 @@ def check_destination(path: Path, checkpoint: Path, *, force: bool) -> None:
     resolved = _resolved(path)
     if resolved is None:
         raise OutputError(f"output {path} cannot be resolved: it is a symbolic link loop")
-    same = resolved == _resolved(checkpoint) or _same_file(path, checkpoint)
+    same = resolved == _resolved(checkpoint) or same_file(path, checkpoint)
     if same:
         raise OutputError(
             f"output {path} is the input checkpoint; refusing to overwrite it (even with --force)",
@@ -106,7 +107,7 @@ def check_free_space(directory: Path, needed: int, name: str | None = None) -> N
     if free is not None and needed > free:
         what = f"to write {name} " if name else ""
         raise OutputError(
-            f"not enough free space {what}in {directory}: about {_mb(needed)} needed, {_mb(free)} free",
+            f"not enough free space {what}in {directory}: about {fmt_bytes(needed)} needed, {fmt_bytes(free)} free",
             hint="Free some space, or pick another -o/--output or --output-dir.",
         )
 
@@ -150,7 +151,7 @@ def write_failure(e: OSError, final: Path, needed: int | None = None) -> OutputE
         where = f" ({os.fsdecode(e.filename)})"
     if e.errno in _DISK_FULL:
         free = free_bytes(directory)
-        facts = [f"{_mb(free)} free" if free is not None else None, f"about {_mb(needed)} needed" if needed else None]
+        facts = [f"{fmt_bytes(free)} free" if free is not None else None, f"about {fmt_bytes(needed)} needed" if needed else None]
         detail = ", ".join(f for f in facts if f)
         word = "disk full" if e.errno == errno.ENOSPC else "disk quota exceeded"
         return OutputError(
@@ -161,10 +162,6 @@ def write_failure(e: OSError, final: Path, needed: int | None = None) -> OutputE
     if e.errno == errno.EFBIG:
         hint = "The file is larger than this filesystem or the file size limit (ulimit -f) allows."
     return OutputError(f"cannot write {name} in {directory}: {reason}{where}", hint=hint)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
 def remove_stale_temp_dirs(directory: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .verify import Verification
+from .compare import Verification
 
 
 @dataclass
@@ -93,7 +93,7 @@ def strict_json(value: Any) -> Any:
 def versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .version import __version__
 
     def v(name: str) -> str | None:
         try:

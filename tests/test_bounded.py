@@ -10,9 +10,9 @@ import time
 import pytest
 
 from lightning_export.bounded import MAX_DEPTH, TooDeep, iter_containers, load_yaml, short_repr
-from lightning_export.configs import describes_object, instantiate_arguments
+from lightning_export.build.arguments import constructor_arguments
+from lightning_export.build.configs import describes_object, instantiate_arguments
 from lightning_export.errors import CheckpointError, UsageError
-from lightning_export.model import constructor_arguments
 
 
 def _dag(levels: int = 64) -> list:

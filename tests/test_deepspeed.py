@@ -20,8 +20,8 @@ import pytest
 import torch
 from conftest import REPO, Result, invoke, run_lexport
 
-from lightning_export.deepspeed_folder import is_deepspeed_folder, load_deepspeed, open_folder, strip_forward_prefix
 from lightning_export.errors import CheckpointError
+from lightning_export.sources.deepspeed import is_deepspeed_folder, load_deepspeed, open_folder, strip_forward_prefix
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -297,7 +297,7 @@ def test_hostile_folder_in_a_true_subprocess(zero2, tmp_path):
 def test_sha256_is_the_same_hashed_in_the_background_or_when_asked(ds_runs: dict[str, Path]) -> None:
     """A checkpoint loaded without background hashing gives the same sha256 when asked (it used to hash a DeepSpeed
     folder as a DCP one)."""
-    from lightning_export.checkpoint import load_checkpoint
+    from lightning_export.sources import load_checkpoint
 
     folder = _folder(ds_runs, "zero2")
     hashed = load_checkpoint(folder).sha256

@@ -387,7 +387,7 @@ def test_module_that_cannot_be_built_on_meta_falls_back(ckpts, tmp_path):
 
 
 def test_compare_tensor_maps_catches_one_flipped_bit():
-    from lightning_export.verify import compare_tensor_maps
+    from lightning_export.compare import compare_tensor_maps
 
     a = {"w": torch.randn(100), "b": torch.zeros(3, dtype=torch.bfloat16)}
     b = {k: v.clone() for k, v in a.items()}

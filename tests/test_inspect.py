@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from conftest import Result, run_lexport
 
-from lightning_export.inspection import inspect_checkpoint
+from lightning_export.pipeline.inspection import inspect_checkpoint
 
 
 def test_inspect_json_reports_step_hparams_and_submodules(ckpts: dict) -> None:

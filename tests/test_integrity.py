@@ -33,8 +33,11 @@ import pytest
 import torch
 from conftest import REPO, Result, address_space_limit, invoke, limited_env, run_lexport
 
-from lightning_export import checkpoint as ck_mod
-from lightning_export.errors import UsageError
+from lightning_export.errors import CheckpointError, UsageError
+from lightning_export.safeload.archive import Archive, Record, Storage, check_tensors, verify_storages
+from lightning_export.safeload.placeholders import Unloaded
+from lightning_export.safeload.policy import hint_refusal, import_dotted
+from lightning_export.sources import load_checkpoint
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -261,11 +264,11 @@ def test_tensor_not_read_from_a_record_is_refused(tmp_path: Path) -> None:
     t = torch.arange(10.0)
     path = tmp_path / "x.ckpt"
     path.write_bytes(bytes(1000))  # the matcher compares mapped memory with the file's bytes
-    arch = ck_mod._Archive({"a/data/0": ck_mod._Record("a/data/0", 100, 40, 0, True)}, "little")
-    storages = ck_mod._check_tensors(path, {"w": t}, file_size=1000, max_growth=4, archive=arch)
-    storages.append(ck_mod._Storage(torch.ones(3).untyped_storage(), 1 << 40, 12, 4, "other"))
-    with pytest.raises(ck_mod.CheckpointError, match="is not read from a record"):
-        ck_mod._verify_storages(path, storages, arch, mapped=True)
+    arch = Archive({"a/data/0": Record("a/data/0", 100, 40, 0, True)}, "little")
+    storages = check_tensors(path, {"w": t}, file_size=1000, max_growth=4, archive=arch)
+    storages.append(Storage(torch.ones(3).untyped_storage(), 1 << 40, 12, 4, "other"))
+    with pytest.raises(CheckpointError, match="is not read from a record"):
+        verify_storages(path, storages, arch, mapped=True)
 
 
 def test_meta_tensor_is_refused(tmp_path: Path) -> None:
@@ -323,11 +326,11 @@ def test_max_growth_bounds_and_raises_the_limit(tmp_path: Path) -> None:
     """The bound is a documented factor + slack: 16x the stored bytes passes only when the factor allows it."""
     w = torch.randn(1 << 20)  # 4 MiB stored once, 40 tensors use it: 160 MiB dense > 4 x 4 MiB + 64 MiB
     src = _save(tmp_path, {f"w{i}": w for i in range(40)}, "shared.ckpt")
-    with pytest.raises(ck_mod.CheckpointError, match="--max-growth"):
-        ck_mod.load_checkpoint(src, hash_file=False)
-    assert ck_mod.load_checkpoint(src, hash_file=False, max_growth=32).state_dict
+    with pytest.raises(CheckpointError, match="--max-growth"):
+        load_checkpoint(src, hash_file=False)
+    assert load_checkpoint(src, hash_file=False, max_growth=32).state_dict
     with pytest.raises(UsageError):
-        ck_mod.load_checkpoint(src, hash_file=False, max_growth=float("nan"))
+        load_checkpoint(src, hash_file=False, max_growth=float("nan"))
 
 
 def _zip_bomb(tmp: Path, inflated: int) -> Path:
@@ -404,7 +407,7 @@ def test_big_endian_checkpoint_is_verified_after_the_swap(tmp_path: Path) -> Non
                                        .contiguous().numpy().tobytes())
     src = tmp_path / "in" / "big.ckpt"
     _repack(plain, src, deflate_data=False, changes=changes)
-    loaded = ck_mod.load_checkpoint(src, hash_file=False)
+    loaded = load_checkpoint(src, hash_file=False)
     assert all(loaded.state_dict[k].equal(v) for k, v in w.items())
 
 
@@ -433,9 +436,9 @@ def test_allow_global_accepts_classes_and_numpy_reconstructors() -> None:
     import argparse
     import pathlib
 
-    assert ck_mod._import_dotted("argparse.Namespace") is argparse.Namespace
-    assert ck_mod._import_dotted("pathlib.PosixPath") is pathlib.PosixPath
-    assert callable(ck_mod._import_dotted("numpy._core.multiarray._reconstruct"))
+    assert import_dotted("argparse.Namespace") is argparse.Namespace
+    assert import_dotted("pathlib.PosixPath") is pathlib.PosixPath
+    assert callable(import_dotted("numpy._core.multiarray._reconstruct"))
 
 
 class _RunsCommand:
@@ -487,10 +490,10 @@ def test_harmless_class_in_hparams_is_a_placeholder_for_weights(tmp_path: Path) 
 
     got = load_file(str(out))
     assert all(torch.equal(got[k], v) for k, v in _weights().items()) and set(got) == set(_weights())
-    ckpt = ck_mod.load_checkpoint(src, hash_file=False)
-    assert isinstance(ckpt.hparams["config"], ck_mod.Unloaded) and ckpt.hparams["config"].name.endswith(".Config")
+    ckpt = load_checkpoint(src, hash_file=False)
+    assert isinstance(ckpt.hparams["config"], Unloaded) and ckpt.hparams["config"].name.endswith(".Config")
     name = f"{Config.__module__}.Config"
-    assert ck_mod.load_checkpoint(src, hash_file=False, allow_globals=(name,)).hparams["config"] == Config()
+    assert load_checkpoint(src, hash_file=False, allow_globals=(name,)).hparams["config"] == Config()
 
 
 def test_harmless_class_is_offered_on_one_line_and_the_hint_works(tmp_path: Path) -> None:
@@ -512,13 +515,13 @@ def test_harmless_class_is_offered_on_one_line_and_the_hint_works(tmp_path: Path
 
 def test_hint_rule_without_importing() -> None:
     """Names from a file are judged without importing anything new."""
-    assert ck_mod._hint_refusal("subprocess.call")
-    assert ck_mod._hint_refusal("builtins.eval")
-    assert ck_mod._hint_refusal("lexport_not_installed_pkg.run_me")
-    assert ck_mod._hint_refusal("lexport_not_installed_pkg.Config") is None
-    assert ck_mod._hint_refusal("argparse.Namespace") is None
-    assert ck_mod._hint_refusal("collections.OrderedDict") is None
-    assert ck_mod._hint_refusal("os.PathLike")
+    assert hint_refusal("subprocess.call")
+    assert hint_refusal("builtins.eval")
+    assert hint_refusal("lexport_not_installed_pkg.run_me")
+    assert hint_refusal("lexport_not_installed_pkg.Config") is None
+    assert hint_refusal("argparse.Namespace") is None
+    assert hint_refusal("collections.OrderedDict") is None
+    assert hint_refusal("os.PathLike")
     assert "lexport_not_installed_pkg" not in sys.modules
 
 
@@ -530,5 +533,5 @@ def test_identical_layers_map_to_their_own_records(tmp_path: Path) -> None:
     opt = {i: {"exp_avg": torch.randn(1024, generator=g), "exp_avg_sq": torch.randn(1024, generator=g)}
            for i in range(50)}
     src = _save(tmp_path, {"state_dict": sd, "optimizer_states": [{"state": opt}]}, "same.ckpt")
-    ck = ck_mod.load_checkpoint(src, hash_file=False)
+    ck = load_checkpoint(src, hash_file=False)
     assert all(ck.state_dict[k].equal(v) for k, v in sd.items())

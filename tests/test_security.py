@@ -22,8 +22,10 @@ import pytest
 import torch
 from conftest import invoke, run_lexport
 
-from lightning_export import checkpoint as ck_mod
 from lightning_export.errors import CheckpointError, UsageError
+from lightning_export.safeload.placeholders import Unloaded, placeholder, unloaded_by_key, unloaded_in
+from lightning_export.safeload.policy import allow_global_flag, code_running, import_dotted
+from lightning_export.sources import load_checkpoint
 
 
 def _flat(text: str) -> str:
@@ -122,8 +124,8 @@ def test_weights_only_always_explicit_never_retried(tmp_path: Path, monkeypatch,
     garbage.write_bytes(bytes([0x80, 0x02]) + random.Random(0).randbytes(512))
     for path in (evil, garbage):
         with pytest.raises(CheckpointError):
-            ck_mod.load_checkpoint(path, hash_file=False)
-    ck_mod.load_checkpoint(ckpts["classifier"], hash_file=False)
+            load_checkpoint(path, hash_file=False)
+    load_checkpoint(ckpts["classifier"], hash_file=False)
     assert calls, "torch.load was not called"
     assert all(c.get("weights_only") is True for c in calls), calls
     assert len(calls) == 3, "a failed load was retried"
@@ -165,12 +167,12 @@ def test_object_hparams_are_placeholders_until_allowed_and_allowing_is_scoped(tm
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
     res = invoke(path, "--to", "safetensors", "--output-dir", tmp_path / "out")
     assert res.code == 0, res
-    assert isinstance(ck_mod.load_checkpoint(path, hash_file=False).raw["hyper_parameters"], ck_mod.Unloaded)
-    ckpt = ck_mod.load_checkpoint(path, hash_file=False, allow_globals=("argparse.Namespace",))
+    assert isinstance(load_checkpoint(path, hash_file=False).raw["hyper_parameters"], Unloaded)
+    ckpt = load_checkpoint(path, hash_file=False, allow_globals=("argparse.Namespace",))
     assert ckpt.raw["hyper_parameters"] == argparse.Namespace(lr=0.1, hidden=3)
     # safe_globals is a context manager: nothing stays allowed for later loads in the process.
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
-    assert isinstance(ck_mod.load_checkpoint(path, hash_file=False).raw["hyper_parameters"], ck_mod.Unloaded)
+    assert isinstance(load_checkpoint(path, hash_file=False).raw["hyper_parameters"], Unloaded)
 
 
 def test_allow_global_takes_comma_separated_names_and_leaves_the_rest_unloaded(tmp_path: Path) -> None:
@@ -181,10 +183,10 @@ def test_allow_global_takes_comma_separated_names_and_leaves_the_rest_unloaded(t
     path.parent.mkdir()
     torch.save({"state_dict": {"w": torch.ones(1)}, "a": argparse.Namespace(x=1),
                 "b": fractions.Fraction(1, 3), "c": collections.Counter("ab")}, str(path))
-    raw = ck_mod.load_checkpoint(path, hash_file=False, allow_globals=("argparse.Namespace",)).raw
-    assert raw["a"] == argparse.Namespace(x=1) and isinstance(raw["b"], ck_mod.Unloaded)
+    raw = load_checkpoint(path, hash_file=False, allow_globals=("argparse.Namespace",)).raw
+    assert raw["a"] == argparse.Namespace(x=1) and isinstance(raw["b"], Unloaded)
     assert raw["b"].name == "fractions.Fraction" and raw["c"] == collections.Counter("ab")
-    raw = ck_mod.load_checkpoint(path, hash_file=False, allow_globals=("argparse.Namespace,fractions.Fraction",)).raw
+    raw = load_checkpoint(path, hash_file=False, allow_globals=("argparse.Namespace,fractions.Fraction",)).raw
     assert raw["a"] == argparse.Namespace(x=1) and raw["b"] == fractions.Fraction(1, 3)
     res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out",
                  "--allow-global", "argparse.Namespace,fractions.Fraction")
@@ -369,10 +371,10 @@ def test_placeholders_never_import_call_or_build_what_the_file_names(tmp_path: P
     assert res.code == 0, res
     assert not marker.exists(), marker.read_text()
     assert modname not in sys.modules
-    hp = ck_mod.load_checkpoint(path, hash_file=False).hparams
-    assert {k: type(v).__mro__[1] for k, v in hp.items() if k != "d"} == dict.fromkeys("abc", ck_mod.Unloaded)
+    hp = load_checkpoint(path, hash_file=False).hparams
+    assert {k: type(v).__mro__[1] for k, v in hp.items() if k != "d"} == dict.fromkeys("abc", Unloaded)
     assert not marker.exists() and modname not in sys.modules
-    ck_mod.load_checkpoint(path, hash_file=False, trust=True)
+    load_checkpoint(path, hash_file=False, trust=True)
     assert "called" in marker.read_text(), "the control: full unpickling runs the file's calls"
     sys.modules.pop(modname, None)
 
@@ -398,16 +400,16 @@ def test_lightning_cli_checkpoint_needs_module(ckpts: dict, tmp_path: Path) -> N
 def test_old_torch_refused_for_untrusted_loads(monkeypatch, ckpts: dict, version: str) -> None:
     monkeypatch.setattr(torch, "__version__", version)
     with pytest.raises(CheckpointError) as info:
-        ck_mod.load_checkpoint(ckpts["classifier"], hash_file=False)
+        load_checkpoint(ckpts["classifier"], hash_file=False)
     assert "2.6" in str(info.value) and "--trust-checkpoint" in str(info.value)
-    ck = ck_mod.load_checkpoint(ckpts["classifier"], trust=True, hash_file=False)
+    ck = load_checkpoint(ckpts["classifier"], trust=True, hash_file=False)
     assert ck.state_dict
 
 
 @pytest.mark.parametrize("version", ["2.6.0", "2.6.0a0+gitabc", "2.10.1+cu126", "2.13.0.dev20260101", "3.0"])
 def test_new_enough_torch_versions_accepted(monkeypatch, ckpts: dict, version: str) -> None:
     monkeypatch.setattr(torch, "__version__", version)
-    assert ck_mod.load_checkpoint(ckpts["classifier"], hash_file=False).state_dict
+    assert load_checkpoint(ckpts["classifier"], hash_file=False).state_dict
 
 
 def test_old_torch_refused_via_cli(monkeypatch, ckpts: dict, tmp_path: Path) -> None:
@@ -419,7 +421,7 @@ def test_old_torch_refused_via_cli(monkeypatch, ckpts: dict, tmp_path: Path) -> 
 
 def test_allow_global_bad_name_unit() -> None:
     with pytest.raises(UsageError):
-        ck_mod._import_dotted("NoDots")
+        import_dotted("NoDots")
 
 
 # ------------------------------------------------------------------------------ placeholders: review findings
@@ -439,16 +441,16 @@ def test_hparams_sharing_one_big_list_are_walked_in_bounded_time(tmp_path: Path)
 
 
 def test_allow_global_hint_offers_only_safe_names_as_one_shell_word() -> None:
-    assert ck_mod.allow_global_flag(["pkg.mod.Good", "a.B$(touch x)", "numpy.load", "os.system"]) == (
+    assert allow_global_flag(["pkg.mod.Good", "a.B$(touch x)", "numpy.load", "os.system"]) == (
         "--allow-global pkg.mod.Good")
-    assert ck_mod.allow_global_flag(["a.B;rm -rf ~", "builtins.eval"]) == ""
-    assert ck_mod.allow_global_flag(["b.Second", "a.First", "a.First"]) == "--allow-global a.First,b.Second"
+    assert allow_global_flag(["a.B;rm -rf ~", "builtins.eval"]) == ""
+    assert allow_global_flag(["b.Second", "a.First", "a.First"]) == "--allow-global a.First,b.Second"
 
 
 def test_placeholder_names_are_printed_escaped() -> None:
-    ph = ck_mod._placeholder("evil\x1b]0;HACKED\x07.Net")()
+    ph = placeholder("evil\x1b]0;HACKED\x07.Net")()
     assert "\x1b" not in ph.what and "\x07" not in ph.what and "\x1b" not in repr(ph)
-    from lightning_export.inspection import plain_value
+    from lightning_export.pipeline.inspection import plain_value
 
     assert "\x1b" not in plain_value(ph)[1]
 
@@ -458,12 +460,12 @@ def test_placeholders_hidden_in_object_attributes_are_found() -> None:
     import collections
 
     od = collections.OrderedDict(a=1)
-    od.__dict__["hidden"] = ck_mod._placeholder("p.Hidden")()
+    od.__dict__["hidden"] = placeholder("p.Hidden")()
     t = torch.ones(1)
-    t.extra = [ck_mod._placeholder("q.Extra")]
-    assert ck_mod.unloaded_in(od) == ["p.Hidden"]
-    assert ck_mod.unloaded_in({"t": t}) == ["q.Extra"]
-    assert ck_mod.unloaded_by_key({"cfg": od, "plain": [1, 2], "t": t}) == {"cfg": ["p.Hidden"], "t": ["q.Extra"]}
+    t.extra = [placeholder("q.Extra")]
+    assert unloaded_in(od) == ["p.Hidden"]
+    assert unloaded_in({"t": t}) == ["q.Extra"]
+    assert unloaded_by_key({"cfg": od, "plain": [1, 2], "t": t}) == {"cfg": ["p.Hidden"], "t": ["q.Extra"]}
 
 
 @pytest.mark.parametrize("name", ["numpy.load", "numpy._core.multiarray._reconstruct", "torch.load",
@@ -472,10 +474,10 @@ def test_placeholders_hidden_in_object_attributes_are_found() -> None:
 def test_loaders_are_code_running_names(name: str) -> None:
     """A file naming a function that loads or writes files is refused outright, never placeholder-loaded (numpy's
     reconstructor, which --allow-global admits, is the control: it is not)."""
-    assert ck_mod._code_running(name) == (name != "numpy._core.multiarray._reconstruct")
+    assert code_running(name) == (name != "numpy._core.multiarray._reconstruct")
 
 
 @pytest.mark.parametrize("name", ["pathlib.PosixPath", "hydra._internal.target_policy._DeferredTarget", "numpy.ndarray",
                                   "torch.optim.adam.Adam", "fixtures.modules.CliEncoder"])
 def test_ordinary_classes_stay_placeholders(name: str) -> None:
-    assert not ck_mod._code_running(name)
+    assert not code_running(name)

@@ -22,13 +22,8 @@ import torch
 from conftest import invoke
 
 from lightning_export.errors import CheckpointError
-from lightning_export.sharded import (
-    ShardedCheckpoint,
-    folder_sha256,
-    is_sharded_folder,
-    load_sharded,
-    read_dcp_metadata,
-)
+from lightning_export.sources.dcp import ShardedCheckpoint, folder_sha256, load_sharded
+from lightning_export.sources.dcp_layout import is_sharded_folder, read_dcp_metadata
 
 MODULE = "fixtures.modules:MyClassifierModule"
 
@@ -409,8 +404,8 @@ def test_state_dict_artifact_is_torch_save_byte_for_byte(sharded):
     import io
 
     from lightning_export.formats.state_dict import save_streaming
-    from lightning_export.model import strip_prefix
-    from lightning_export.sharded import LazyStateDict
+    from lightning_export.sources.dcp import LazyStateDict
+    from lightning_export.statedict import strip_prefix
 
     for how in ("dtensor", "trainer"):
         lazy = strip_prefix(LazyStateDict(ShardedCheckpoint(sharded[how][0])), "model.")
@@ -445,7 +440,7 @@ def test_weight_formats_hold_one_tensor_at_a_time(big_folder, tmp_path, monkeypa
 
     from safetensors.torch import load_file
 
-    from lightning_export import sharded as sharded_mod
+    from lightning_export.sources import dcp as sharded_mod
 
     opened: list = []
 
@@ -472,7 +467,7 @@ def test_weight_formats_hold_one_tensor_at_a_time(big_folder, tmp_path, monkeypa
 
 _MEASURE = """
 import sys, threading, time
-import torch, torch.distributed.checkpoint, safetensors.torch, lightning_export.cli, lightning_export.sharded
+import torch, torch.distributed.checkpoint, safetensors.torch, lightning_export.cli, lightning_export.sources.dcp
 def anon():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
@@ -513,7 +508,7 @@ def test_peak_memory_is_far_below_the_weights(big_folder, tmp_path):
 
 def test_inspect_folder_reads_no_tensor(sharded, folder):
     """Every byte of every weight record is zeroed, metadata intact: reading any weight fails, inspect does not."""
-    from lightning_export.inspection import inspect_checkpoint
+    from lightning_export.pipeline.inspection import inspect_checkpoint
 
     ck = ShardedCheckpoint(folder)
     for entry in ck.entries.values():

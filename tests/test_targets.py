@@ -285,8 +285,8 @@ def test_verify_without_the_deployment_flag_names_it(ckpts, tmp_path, flag):
     common = ["--module", "fixtures.modules:MyClassifierModule", "--attr", "model"]
     out = tmp_path / "m.onnx"
     assert invoke(ckpts["classifier"], *common, "--to", "onnx", *flag, "-o", out).code == 0
-    from lightning_export.core import verify
     from lightning_export.errors import VerificationError
+    from lightning_export.pipeline.verify import verify
 
     opts = {"module": "fixtures.modules:MyClassifierModule", "attr": "model"}
     with pytest.raises(VerificationError) as info:

@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 
+from ..errors import UsageError, error_json
 from ..outputs import TerminateOnSignal
 from .common import dumps_strict, json_printed
 from .export import app
@@ -42,7 +43,7 @@ def main() -> None:
     except click_exception as e:  # a flag typer rejects before the command runs
         e.show()
         code = e.exit_code
-        error = {"code": code, "kind": "usage", "message": e.format_message()}
+        error = error_json(UsageError(e.format_message()), code=code)
     except KeyboardInterrupt:
         code = 130
     except SystemExit as e:

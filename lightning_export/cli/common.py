@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..errors import LexportError
+from ..errors import LexportError, error_json
 
 
 def console() -> Console:
@@ -48,7 +48,7 @@ def execute(
                 report = work(steps)
         except LexportError as e:
             report, code = e.report, e.exit_code
-            error = {"code": code, "kind": e.kind, "message": str(e)}
+            error = error_json(e)
             if debug:
                 import traceback
 
@@ -59,13 +59,13 @@ def execute(
                 print_error(stderr, e)
         except KeyboardInterrupt:
             code = 130
-            error = {"code": code, "kind": "interrupted", "message": "interrupted (SIGINT or SIGTERM)"}
+            error = error_json(KeyboardInterrupt())
             stderr.print("[red]interrupted[/red]: nothing partial was left; artifacts already published stay")
         except Exception as e:  # noqa: BLE001 - a bug in lexport: say so, exit 70
             if debug:
                 raise
             code = 70
-            error = {"code": code, "kind": "internal", "message": f"{type(e).__name__}: {str(e)[:500]}"}
+            error = error_json(e)
             stderr.print("[red]internal error[/red] ", end="")
             stderr.print(error["message"], markup=False)
             stderr.print("This is a bug in lexport. Re-run with LEXPORT_DEBUG=1 and report the traceback.")

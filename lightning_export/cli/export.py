@@ -1,4 +1,4 @@
-"""`lexport CKPT --to FORMAT`: parse flags → ExportOptions → core.run → render. No torch at import time."""
+"""`lexport CKPT --to FORMAT`: parse flags → ExportOptions → pipeline.export.run → render. No torch at import time."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import __version__
-from ..checkpoint import DEFAULT_MAX_GROWTH
 from ..errors import EXIT_CODES
 from ..formats import REGISTRY
+from ..safeload.archive import DEFAULT_MAX_GROWTH
+from ..version import __version__
 from . import options as o
 from .common import Steps, execute
 from .render import render_report
@@ -84,8 +84,8 @@ def lexport(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
     def options() -> Any:
-        from ..core import ExportOptions
-        from ..model import parse_init_arg
+        from ..build.argfiles import parse_init_arg
+        from ..pipeline.options import ExportOptions
 
         return ExportOptions(
             checkpoint=checkpoint,
@@ -123,7 +123,7 @@ def lexport(
         )
 
     def export(steps: Steps) -> Any:
-        from ..core import run
+        from ..pipeline.export import run
 
         return run(options(), progress=steps.step)
 

@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..checkpoint import DEFAULT_MAX_GROWTH
+from ..safeload.archive import DEFAULT_MAX_GROWTH
+from ..text import fmt_bytes
 from . import options as o
 from .common import Steps, execute
-from .render import fmt_bytes
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -43,7 +43,7 @@ def inspect(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
 ) -> None:
     def work(steps: Steps) -> Inspection:
-        from ..inspection import inspect_checkpoint
+        from ..pipeline.inspection import inspect_checkpoint
 
         with steps.step("reading checkpoint metadata"):
             return Inspection(inspect_checkpoint(checkpoint, allow_globals=tuple(allow_global),
@@ -56,7 +56,7 @@ def inspect(
 
 
 def _render(stderr: Console, s: dict[str, Any], depth: int) -> None:
-    from ..inspection import describe
+    from ..pipeline.inspection import describe
 
     for line in describe(s):
         stderr.print(line, markup=False, highlight=False)

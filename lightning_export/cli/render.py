@@ -7,15 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+from ..text import fmt_bytes
 
 
 def _fmt_diff(x: float | None) -> str:

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ..checkpoint import DEFAULT_MAX_GROWTH
 from ..errors import UsageError
+from ..pipeline.options import MANIFEST_OPTIONS
+from ..safeload.archive import DEFAULT_MAX_GROWTH
 from . import options as o
 from .common import Steps, execute
 from .render import render_report
@@ -57,8 +58,8 @@ def verify(
     }
 
     def work(steps: Steps) -> Any:
-        from ..core import verify as verify_artifacts
-        from ..model import parse_init_arg
+        from ..build.argfiles import parse_init_arg
+        from ..pipeline.verify import verify as verify_artifacts
 
         # Only what was typed; the manifest (if any) fills the rest, then ExportOptions' defaults.
         options = {k: v for k, v in given.items() if v is not None and v != () and v is not False}
@@ -83,10 +84,7 @@ def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) 
     base = manifest.parent
     recorded = record.get("options") or {}
     for key, value in recorded.items():
-        if key in ("formats", "meta_build", "strict_finite", "torchscript_mode", "opset", "executorch_backend",
-                   "input_names", "output_names") or (
-            key.endswith("_sha256")
-        ):
+        if not MANIFEST_OPTIONS.get(key, False):
             continue  # export-only options, and the inputs' hashes
         if key == "init_args":
             options["init_args"] = {**(value or {}), **options.get("init_args", {})}

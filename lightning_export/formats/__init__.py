@@ -17,7 +17,7 @@ class ExportContext:
 
     target: Any  # the nn.Module to export (eval mode)
     # Stripped checkpoint tensors. For a sharded folder a lazy mapping that reads a tensor when asked for it:
-    # visit items() one at a time, and take shapes and dtypes from checkpoint.tensor_specs(), never dict(...).
+    # visit items() one at a time, and take shapes and dtypes from statedict.tensor_specs(), never dict(...).
     state_dict: Mapping[str, Any]
     example: Any  # inputs.Inputs or None
     opset: int | None = None
@@ -57,9 +57,14 @@ def storage_bytes(tensors: Iterable[Any]) -> tuple[int, int]:
     return total, count
 
 
+def module_bytes(module: Any) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers (tied weights once)."""
+    return storage_bytes([*module.parameters(), *module.buffers()])[0]
+
+
 def weights_estimate(ctx: ExportContext) -> int:
     """Bytes a torch.save of the state dict takes: its storages, plus zip headers, 64-byte alignment and pickle."""
-    from ..checkpoint import tensor_specs
+    from ..statedict import tensor_specs
 
     nbytes, count = storage_bytes(tensor_specs(ctx.state_dict).values())
     return nbytes + 1024 * count + (64 << 10)
@@ -85,6 +90,17 @@ class Format:
     # files, the member names. More specific formats are asked first (see detect_format).
     sniff: Callable[[Sniffed], bool] | None = None
     sniff_order: int = 0  # lower is asked first
+    # The run options (ExportOptions fields) this format reads from its ExportContext, copied there for it.
+    options: tuple[str, ...] = ()
+    # Checks this format's options before any slow work, called for every registered format with the run's options
+    # and whether this run writes or verifies the format (an option of a format not asked for may be refused).
+    check: Callable[[Any, bool], None] | None = None
+    # What the format needs prepared once the module has run on the example: (ctx, the eager output, the run's
+    # options) -> ExportContext fields to set (ONNX: the graph's input and output names).
+    prepare: Callable[[ExportContext, Any, Any], dict[str, Any]] | None = None
+    # The deployment flag an existing artifact was evidently made with (--precision fp16, ...), for a verify
+    # that fails without it; None when it cannot tell.
+    made_with: Callable[[Path], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +125,10 @@ def detect_format(path: Path) -> Format:
     import stat
     import zipfile
 
-    from ..errors import UsageError as _Usage
-
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise _Usage(f"{path} is not a regular file")
+            raise UsageError(f"{path} is not a regular file")
         with open(path, "rb") as f:
             head = f.read(64)
         names = None
@@ -125,14 +139,14 @@ def detect_format(path: Path) -> Format:
             except (zipfile.BadZipFile, OSError, ValueError):
                 names = None
     except FileNotFoundError:
-        raise _Usage(f"artifact not found: {path}") from None
+        raise UsageError(f"artifact not found: {path}") from None
     except OSError as e:
-        raise _Usage(f"cannot read {path}: {e.strerror or e}") from None
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     seen = Sniffed(Path(path), head, st.st_size, names)
     for fmt in sorted(REGISTRY.values(), key=lambda f: f.sniff_order):
         if fmt.sniff is not None and fmt.sniff(seen):
             return fmt
-    raise _Usage(
+    raise UsageError(
         f"{path} is not an artifact lexport recognises",
         hint=f"Formats it reads: {', '.join(f.name for f in REGISTRY.values() if f.sniff)}.",
     )

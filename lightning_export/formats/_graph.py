@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from ..model import lightning_base
+from ..build.importing import lightning_base
 from . import ExportContext, storage_bytes
 
 
@@ -116,7 +116,7 @@ def graph_estimate(ctx: ExportContext) -> int:
     """A graph format embeds the module's parameters and buffers (the state dict's tensors, and non-persistent
     buffers too) plus the program: code or graph per tensor and per op, zip headers. Measured on torch 2.13:
     weights + 2-15 kB for small modules; the margin here is 1% + 4 kB per tensor + 1 MB."""
-    from ..checkpoint import tensor_specs
+    from ..statedict import tensor_specs
 
     tensors: list[Any] = list(tensor_specs(ctx.state_dict).values())
     nbytes, count = storage_bytes(tensors)

@@ -96,17 +96,6 @@ def apply_options(fmt: Format, precision: str | None = None, quantize: str | Non
     return fmt
 
 
-def module_bytes(ctx: ExportContext) -> int:
-    """Bytes of the target's distinct parameters and buffers."""
-    seen: set[int] = set()
-    total = 0
-    for t in [*ctx.target.parameters(), *ctx.target.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reduced precision
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DEBUG_HINT, ExportError
-from . import ExportContext, Format, Written, register
+from . import ExportContext, Format, Written, module_bytes, register
 from ._graph import dynamic_shapes_for, exporting, tail
-from ._precision import module_bytes
 
 
 def _compiler() -> str | None:
@@ -142,7 +141,7 @@ def load(path: Path) -> Any:
 def size_estimate(ctx: ExportContext) -> int:
     """Weights (embedded in the library) plus the library itself and its C++ sources: 1.5 MB for a 1 kB model
     here; 16 MB of margin."""
-    return module_bytes(ctx) + module_bytes(ctx) // 10 + (16 << 20)
+    return module_bytes(ctx.target) + module_bytes(ctx.target) // 10 + (16 << 20)
 
 
 register(

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, UsageError
-from . import ExportContext, Format, Written, register
+from . import ExportContext, Format, Written, module_bytes, register
 from ._graph import captured_stdout, exporting
-from ._precision import module_bytes
 
 BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
@@ -122,13 +121,25 @@ class ExecuTorchRunner:
         return list(self.method.execute(feed))
 
 
+def check(opts: Any, requested: bool) -> None:
+    """The backend, and that executorch is installed, before any slow work (exit 2)."""
+    if not requested:
+        return
+    if opts.executorch_backend.strip().lower() not in BACKENDS:
+        raise UsageError(f"--executorch-backend {opts.executorch_backend!r}: use one of {', '.join(BACKENDS)}")
+    try:
+        _require_executorch()
+    except ExportError as e:
+        raise UsageError(e.message, hint=e.hint) from None
+
+
 def load(path: Path) -> Any:
     return ExecuTorchRunner(path)
 
 
 def size_estimate(ctx: ExportContext) -> int:
     """Weights (constant segment, or packed inside the XNNPACK blob) plus the flatbuffer program: a few kB."""
-    return module_bytes(ctx) + module_bytes(ctx) // 10 + (1 << 20)
+    return module_bytes(ctx.target) + module_bytes(ctx.target) // 10 + (1 << 20)
 
 
 register(
@@ -143,5 +154,7 @@ register(
         rtol=1e-5,
         size_estimate=size_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:6] == b"ET",  # the flatbuffer's file identifier
+        options=("executorch_backend",),
+        check=check,
     )
 )

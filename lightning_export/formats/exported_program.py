@@ -23,6 +23,19 @@ def write(ctx: ExportContext, path: Path) -> Written:
     return Written("torch.export")
 
 
+def made_with(path: Path) -> str | None:
+    """--precision fp16/bf16 when the program takes float16/bfloat16 inputs; None when unsure."""
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception:  # noqa: BLE001 - only a hint: a file that cannot be read has failed verification already
+        return None
+    types = {getattr(n.meta.get("val"), "dtype", None) for n in program.graph.nodes if n.op == "placeholder"}
+    found = [name for t, name in {torch.float16: "fp16", torch.bfloat16: "bf16"}.items() if t in types]
+    return f"--precision {found[0]}" if found else None
+
+
 def load(path: Path) -> Any:
     import torch
 
@@ -44,5 +57,6 @@ register(
         # A torch.export archive (models/*.json); AOTInductor packages (aotinductor/) are claimed first.
         sniff=lambda s: s.has_member("archive_format") and s.has_dir("/models/") and not s.has_dir("aotinductor"),
         sniff_order=50,
+        made_with=made_with,
     )
 )

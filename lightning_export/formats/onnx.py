@@ -15,20 +15,11 @@ from ..errors import (
     source_pointers,
 )
 from ..outputs import write_os_error
-from . import ExportContext, Format, Written, register
+from . import ExportContext, Format, Written, module_bytes, register
 from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
 
 # protobuf's hard limit is 2 GiB; stay clear of it (graph + initializers).
 EXTERNAL_DATA_ABOVE = 1_800_000_000
-
-
-def _weights_bytes(module: Any) -> int:
-    seen, total = set(), 0
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _positional(ex: Any) -> tuple:
@@ -166,7 +157,7 @@ DYNAMO_MIN_OPSET = 18
 
 
 def write(ctx: ExportContext, path: Path) -> Written:
-    external = _weights_bytes(ctx.target) > EXTERNAL_DATA_ABOVE
+    external = module_bytes(ctx.target) > EXTERNAL_DATA_ABOVE
     notes: list[str] = []
     errors: list[str] = []
     with exporting(ctx) as chatter:
@@ -330,6 +321,48 @@ def _to_numpy(t: Any) -> Any:
     return t.numpy()
 
 
+MIN_OPSET = 7
+
+
+def check(opts: Any, requested: bool) -> None:
+    """--opset within what this onnx supports; --input-names/--output-names only with --to onnx, no empty name
+    (their count is checked once the example inputs and outputs are known, in prepare)."""
+    if opts.opset is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opts.opset <= newest:
+            raise UsageError(f"--opset {opts.opset}: this onnx supports opsets {MIN_OPSET} to {newest}")
+    for flag, names in (("--input-names", parse_names(opts.input_names)),
+                        ("--output-names", parse_names(opts.output_names))):
+        if names and not requested:
+            raise UsageError(f"{flag} names an ONNX graph's {flag[2:-6]}s: it needs --to onnx")
+        if any(not n for n in names):
+            raise UsageError(f"{flag} {','.join(names)!r}: a name is empty", hint="Separate names with one comma.")
+
+
+def prepare(ctx: ExportContext, output: Any, opts: Any) -> dict[str, Any]:
+    names = io_names(ctx.target, ctx.example, output, parse_names(opts.input_names), parse_names(opts.output_names))
+    return {"input_names": names[0], "output_names": names[1]}
+
+
+def made_with(path: Path) -> str | None:
+    """--quantize int8-dynamic when the graph holds onnxruntime's integer ops, --precision fp16/bf16 when it takes
+    float16/bfloat16 inputs; None when unsure."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - only a hint: a file that cannot be read has failed verification already
+        return None
+    if {n.op_type for n in graph.node} & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}:
+        return "--quantize int8-dynamic"
+    types = {i.type.tensor_type.elem_type for i in graph.input}
+    found = [name for t, name in {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.items()
+             if t in types]
+    return f"--precision {found[0]}" if found else None
+
+
 def load(path: Path) -> Any:
     return OrtRunner(path)
 
@@ -362,5 +395,9 @@ register(
         dynamic_batch=True,
         size_estimate=graph_estimate,
         sniff=_sniff,
+        options=("opset",),
+        check=check,
+        prepare=prepare,
+        made_with=made_with,
     )
 )

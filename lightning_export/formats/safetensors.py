@@ -51,7 +51,7 @@ def _raw_bytes(t: Any) -> Any:
 def write_safetensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
     """The header from shapes and dtypes alone, then each tensor's bytes: a lazily read mapping (a sharded folder)
     is read one tensor at a time, each dropped once written."""
-    from ..checkpoint import tensor_specs
+    from ..statedict import tensor_specs
 
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -80,7 +80,7 @@ def write_safetensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str
 
 def size_estimate(ctx: ExportContext) -> int:
     """Every key's bytes (tied weights are written under each key) plus the JSON header."""
-    from ..checkpoint import tensor_specs
+    from ..statedict import tensor_specs
 
     data = sum(t.numel() * t.element_size() for t in tensor_specs(ctx.state_dict).values())
     return data + 256 * len(ctx.state_dict) + (64 << 10)

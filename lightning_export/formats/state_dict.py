@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..statedict import is_lazy
 from . import ExportContext, Format, Written, register
 from ._io import sink
 
@@ -16,7 +17,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
 
     # To a path, torch.save reports a failed write as "unexpected pos" without the errno; a Sink keeps it.
     with sink(path) as f:
-        if callable(getattr(ctx.state_dict, "specs", None)):
+        if is_lazy(ctx.state_dict):
             save_streaming(ctx.state_dict, f)
         else:
             torch.save(dict(ctx.state_dict), f)
@@ -60,7 +61,7 @@ class _FillingWriter:
 
 def save_streaming(tensors: Mapping[str, Any], f: Any) -> None:
     """The bytes torch.save(dict(tensors), f) writes, holding one tensor at a time: `tensors` is a lazily read
-    mapping (sharded.LazyStateDict) whose every item is a new contiguous CPU tensor with its own storage.
+    mapping (statedict.LazyTensors) whose every item is a new contiguous CPU tensor with its own storage.
 
     torch's own pickler and zip writer run on placeholders of the same shapes and dtypes (so data.pkl, record
     names, 64-byte alignment, CRC-32s and the serialization id are torch's), and each record's bytes are those of the
@@ -98,7 +99,8 @@ def load(path: Path) -> Any:
     """Read back through lexport's own hardened loader: weights_only, each record's size checked against what
     the pickle declares and its CRC-32 against the bytes (memory-mapped, so no second copy). A file that a plain
     torch.load would refuse fails verification here, never publishes."""
-    from ..checkpoint import check_declared_sizes, load_checkpoint
+    from ..safeload.archive import check_declared_sizes
+    from ..sources import load_checkpoint
 
     check_declared_sizes(path)
     return load_checkpoint(path, hash_file=False).state_dict

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from . import ExportContext, Format, Written, register
 from ._graph import exporting, graph_estimate
 from ._io import save_isolated
@@ -34,6 +35,14 @@ def write(ctx: ExportContext, path: Path) -> Written:
     return Written(exporter, [NOTE])
 
 
+MODES = ("trace", "script")
+
+
+def check(opts: Any, requested: bool) -> None:
+    if opts.torchscript_mode not in MODES:
+        raise UsageError(f"--torchscript-mode must be 'trace' or 'script', not {opts.torchscript_mode!r}")
+
+
 def load(path: Path) -> Any:
     import warnings
 
@@ -56,5 +65,7 @@ register(
         rtol=1e-5,
         size_estimate=graph_estimate,
         sniff=lambda s: s.has_dir("/code/") and s.has_member("/constants.pkl"),
+        options=("torchscript_mode",),
+        check=check,
     )
 )

@@ -187,7 +187,7 @@ def compare_tensor_maps(expected: Mapping[str, Any], actual: Any) -> Verificatio
     for k in expected:
         if k in actual_keys:
             # One pair at a time, dropped before the next is read: `expected` may read each tensor from a sharded
-            # folder when asked for it (sharded.LazyStateDict), and `actual` from the artifact.
+            # folder when asked for it (statedict.LazyTensors), and `actual` from the artifact.
             t, got = expected[k], actual[k]
             if got.dtype != t.dtype or tuple(got.shape) != tuple(t.shape):
                 problems.append(f"{k}: {got.dtype}{list(got.shape)} written, {t.dtype}{list(t.shape)} expected")

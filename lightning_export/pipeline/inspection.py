@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bounded import iter_containers, short_repr
+from ..bounded import iter_containers, short_repr
 
 # hparams values shown as they are when they are plain data of at most this many leaves; else their type.
 _MAX_PLAIN_LEAVES = 64
@@ -92,7 +92,7 @@ def plain_value(value: Any) -> tuple[bool, Any]:
 
 
 def _type_name(value: Any) -> str:
-    from .checkpoint import Unloaded
+    from ..safeload.placeholders import Unloaded
 
     if isinstance(value, Unloaded):
         return f"{value.what} (not loaded)"
@@ -124,7 +124,8 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """The JSON-ready summary of a checkpoint (max_growth: the loader's bound, None for its default). Raises the
     loader's CheckpointError/UsageError."""
-    from .checkpoint import load_checkpoint, tensor_specs
+    from ..sources import load_checkpoint
+    from ..statedict import tensor_specs
 
     path = Path(path)
     kwargs: dict[str, Any] = {"trust": trust, "allow_globals": allow_globals, "hash_file": False}
@@ -157,15 +158,13 @@ def inspect_checkpoint(
             count, nbytes = _tensor_bytes(value)
             if count:
                 other[str(key)] = {"tensors": count, "bytes": nbytes}
-    source = getattr(ckpt.state_dict, "source", None)  # a sharded folder: its unread entries (optimizer states)
-    if source is not None:
-        other.update(source.skipped_summary())
+    other.update(ckpt.skipped())  # a sharded folder: its unread entries (optimizer states)
 
     top = [n for n in tree if "." not in n.path]
     candidate = max(top, key=lambda n: n.elements).path if top else None
     return {
         "path": str(path),
-        "file_bytes": sum(source.files.values()) if source is not None else path.stat().st_size,
+        "file_bytes": ckpt.file_bytes,
         "plain_state_dict": ckpt.plain,
         "lightning_version": ckpt.lightning_version,
         "epoch": ckpt.epoch,

@@ -16,8 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bounded import MAX_DEPTH, TooDeep, iter_containers
-from .errors import UsageError, UserModuleError
+from ..bounded import MAX_DEPTH, TooDeep, iter_containers
+from ..errors import UsageError, UserModuleError
+from ..userpath import ensure_cwd_importable
+from .argfiles import load_args_file
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
@@ -44,8 +46,6 @@ def describes_object(value: Any) -> bool:
 
 def read_model_section(path: str | os.PathLike[str]) -> ModelSection:
     """The `model:` section of a LightningCLI config.yaml or of a Hydra config (`.hydra/config.yaml`)."""
-    from .model import load_args_file
-
     data = load_args_file(path, flag="--config")
     model = data.get("model")
     if model is None:
@@ -124,9 +124,7 @@ def _jsonargparse(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     instantiates nested classes; callables (OptimizerCallable) become callables, not instances."""
     import warnings
 
-    from .model import _ensure_cwd_importable
-
-    _ensure_cwd_importable()
+    ensure_cwd_importable()
     try:
         from jsonargparse import ArgumentParser
     except ImportError:  # a dependency of lexport; only a broken environment gets here
@@ -164,9 +162,7 @@ def _hydra_instantiate(name: str, value: Any) -> Any:
             f"init argument {name!r} is a Hydra config (_target_), and hydra-core is not installed here",
             hint="pip install hydra-core (the project that wrote it uses it).",
         ) from None
-    from .model import _ensure_cwd_importable
-
-    _ensure_cwd_importable()
+    ensure_cwd_importable()
     try:
         return instantiate(value)
     except Exception as e:  # noqa: BLE001 - Hydra wraps the real error; its message names the target

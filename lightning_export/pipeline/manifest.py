@@ -1,0 +1,62 @@
+"""The manifest: the --json record plus the options that shaped the artifacts, written atomically beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import outputs
+from ..errors import OutputError
+from ..hashing import file_sha256
+from ..report import Report, strict_json
+from .options import MANIFEST_OPTIONS, ExportOptions
+
+MANIFEST_VERSION = 1
+
+
+def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
+    """The --json record plus the options; every path in it is relative to the manifest's directory, so the
+    manifest and the files it names can move together (a later CI stage)."""
+    home = (opts.manifest or Path(".")).resolve().parent
+
+    def rel(path: Any) -> str:
+        return os.path.relpath(Path(path).resolve(), home)
+
+    record: dict[str, Any] = {"manifest_version": MANIFEST_VERSION, **report.to_json()}
+    record["checkpoint"] = {**record["checkpoint"], "path": rel(opts.checkpoint)}
+    for a in record["artifacts"]:
+        if a.get("path"):
+            a["path"] = rel(a["path"])
+        if a.get("companions"):
+            a["companions"] = [rel(c) for c in a["companions"]]
+    options: dict[str, Any] = {}
+    for name in MANIFEST_OPTIONS:
+        value = getattr(opts, name)
+        if name == "init_args":
+            value = dict(value)
+        elif isinstance(value, Path):
+            value = rel(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        options[name] = value
+    for name in ("config", "init_args_file", "example_inputs"):
+        path = getattr(opts, name)
+        if path is not None and Path(path).is_file():
+            options[f"{name}_sha256"] = file_sha256(Path(path))
+    options["formats"] = [a.format for a in report.artifacts]
+    record["options"] = options
+    return record
+
+
+def write_manifest(opts: ExportOptions, report: Report) -> None:
+    """Atomically, once the artifacts are published (or failed): the record of what was done."""
+    if opts.manifest is None or not report.artifacts:
+        return
+    try:
+        # default=str: YAML-typed --init-arg values (dates, bytes) are recorded as text
+        text = json.dumps(strict_json(manifest_record(opts, report)), indent=2, allow_nan=False, default=str) + "\n"
+    except (TypeError, ValueError) as e:
+        raise OutputError(f"cannot write the manifest {opts.manifest}: {e}") from e
+    outputs.write_text_atomically(opts.manifest, text, force=opts.force)

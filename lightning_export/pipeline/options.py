@@ -1,0 +1,103 @@
+"""The options of a run: one frozen ExportOptions, its numeric ranges, and which options a manifest records."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..safeload.archive import DEFAULT_MAX_GROWTH
+
+DEFAULT_RANDOM_INPUTS = 5
+MAX_RANDOM_INPUTS = 1000
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of a run; the CLI builds one of these and calls `run`."""
+
+    checkpoint: Path
+    formats: tuple[str, ...] = ("state-dict",)
+    module: str | None = None
+    attr: str | None = None
+    config: Path | None = None
+    init_args: tuple[tuple[str, Any], ...] = ()
+    init_args_file: Path | None = None
+    inputs: tuple[str, ...] = ()
+    example_inputs: Path | None = None
+    dynamic_batch: bool = False
+    output: Path | None = None
+    output_dir: Path | None = None
+    force: bool = False
+    verify: bool = True
+    keep_failed: bool = False
+    atol: float | None = None
+    rtol: float | None = None
+    seed: int = 0
+    random_inputs: int = DEFAULT_RANDOM_INPUTS
+    opset: int | None = None
+    # ONNX graph names, one per input/output tensor (comma-separated values are split); empty: the defaults.
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    torchscript_mode: str = "trace"
+    # Deployment options, declared by the formats that honour them (formats/_precision.py, executorch).
+    precision: str | None = None  # fp16 | bf16 for graph formats (fp32: unchanged)
+    quantize: str | None = None  # int8-dynamic for onnx
+    executorch_backend: str = "xnnpack"
+    trust_checkpoint: bool = False
+    allow_globals: tuple[str, ...] = ()
+    strict_finite: bool = False
+    meta_build: bool = True
+    # No artifact may hold more than this many times the bytes the checkpoint's tensors occupy in the file
+    # (a 4-byte storage viewed as 10**9 elements would otherwise publish 4 GB).
+    max_growth: float = DEFAULT_MAX_GROWTH
+    # sha256 of the whole checkpoint (mostly optimizer state): a full read, so the CLI asks for it with --json.
+    hash_checkpoint: bool = True
+    # Where to write the manifest (the --json record plus the options that shaped the bytes), atomically.
+    manifest: Path | None = None
+
+
+# Options recorded in a manifest (everything that shapes the artifacts' bytes or their verification) -> whether
+# `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already).
+MANIFEST_OPTIONS: dict[str, bool] = {
+    "formats": False, "module": True, "attr": True, "config": True, "init_args": True, "init_args_file": True,
+    "inputs": True, "example_inputs": True, "dynamic_batch": True, "opset": False, "input_names": False,
+    "output_names": False, "torchscript_mode": False, "seed": True, "random_inputs": True, "atol": True,
+    "rtol": True, "strict_finite": False, "trust_checkpoint": True, "allow_globals": True, "max_growth": True,
+    "meta_build": False, "precision": True, "quantize": True, "executorch_backend": False,
+}
+
+
+def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) -> ExportOptions:
+    """ExportOptions from the keyword arguments of export()/verify(): sequences as tuples, paths as Paths."""
+    if isinstance(options.get("formats"), str):
+        options["formats"] = (options["formats"],)
+    for key in ("formats", "inputs", "allow_globals", "input_names", "output_names"):
+        if key in options:
+            options[key] = tuple(options[key])
+    if isinstance(options.get("init_args"), dict):
+        options["init_args"] = tuple(options["init_args"].items())
+    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
+    try:
+        return ExportOptions(checkpoint=Path(checkpoint), **options)
+    except TypeError as e:
+        raise UsageError(str(e)) from e
+
+
+def check_ranges(opts: ExportOptions) -> None:
+    """Numeric flags within the range they mean something in (exit 2), so nothing downstream overflows."""
+    for flag, value in (("--atol", opts.atol), ("--rtol", opts.rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} {value} must be a finite number >= 0")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1)")
+    if not 0 <= opts.random_inputs <= MAX_RANDOM_INPUTS:
+        raise UsageError(f"--random-inputs must be between 0 and {MAX_RANDOM_INPUTS}")
+    if not (math.isfinite(opts.max_growth) and opts.max_growth >= 1):
+        raise UsageError(f"--max-growth {opts.max_growth} must be a finite number >= 1")

@@ -1,0 +1,270 @@
+"""The preparation export and verify share: flags checked before slow work, then load, build, example inputs and
+the eager reference outputs, once per run, into the ExportContext every format gets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import inputs, outputs
+from ..build.argfiles import load_args_file
+from ..build.arguments import constructor_arguments
+from ..build.configs import read_model_section
+from ..build.importing import resolve_class
+from ..build.module import build_module, seeded
+from ..errors import CheckpointError, UsageError, UserModuleError
+from ..formats import REGISTRY, ExportContext
+from ..formats._precision import apply_options
+from ..report import Report
+from ..safeload.placeholders import unloaded_by_key
+from ..sources import Checkpoint, load_checkpoint
+from ..statedict import strip_prefix
+from ..text import printable
+from .finite import check_finite_outputs, check_finite_weights
+from .options import ExportOptions, check_ranges
+from .run import Step, phase
+
+
+@dataclass
+class Supplied:
+    """What the user's flags say about the class and its arguments: --config, then --init-args, then --init-arg."""
+
+    class_path: str | None
+    args: dict[str, Any]
+
+
+def read_supplied(opts: ExportOptions) -> Supplied:
+    """Read every config and argument file up front (cheap; bounded YAML), so a bad one is exit 2 before any
+    slow work, whatever the formats."""
+
+    class_path = opts.module
+    args: dict[str, Any] = {}
+    if opts.config:
+
+        section = read_model_section(opts.config)
+        class_path = class_path or section.class_path
+        args.update(section.args)
+    if opts.init_args_file:
+        args.update(load_args_file(opts.init_args_file, flag="--init-args"))
+    args.update(dict(opts.init_args))
+    return Supplied(class_path, args)
+
+
+def _build(opts: ExportOptions, ckpt: Any, report: Report, given: Supplied) -> Any:
+
+    class_path, supplied = given.class_path, given.args
+    if class_path is None:
+        named = ckpt.hparams.get("_class_path")
+        if named and opts.trust_checkpoint:
+            class_path = str(named)
+        else:
+
+            needs = ", ".join(f"--to {n}" for n in opts.formats if REGISTRY[n].needs_module)
+            named_text = str(named) if isinstance(named, str) else None
+            if named_text:
+                mod, _, cls_name = named_text.rpartition(".")
+                hint = (f"The checkpoint records its class: pass --module {mod}:{cls_name} (lexport never imports a "
+                        "class named inside a checkpoint on its own).")
+            else:
+                hint = "Pass --module pkg.module:YourLightningModule."
+            said = (f"--config {opts.config} names no class (LightningCLI(Model, ...) saves model: without "
+                    "class_path), and " if opts.config else "")
+            raise UsageError(f"{said}{needs} needs the LightningModule class", hint=hint)
+    report.module = class_path
+    cls = resolve_class(class_path)
+    kwargs = constructor_arguments(
+        cls,
+        ckpt.hparams,
+        ckpt.raw,
+        supplied,
+        trust=opts.trust_checkpoint,
+        explicit=tuple(k for k, _ in opts.init_args),
+        warnings=report.warnings,
+    )
+    with seeded(opts.seed):
+        built = build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
+    built.module.eval()
+    return built
+
+
+def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightning_module: Any) -> tuple[Any, str]:
+
+    if specs:
+        vocab = inputs.embedding_vocabulary(target) if target is not None else None
+        return inputs.from_specs(specs, opts.seed, int_high=vocab), "from --input"
+    if opts.example_inputs:
+        return inputs.from_file(opts.example_inputs), f"from --example-inputs {opts.example_inputs}"
+    own = getattr(target, "example_input_array", None)
+    example = inputs.from_module(target, lightning_module)
+    if example is not None:
+        whose = "the selected submodule's" if own is not None or target is lightning_module else "the LightningModule's"
+        return example, f"{whose} example_input_array"
+    raise UsageError(
+        f"no example inputs for {type(target).__name__}.forward: it has no example_input_array",
+        hint="Pass one --input DTYPE[D0,D1,...] per forward argument, e.g. --input float32[2,10], "
+        "or --example-inputs FILE (.pt).",
+    )
+
+
+class References:
+    """Input sets for verification and the eager outputs on each, computed once and shared by all formats."""
+
+    def __init__(self, target: Any, example: Any, opts: ExportOptions) -> None:
+
+        self.target = target
+        self.sets = [example] + [inputs.random_like(example, opts.seed + i) for i in range(1, opts.random_inputs + 1)]
+        self.labels = ["example input"] + [f"random input {i}" for i in range(1, opts.random_inputs + 1)]
+        self.dynamic_set: Any = None
+        b = inputs.batch_size(example)
+        if opts.dynamic_batch and b is not None:
+            self.dynamic_set = inputs.random_like(example, opts.seed + 1000, batch=b + 1)
+        self._cache: dict[int, Any] = {}
+
+    def get(self, i: int) -> Any:
+        if i not in self._cache:
+            data = self.sets[i] if i >= 0 else self.dynamic_set
+            self._cache[i] = _detach(inputs.run_forward(self.target, data))
+        return self._cache[i]
+
+    def runs(self, dynamic: bool) -> list[tuple[str, Any, Any]]:
+        out = [(label, data, self.get(i)) for i, (label, data) in enumerate(zip(self.labels, self.sets))]
+        if dynamic and self.dynamic_set is not None:
+            out.append((f"batch of {self.dynamic_set.tensors()[0].shape[0]}", self.dynamic_set, self.get(-1)))
+        return out
+
+
+def _detach(value: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    def clone(x: Any) -> Any:
+        return x.detach().clone() if hasattr(x, "detach") else x
+
+    return tree_map(clone, value)
+
+
+def check_flags(opts: ExportOptions) -> Supplied:
+    """Everything a user can get wrong in the run's own flags, before any slow work: ranges, config and argument
+    files (read up front: cheap, bounded YAML)."""
+    check_ranges(opts)
+    return read_supplied(opts)
+
+
+def with_format_options(formats: list[Any], opts: ExportOptions) -> list[Any]:
+    """Formats wrapped for --precision/--quantize (exit 2 where a format does not take them), then every format's
+    own options checked (an option of a format this run does not write may be refused)."""
+    formats = [apply_options(f, opts.precision, opts.quantize) for f in formats]
+    asked = {f.name for f in formats}
+    for fmt in REGISTRY.values():
+        if fmt.check is not None:
+            fmt.check(opts, fmt.name in asked)
+    return formats
+
+
+def check_input_flags(opts: ExportOptions) -> list[Any]:
+    """--input specs parsed, --input and --example-inputs exclusive, --attr a dotted path."""
+    specs = [inputs.parse_input_spec(s) for s in opts.inputs]
+    if specs and opts.example_inputs:
+        raise UsageError("pass either --input or --example-inputs, not both")
+    if opts.attr is not None and (not opts.attr or any(not p for p in opts.attr.split("."))):
+        raise UsageError(f"--attr {opts.attr!r} is not a dotted path such as 'model' or 'encoder.blocks.0'")
+    return specs
+
+
+def check_manifest_path(opts: ExportOptions, destinations: Mapping[str, Path]) -> None:
+    if opts.manifest is None:
+        return
+    if any(outputs.same_file(opts.manifest, d) or opts.manifest.resolve() == d.resolve()
+           for d in destinations.values()):
+        raise UsageError(f"--manifest {opts.manifest} is also an artifact's path: give it another name")
+    outputs.check_destination(opts.manifest, opts.checkpoint, force=opts.force)
+
+
+@dataclass
+class Prepared:
+    """What every format of the run shares: the checkpoint, the context, the reference outputs."""
+
+    ckpt: Checkpoint
+    ctx: ExportContext
+    refs: References | None
+
+
+def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any], given: Supplied,
+            specs: list[Any]) -> Prepared:
+    """Load once, build once (when a format needs the module), check the weights, run the module on the example
+    inputs and keep its outputs: the ExportContext every format of the run gets."""
+    with step("loading checkpoint"), phase(CheckpointError, f"reading {opts.checkpoint}"):
+        ckpt = load_checkpoint(opts.checkpoint, trust=opts.trust_checkpoint, allow_globals=opts.allow_globals,
+                               hash_file=opts.hash_checkpoint, max_growth=opts.max_growth)
+    _describe_checkpoint(ckpt, report)
+    built = None
+    # Weights formats never need the class: --config alone does not make lexport import anything for them.
+    if opts.module or any(f.needs_module for f in formats):
+        with step("building module"), phase(UserModuleError, "building the module"):
+            built = _build(opts, ckpt, report, given)
+        target, state_dict = built.target, built.state_dict
+        report.notes.extend(built.notes)
+    else:
+        target, state_dict = None, _weights_under_attr(ckpt, opts.attr)
+    with phase(CheckpointError, "checking the weights for NaN/Inf"):
+        check_finite_weights(state_dict, opts, report)
+    ctx = ExportContext(target=target, state_dict=state_dict, example=None, dynamic_batch=opts.dynamic_batch,
+                        **{name: getattr(opts, name) for f in formats for name in f.options})
+    graph = [f for f in formats if f.kind == "graph"]
+    refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None) if graph else None
+    return Prepared(ckpt, ctx, refs)
+
+
+def _describe_checkpoint(ckpt: Checkpoint, report: Report) -> None:
+    unloaded = list(unloaded_by_key(ckpt.hparams))
+    if unloaded:
+        report.notes.append(
+            f"hyper_parameters {printable(', '.join(unloaded))[:300]} hold objects that were left unloaded "
+            "(placeholders: nothing from the file ran); the weights do not need them"
+        )
+    report.checkpoint = {
+        "path": str(ckpt.path),
+        "sha256": None,
+        "lightning_version": ckpt.lightning_version,
+        "epoch": ckpt.epoch,
+        "global_step": ckpt.global_step,
+        "plain_state_dict": ckpt.plain,
+        "tensors": len(ckpt.state_dict),
+    }
+
+
+def _weights_under_attr(ckpt: Checkpoint, attr: str | None) -> Mapping[str, Any]:
+    state_dict = strip_prefix(ckpt.state_dict, f"{attr}." if attr else "")
+    if attr and not state_dict:
+        prefixes = sorted({k.split(".", 1)[0] for k in ckpt.state_dict})
+        raise UserModuleError(
+            f"--attr {attr!r}: no tensors in the checkpoint start with {attr + '.'!r}",
+            hint=f"Top-level prefixes in the checkpoint: {', '.join(prefixes)}",
+        )
+    return state_dict
+
+
+def _references(opts: ExportOptions, report: Report, step: Step, graph: list[Any], specs: list[Any], ctx: ExportContext,
+                lightning_module: Any) -> References:
+    """The example inputs (into ctx), the eager outputs on them and on the random inputs, and what each graph
+    format needs prepared from them (ONNX names)."""
+    with step("running the module on the example inputs"), phase(UserModuleError, "running the module"):
+        ctx.example, source = _example_inputs(opts, specs, ctx.target, lightning_module)
+        if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(ctx.example) == 1:
+            raise UsageError(
+                "--dynamic-batch needs example inputs with a batch of 2 or more: torch.export "
+                "specializes dimensions of size 1",
+                hint="Pass --input with a batch >= 2, e.g. --input float32[2,...].",
+            )
+        refs = References(ctx.target, ctx.example, opts)
+        try:
+            reference = refs.get(0)
+        except UserModuleError as e:
+            e.message += f"\n(the inputs are {source})"
+            raise
+        check_finite_outputs(reference, opts, report)
+    for fmt in {f.name: f for f in graph if f.prepare is not None}.values():
+        for name, value in fmt.prepare(ctx, reference, opts).items():
+            setattr(ctx, name, value)
+    return refs
