@@ -244,7 +244,11 @@ def test_options_that_make_no_sense_are_usage_errors():
         apply_options(get_format("onnx"), precision="fp16", quantize="int8-dynamic")
     with pytest.raises(UsageError, match="fp32, fp16, bf16"):
         apply_options(get_format("onnx"), precision="fp8")
-    assert apply_options(get_format("onnx"), precision="fp32") is get_format("onnx")
+    # --precision fp32 is never a silent no-op: a wrapper that computes in float32 and says so (tests/test_precision.py)
+    assert apply_options(get_format("onnx"), precision="fp32") is not get_format("onnx")
+    assert apply_options(get_format("onnx")) is get_format("onnx")
+    with pytest.raises(UsageError, match="graph formats"):
+        apply_options(get_format("safetensors"), precision="fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ def build_module(
     except Exception as e:
         raise UserModuleError(f"{cls.__name__}.on_load_checkpoint failed: {type(e).__name__}: {e}") from e
     full_sd = checkpoint_raw["state_dict"]
-    load_strict(obj, full_sd, what=cls.__name__)
+    casts = load_strict(obj, full_sd, what=cls.__name__)
+    if casts:
+        notes.append(_cast_note(casts, cls.__name__))
     leftovers = [n for n, t in [*obj.named_parameters(), *obj.named_buffers()] if t.device.type == "meta"]
     if leftovers:
         raise UserModuleError(f"after loading, these tensors have no values: {', '.join(leftovers[:10])}")
@@ -123,8 +125,11 @@ def build_module(
     return BuiltModule(obj, target, attr, sd, notes, built_on_meta)
 
 
-def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_only: bool = False) -> None:
-    """Strict loading that collects every missing, unexpected and mis-shaped key before failing once."""
+def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_only: bool = False) -> dict[str, Any]:
+    """Strict loading that collects every missing, unexpected and mis-shaped key before failing once. Floating
+    tensors stored in another dtype than the module's (a Trainer(precision="16-true") checkpoint into the float32
+    parameters the constructor makes) are cast into the module's dtype, as load_from_checkpoint's copy does;
+    returns {key: (stored dtype, module dtype)} of those."""
     expected = module.state_dict(keep_vars=True)
     specs = tensor_specs(state_dict)  # shapes without reading a lazily read folder's tensors
     missing = [k for k in expected if k not in specs]
@@ -151,24 +156,42 @@ def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_onl
         )
         raise UserModuleError(f"the checkpoint does not fit {what}:\n  " + "\n  ".join(parts), hint=hint)
     if check_only:
-        return
+        return {}
+    casts = {
+        k: (specs[k].dtype, t.dtype) for k, t in expected.items()
+        if specs[k].dtype != t.dtype and specs[k].dtype.is_floating_point and t.dtype.is_floating_point
+    }
     try:
-        if specs is state_dict:
+        if specs is state_dict and not casts:
             module.load_state_dict(state_dict, strict=True, assign=True)
         else:
-            _load_in_groups(module, state_dict, specs)
+            _load_in_groups(module, state_dict, specs, {k: to for k, (_, to) in casts.items()})
     except Exception as e:
         raise UserModuleError(f"loading the checkpoint into {what} failed: {e}") from e
+    return casts
+
+
+def _cast_note(casts: dict[str, Any], cls_name: str) -> str:
+    pairs: dict[tuple[str, str], int] = {}
+    for stored, made in casts.values():
+        key = (str(stored).removeprefix("torch."), str(made).removeprefix("torch."))
+        pairs[key] = pairs.get(key, 0) + 1
+    said = ", ".join(f"{n} tensor{'s' if n > 1 else ''} stored in {a} cast to {b}" for (a, b), n in pairs.items())
+    return (f"{said}: the dtypes {cls_name}'s constructor creates, as load_from_checkpoint does (graph formats "
+            "compute in them; weights formats keep the stored tensors; --precision fp16|bf16 asks for reduced "
+            "precision)")
 
 
 _GROUP_BYTES = 64 << 20
 
 
-def _load_in_groups(module: Any, state_dict: Mapping[str, Any], specs: Mapping[str, Any]) -> None:
-    """Assign a lazily read state dict (a sharded folder) a group of tensors at a time, about _GROUP_BYTES each
-    (a larger tensor alone): module.load_state_dict would first copy the whole mapping into a dict. The keys were
-    checked strictly already; each group is loaded with assign=True through the module's own load_state_dict, so
-    its hooks run as usual."""
+def _load_in_groups(module: Any, state_dict: Mapping[str, Any], specs: Mapping[str, Any],
+                    casts: Mapping[str, Any]) -> None:
+    """Assign a state dict a group of tensors at a time, about _GROUP_BYTES each (a larger tensor alone), each tensor
+    cast to the dtype `casts` gives for its key on the way: module.load_state_dict would first copy a lazily read
+    mapping (a sharded folder) into a dict, and casting all at once would hold every cast copy at the same time. The
+    keys were checked strictly already; each group is loaded with assign=True through the module's own
+    load_state_dict, so its hooks run as usual."""
     group: dict[str, Any] = {}
     size = 0
     for key, spec in specs.items():
@@ -176,7 +199,7 @@ def _load_in_groups(module: Any, state_dict: Mapping[str, Any], specs: Mapping[s
         if group and size + nbytes > _GROUP_BYTES:
             module.load_state_dict(group, strict=False, assign=True)
             group, size = {}, 0
-        group[key] = state_dict[key]
+        group[key] = state_dict[key].to(casts[key]) if key in casts else state_dict[key]
         size += nbytes
     if group:
         module.load_state_dict(group, strict=False, assign=True)

@@ -75,8 +75,8 @@ def apply_options(fmt: Format, precision: str | None = None, quantize: str | Non
     """The Format the pipeline uses for this run: unchanged without options; UsageError where they make no sense."""
     precision = normalize_precision(precision)
     quantize = normalize_quantize(quantize)
-    if precision == "fp32":
-        precision = None
+    if quantize and precision == "fp32":
+        precision = None  # dynamic quantization starts from the fp32 graph: what fp32 asks for
     if quantize and precision:
         raise UsageError(
             f"--quantize {quantize} and --precision {precision} do not combine: dynamic quantization starts "
@@ -88,7 +88,7 @@ def apply_options(fmt: Format, precision: str | None = None, quantize: str | Non
                 f"--precision {precision} applies to graph formats; {fmt.name} stores the checkpoint's tensors as "
                 "they are"
             )
-        return with_precision(fmt, precision)
+        return with_fp32(fmt) if precision == "fp32" else with_precision(fmt, precision)
     if quantize:
         if fmt.name != "onnx":
             raise UsageError(f"--quantize {quantize} applies to --to onnx only, not {fmt.name}")
@@ -199,6 +199,30 @@ def precision_info(ctx: ExportContext, precision: str) -> dict[str, Any]:
         "weights_bytes_fp32": fp32_bytes,
         "weights_bytes": reduced_bytes,
     }
+
+
+def with_fp32(fmt: Format) -> Format:
+    """--precision fp32 is never a silent no-op: floating parameters and buffers in another dtype (a module whose
+    constructor makes fp16 tensors) compute in float32, and the note says what was cast, or that nothing was."""
+
+    def write(ctx: ExportContext, path: Path) -> Written:
+        import torch
+
+        others = sorted({str(t.dtype).removeprefix("torch.") for t in [*ctx.target.parameters(), *ctx.target.buffers()]
+                         if t.is_floating_point() and t.dtype != torch.float32})
+        with reduced(ctx, "fp32") as rctx:
+            written = fmt.write(rctx, path)
+        written.notes.append(f"--precision fp32: parameters and buffers in {', '.join(others)} compute in float32"
+                             if others else "--precision fp32: the module computes in float32 already; nothing cast")
+        written.info["precision"] = "fp32"
+        return written
+
+    def load(path: Path) -> Any:
+        import torch
+
+        return CastInputs(fmt.load(path), torch.float32)
+
+    return dataclasses.replace(fmt, write=write, load=load)
 
 
 def with_precision(fmt: Format, precision: str) -> Format:

@@ -45,7 +45,7 @@ class ExportOptions:
     output_names: tuple[str, ...] = ()
     torchscript_mode: str = "trace"
     # Deployment options, declared by the formats that honour them (formats/_precision.py, executorch).
-    precision: str | None = None  # fp16 | bf16 for graph formats (fp32: unchanged)
+    precision: str | None = None  # fp32 | fp16 | bf16 for graph formats (none: the dtypes the module is built in)
     quantize: str | None = None  # int8-dynamic for onnx
     executorch_backend: str = "xnnpack"
     trust_checkpoint: bool = False
