@@ -519,6 +519,12 @@ def _with_deployment_options(formats: list[Any], opts: ExportOptions) -> list[An
             executorch._require_executorch()
         except ExportError as e:
             raise UsageError(e.message, hint=e.hint) from None
+    for f in formats:  # a format's runtime that is not installed: a usage error, before any slow work
+        if f.requires is not None:
+            try:
+                f.requires()
+            except ExportError as e:
+                raise UsageError(e.message, hint=e.hint) from None
     return formats
 
 
@@ -721,7 +727,7 @@ def _check_existing(
     started = time.perf_counter()
     result.path = str(path)
     try:
-        companions = [c for c in path.parent.glob(f"{path.name}.*") if c.is_file()]
+        companions = fmt.companion_files(path)
         result.companions = [str(c) for c in companions]
         result.bytes = sum(f.stat().st_size for f in [path, *companions])
         result.sha256 = file_sha256(path)

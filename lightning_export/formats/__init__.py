@@ -85,6 +85,17 @@ class Format:
     # files, the member names. More specific formats are asked first (see detect_format).
     sniff: Callable[[Sniffed], bool] | None = None
     sniff_order: int = 0  # lower is asked first
+    # The files published with an existing artifact (`lexport verify`): by default `<name>.*` beside it (ONNX
+    # external data); an OpenVINO IR's weights are `<stem>.bin`.
+    companions: Callable[[Path], list[Path]] | None = None
+    # Checks that the format's runtime is installed (raises ExportError naming the pip line); called before any
+    # slow work, where a missing extra is a usage error (exit 2).
+    requires: Callable[[], Any] | None = None
+
+    def companion_files(self, path: Path) -> list[Path]:
+        if self.companions is not None:
+            return self.companions(path)
+        return sorted(c for c in path.parent.glob(f"{path.name}.*") if c.is_file())
 
 
 @dataclass(frozen=True)
@@ -150,7 +161,8 @@ def _load_all() -> None:
     # Registration order is the order of --help and of the README table.
     import importlib
 
-    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti"):
+    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti",
+                 "openvino", "tflite"):
         importlib.import_module(f"{__name__}.{name}")
 
 
@@ -174,6 +186,9 @@ ALIASES = {
     "pte": "executorch",
     "et": "executorch",
     "aotinductor": "aoti",
+    "ov": "openvino",
+    "openvino-ir": "openvino",
+    "litert": "tflite",
 }
 
 

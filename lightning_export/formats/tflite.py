@@ -1,0 +1,179 @@
+"""`tflite`: `litert_torch.convert` (formerly ai_edge_torch; torch.export underneath) → a LiteRT flatbuffer
+`<stem>.tflite`, run by the LiteRT interpreter (`ai_edge_litert.interpreter`, XNNPACK-delegated on CPU).
+
+Shapes are static: every input takes exactly the example's shape (batch included); `--dynamic-batch` is not
+honoured (the artifact is verified at the example's batch only). Integer inputs keep their dtype where the converter
+keeps it; where it narrows int64 to int32, lexport's runner casts (the values must fit).
+
+The extras: `pip install 'lightning-export[litert]'` (litert-torch and ai-edge-litert).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExportError, UsageError, describe_exception
+from . import ExportContext, Format, Written, register
+from ._graph import captured_stdout, exporting, graph_estimate
+
+INSTALL_HINT = "Install it with: pip install 'lightning-export[litert]' (or pip install litert-torch ai-edge-litert)."
+SIGNATURE = "serving_default"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("litert-torch", "ai-edge-litert"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "?"
+    return out
+
+
+def require_runtime() -> None:
+    try:
+        with captured_stdout(stderr=True):
+            from ai_edge_litert import interpreter  # noqa: F401
+    except ImportError as e:
+        raise ExportError(
+            f"--to tflite needs the ai-edge-litert package (the LiteRT interpreter), which is not installed ({e.msg})",
+            hint=INSTALL_HINT,
+        ) from e
+
+
+def require() -> dict[str, str]:
+    """Both packages (the converter and the interpreter); an ExportError naming the pip line when one is missing."""
+    try:
+        with captured_stdout(stderr=True):  # the import logs absl/torch warnings on fd 2
+            import litert_torch  # noqa: F401
+    except ImportError as e:
+        raise ExportError(
+            f"--to tflite needs the litert-torch package, which is not installed ({e.msg})", hint=INSTALL_HINT
+        ) from e
+    require_runtime()
+    return _versions()
+
+
+def write(ctx: ExportContext, path: Path) -> Written:
+    versions = require()
+    import litert_torch
+
+    precision = getattr(ctx, "precision", None)
+    if precision == "bf16":
+        raise UsageError("--to tflite takes --precision fp16, not bf16: LiteRT's CPU kernels have no bfloat16")
+    ex = ctx.example
+    tensors = list(ex.tensors())
+    with exporting(ctx), captured_stdout(stderr=True):  # the converter logs progress on fds 1 and 2
+        try:
+            model = litert_torch.convert(ctx.target, tuple(ex.args), ex.kwargs or None)
+            model.export(str(path))
+        except Exception as e:  # noqa: BLE001 - torch.export or the LiteRT converter refused: exit 5 with its reason
+            from ..errors import export_failure
+
+            raise export_failure("litert_torch.convert failed", e) from e
+    try:
+        runner = TFLiteRunner(path)
+    except Exception as e:  # noqa: BLE001 - written but the interpreter cannot run it: an export failure
+        raise ExportError(f"the LiteRT interpreter cannot load the .tflite: {describe_exception(e)}") from e
+    notes = []
+    if ctx.dynamic_batch:
+        notes.append("--dynamic-batch is not honoured by tflite: the flatbuffer takes the example's shapes only")
+    narrowed = [
+        f"{t.dtype} -> {d['dtype'].__name__}"
+        for t, d in zip(tensors, runner.input_details)
+        if str(t.dtype).replace("torch.", "") != d["dtype"].__name__
+    ]
+    if narrowed and precision is None:
+        notes.append(f"the converter changed input dtypes ({', '.join(narrowed)}); lexport's runner casts")
+    info: dict[str, Any] = {
+        **versions,
+        "signature": SIGNATURE,
+        "inputs": [d["name"] for d in runner.input_details],
+        "input_shapes": [list(map(int, d["shape"])) for d in runner.input_details],
+        "input_dtypes": [d["dtype"].__name__ for d in runner.input_details],
+        "shapes": "static (the example's, batch included): the interpreter takes exactly these shapes",
+    }
+    return Written(f"litert_torch.convert {versions['litert-torch']}", notes, info)
+
+
+def _position(name: str) -> tuple[int, str]:
+    """Signature input names are `args_0`, `args_1`, ... then keyword names: order them as the module's inputs."""
+    m = re.fullmatch(r"args_(\d+)", name)
+    return (int(m.group(1)), "") if m else (1 << 30, name)
+
+
+class TFLiteRunner:
+    """Calls a .tflite like the module through its `serving_default` signature; returns the list of outputs."""
+
+    def __init__(self, path: Path) -> None:
+        require_runtime()
+        with captured_stdout(stderr=True):
+            from ai_edge_litert.interpreter import Interpreter
+
+            self.interpreter = Interpreter(model_path=str(path))
+        signatures = self.interpreter.get_signature_list()
+        name = SIGNATURE if SIGNATURE in signatures else next(iter(signatures), None)
+        if name is None:
+            raise RuntimeError("the .tflite has no signature to call")
+        self.runner = self.interpreter.get_signature_runner(name)
+        details = self.runner.get_input_details()
+        self.input_names = sorted(details, key=_position)
+        self.input_details = [{**details[n], "name": n} for n in self.input_names]
+        self.output_names = sorted(self.runner.get_output_details(), key=_out_position)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
+        import numpy as np
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if len(tensors) != len(self.input_details):
+            raise RuntimeError(f"the .tflite takes {len(self.input_details)} inputs, {len(tensors)} were given")
+        feed = {}
+        for t, d in zip(tensors, self.input_details):
+            want = [int(s) for s in d["shape"]]
+            if list(t.shape) != want:
+                raise RuntimeError(f"input {d['name']} has shape {list(t.shape)}, the .tflite was exported for {want}")
+            t = t.detach().cpu()
+            if t.dtype == torch.bfloat16:
+                raise RuntimeError("the LiteRT interpreter takes numpy arrays, and numpy has no bfloat16")
+            a = t.contiguous().numpy()
+            if a.dtype != d["dtype"]:
+                if np.issubdtype(a.dtype, np.integer) and np.issubdtype(d["dtype"], np.integer):
+                    info = np.iinfo(d["dtype"])
+                    if a.size and (a.min() < info.min or a.max() > info.max):
+                        raise RuntimeError(f"input {d['name']}: values do not fit {d['dtype'].__name__}")
+                a = a.astype(d["dtype"])
+            feed[d["name"]] = a
+        out = self.runner(**feed)
+        return [torch.from_numpy(np.array(out[n], copy=True)) for n in self.output_names]
+
+
+def _out_position(name: str) -> tuple[int, str]:
+    m = re.fullmatch(r"output_(\d+)", name)
+    return (int(m.group(1)), "") if m else (1 << 30, name)
+
+
+def load(path: Path) -> Any:
+    return TFLiteRunner(path)
+
+
+register(
+    Format(
+        "tflite",
+        ".tflite",
+        "graph",
+        "LiteRT (TFLite) flatbuffer for Android, iOS and microcontrollers; static shapes",
+        write,
+        load,
+        atol=1e-4,
+        rtol=1e-4,
+        size_estimate=graph_estimate,
+        sniff=lambda s: s.zip_names is None and s.head[4:8] == b"TFL3",  # the flatbuffer's file identifier
+        requires=require,
+    )
+)
