@@ -26,6 +26,15 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_checkpoints(out)
 
 
+@pytest.fixture(scope="session")
+def target_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The deployment targets of fixtures/targets.py (conv net, Transformer, MLP), trained once per session and
+    shared by tests/test_targets.py and tests/test_edge.py."""
+    from fixtures.targets import make_target_checkpoints
+
+    return make_target_checkpoints(tmp_path_factory.mktemp("targets"))
+
+
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     # `fixtures.modules` is importable from the repo root, as a user's package is from theirs.

@@ -66,7 +66,6 @@ def write(ctx: ExportContext, path: Path) -> Written:
     if precision == "bf16":
         raise UsageError("--to tflite takes --precision fp16, not bf16: LiteRT's CPU kernels have no bfloat16")
     ex = ctx.example
-    tensors = list(ex.tensors())
     with exporting(ctx), captured_stdout(stderr=True):  # the converter logs progress on fds 1 and 2
         try:
             model = litert_torch.convert(ctx.target, tuple(ex.args), ex.kwargs or None)
@@ -74,7 +73,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
         except Exception as e:  # noqa: BLE001 - torch.export or the LiteRT converter refused: exit 5 with its reason
             from ..errors import export_failure
 
-            raise export_failure("litert_torch.convert failed", e) from e
+            detail = None
+            if precision == "fp16":
+                detail = ("LiteRT's CPU kernels compute in float32 (float16 TFLite models keep float16 weights and "
+                          "float32 compute): export tflite without --precision.")
+            raise export_failure("litert_torch.convert failed", e, detail=detail) from e
     try:
         runner = TFLiteRunner(path)
     except Exception as e:  # noqa: BLE001 - written but the interpreter cannot run it: an export failure
@@ -82,10 +85,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
     notes = []
     if ctx.dynamic_batch:
         notes.append("--dynamic-batch is not honoured by tflite: the flatbuffer takes the example's shapes only")
+    by_name = {d["name"]: d for d in runner.input_details}
     narrowed = [
-        f"{t.dtype} -> {d['dtype'].__name__}"
-        for t, d in zip(tensors, runner.input_details)
-        if str(t.dtype).replace("torch.", "") != d["dtype"].__name__
+        f"{name}: {str(t.dtype).replace('torch.', '')} -> {by_name[name]['dtype'].__name__}"
+        for name, t in _leaf_names(tuple(ex.args), dict(ex.kwargs or {}))
+        if name in by_name and str(t.dtype).replace("torch.", "") != by_name[name]["dtype"].__name__
     ]
     if narrowed and precision is None:
         notes.append(f"the converter changed input dtypes ({', '.join(narrowed)}); lexport's runner casts")
@@ -115,6 +119,7 @@ class TFLiteRunner:
             from ai_edge_litert.interpreter import Interpreter
 
             self.interpreter = Interpreter(model_path=str(path))
+            self.interpreter.allocate_tensors()  # creates the XNNPACK delegate, which logs on fd 2
         signatures = self.interpreter.get_signature_list()
         name = SIGNATURE if SIGNATURE in signatures else next(iter(signatures), None)
         if name is None:
@@ -128,13 +133,17 @@ class TFLiteRunner:
     def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
         import numpy as np
         import torch
-        from torch.utils._pytree import tree_leaves
 
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if len(tensors) != len(self.input_details):
-            raise RuntimeError(f"the .tflite takes {len(self.input_details)} inputs, {len(tensors)} were given")
+        named = _leaf_names(args, kwargs)
+        if len(named) != len(self.input_details):
+            raise RuntimeError(f"the .tflite takes {len(self.input_details)} inputs, {len(named)} were given")
+        by_name = {d["name"]: d for d in self.input_details}
+        if all(n in by_name for n, _ in named):  # litert-torch's signature names: feed each tensor by its name
+            pairs = [(t, by_name[n]) for n, t in named]
+        else:  # other names: positional order
+            pairs = list(zip([t for _, t in named], self.input_details))
         feed = {}
-        for t, d in zip(tensors, self.input_details):
+        for t, d in pairs:
             want = [int(s) for s in d["shape"]]
             if list(t.shape) != want:
                 raise RuntimeError(f"input {d['name']} has shape {list(t.shape)}, the .tflite was exported for {want}")
@@ -151,6 +160,30 @@ class TFLiteRunner:
             feed[d["name"]] = a
         out = self.runner(**feed)
         return [torch.from_numpy(np.array(out[n], copy=True)) for n in self.output_names]
+
+
+def _leaf_names(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    """(name, tensor) per tensor input, named as litert-torch names the signature's inputs: `args_<i>` for the
+    i-th positional argument, a keyword's own name, with dict keys and list indices appended by `_`
+    (`forward(batch)` with batch["x"] is `args_0_x`)."""
+    import torch
+    from torch.utils._pytree import tree_flatten_with_path
+
+    def keys(path: Any) -> list[str]:
+        out = []
+        for entry in path:
+            for attr in ("key", "idx", "name"):
+                if hasattr(entry, attr):
+                    out.append(str(getattr(entry, attr)))
+                    break
+        return out
+
+    named = []
+    for prefix, value in [*((f"args_{i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+        for path, leaf in tree_flatten_with_path(value)[0]:
+            if isinstance(leaf, torch.Tensor):
+                named.append(("_".join([prefix, *keys(path)]), leaf))
+    return named
 
 
 def _out_position(name: str) -> tuple[int, str]:
