@@ -80,6 +80,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 hint="The exported program is fine (torch.export captured it); OpenVINO's PyTorch frontend lacks "
                 "something it uses. The run's other formats are unaffected.",
             ) from e
+        _stable_names(model, type(ctx.target).__name__)
         # convert_model leaves every dim of an exported program dynamic; pin the example's shapes (batch -1 with
         # --dynamic-batch) so the IR says what it was verified for.
         shapes = []
@@ -120,6 +121,21 @@ def write(ctx: ExportContext, path: Path) -> Written:
             "pass the same hint when deploying for the verified numbers"
         )
     return Written(f"openvino.convert_model {version}", notes, info)
+
+
+def _stable_names(model: Any, name: str) -> None:
+    """OpenVINO names the model `Model<N>` and unnamed ops `<Type>_<N>` from process-wide counters, so a second
+    export in one process would write other bytes: name them by their position in the graph instead."""
+    model.set_friendly_name(name)
+    ops = list(model.get_ordered_ops())
+    taken = {op.get_friendly_name() for op in ops if op.get_friendly_name() != op.get_name()}
+    for i, op in enumerate(ops):
+        if op.get_friendly_name() == op.get_name():  # never named: the counter's name
+            new = f"{op.get_type_name()}_{i}"
+            while new in taken:
+                new += "_"
+            taken.add(new)
+            op.set_friendly_name(new)
 
 
 def _default_cpu_precision(ov: Any) -> str | None:
