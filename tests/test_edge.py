@@ -11,12 +11,11 @@ import sys
 
 import pytest
 import torch
+from conftest import invoke
 
 from lightning_export import LexportError, export
 from lightning_export.formats import detect_format
 from lightning_export.formats._precision import PRECISION_TOLERANCE
-
-from conftest import invoke
 
 
 def lexport(ckpts, name, formats, out, **kw):
