@@ -125,6 +125,19 @@ def test_openvino_dynamic_batch_and_transformer(target_ckpts, tmp_path):
         run_ir(t.path, fresh(m, batch=3))
 
 
+def test_openvino_keep_failed_renames_the_bin_too(target_ckpts, tmp_path):
+    """--keep-failed publishes `<stem>.FAILED.xml` with `<stem>.FAILED.bin` (OpenVINO reads the .bin by the .xml's
+    stem): a failed IR never replaces or pairs with a good `<stem>.bin`."""
+    pytest.importorskip("openvino")
+    from fixtures.targets import class_path
+
+    with pytest.raises(LexportError) as err:
+        export(target_ckpts["convnet"], module=class_path("convnet"), formats=["openvino"], output_dir=tmp_path,
+               precision="fp16", atol=1e-9, rtol=0.0, keep_failed=True)
+    assert err.value.exit_code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["convnet.FAILED.bin", "convnet.FAILED.xml"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # LiteRT
 # ----------------------------------------------------------------------------------------------------------------
