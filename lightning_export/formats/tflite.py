@@ -45,22 +45,42 @@ def require_runtime() -> None:
         ) from e
 
 
-def require() -> dict[str, str]:
-    """Both packages (the converter and the interpreter); an ExportError naming the pip line when one is missing."""
+def _installed(name: str) -> bool:
+    """Whether `import name` would find the package, without importing it (litert_torch takes ~3 s: jax)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name] is not None
     try:
-        with captured_stdout(stderr=True):  # the import logs absl/torch warnings on fd 2
-            import litert_torch  # noqa: F401
-    except ImportError as e:
-        raise ExportError(
-            f"--to tflite needs the litert-torch package, which is not installed ({e.msg})", hint=INSTALL_HINT
-        ) from e
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require() -> dict[str, str]:
+    """Both packages (the converter and the interpreter); an ExportError naming the pip line when one is missing.
+    The converter is only looked for here; write() imports it."""
+    if not _installed("litert_torch"):
+        raise ExportError("--to tflite needs the litert-torch package, which is not installed", hint=INSTALL_HINT)
     require_runtime()
     return _versions()
 
 
+def _import_converter() -> Any:
+    try:
+        with captured_stdout(stderr=True):  # the import logs absl/torch warnings on fd 2
+            import litert_torch
+    except ImportError as e:
+        raise ExportError(
+            f"--to tflite needs the litert-torch package, which cannot be imported ({e.msg})", hint=INSTALL_HINT
+        ) from e
+    return litert_torch
+
+
 def write(ctx: ExportContext, path: Path) -> Written:
     versions = require()
-    import litert_torch
+    litert_torch = _import_converter()
 
     precision = getattr(ctx, "precision", None)
     if precision == "bf16":
