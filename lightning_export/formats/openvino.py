@@ -39,6 +39,9 @@ def require() -> str:
         raise ExportError(
             f"--to openvino needs the openvino package, which is not installed ({e.msg})", hint=INSTALL_HINT
         ) from e
+    except Exception as e:  # noqa: BLE001 - installed but broken (a shared library that does not load): say so
+        raise ExportError(f"openvino is installed but cannot be imported: {describe_exception(e)}",
+                          hint=INSTALL_HINT) from e
     return str(openvino.get_version()).split("-")[0]
 
 

@@ -43,6 +43,9 @@ def require_runtime() -> None:
             f"--to tflite needs the ai-edge-litert package (the LiteRT interpreter), which is not installed ({e.msg})",
             hint=INSTALL_HINT,
         ) from e
+    except Exception as e:  # noqa: BLE001 - installed but broken (a shared library that does not load): say so
+        raise ExportError(f"ai-edge-litert is installed but cannot be imported: {describe_exception(e)}",
+                          hint=INSTALL_HINT) from e
 
 
 def _installed(name: str) -> bool:
@@ -71,9 +74,10 @@ def _import_converter() -> Any:
     try:
         with captured_stdout(stderr=True):  # the import logs absl/torch warnings on fd 2
             import litert_torch
-    except ImportError as e:
+    except Exception as e:  # noqa: BLE001 - an ImportError, or a broken install (jax, a shared library)
         raise ExportError(
-            f"--to tflite needs the litert-torch package, which cannot be imported ({e.msg})", hint=INSTALL_HINT
+            f"--to tflite needs the litert-torch package, which cannot be imported: {describe_exception(e)}",
+            hint=INSTALL_HINT,
         ) from e
     return litert_torch
 
