@@ -280,7 +280,7 @@ class Staging:
     def _published_name(self, f: Path, final: Path) -> str:
         if f.name.startswith(self.final.name):  # model.onnx.data beside model.onnx
             return f.name.replace(self.final.name, final.name, 1)
-        if f.stem == self.final.stem:  # model.bin beside model.xml (OpenVINO): model.FAILED.bin beside model.FAILED.xml
+        if f.stem == self.final.stem:  # OpenVINO's model.bin beside model.xml: model.FAILED.bin, model.FAILED.xml
             return final.stem + f.suffix
         return f.name
 
