@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel; an open range resolved first would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,executorch]'
+	# The extras' own requirements admit other torch releases: torch stays pinned in the same resolve.
+	$(PY) -m pip install -q -e '.[dev,executorch,openvino,litert]' torch==2.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)

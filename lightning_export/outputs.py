@@ -275,7 +275,11 @@ class Staging:
         return [final, *(target for target, _, _ in placed[:-1])]
 
     def _published_name(self, f: Path, final: Path) -> str:
-        return f.name.replace(self.final.name, final.name, 1) if f.name.startswith(self.final.name) else f.name
+        if f.name.startswith(self.final.name):  # model.onnx.data beside model.onnx
+            return f.name.replace(self.final.name, final.name, 1)
+        if f.stem == self.final.stem:  # OpenVINO's model.bin beside model.xml: model.FAILED.bin, model.FAILED.xml
+            return final.stem + f.suffix
+        return f.name
 
     def discard(self) -> None:
         with critical_section():

@@ -26,6 +26,15 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_checkpoints(out)
 
 
+@pytest.fixture(scope="session")
+def target_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The deployment targets of fixtures/targets.py (conv net, Transformer, MLP), trained once per session and
+    shared by tests/test_targets.py and tests/test_edge.py."""
+    from fixtures.targets import make_target_checkpoints
+
+    return make_target_checkpoints(tmp_path_factory.mktemp("targets"))
+
+
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     # `fixtures.modules` is importable from the repo root, as a user's package is from theirs.
@@ -92,8 +101,7 @@ def small(tmp_path: Path, ckpts: dict) -> Path:
 # ------------------------------------------------------------------------------ optional extras and limits
 # The formats and tests that need an optional extra, by the module they import. A test that needs one skips
 # with a reason when it is missing (`make test` installs every extra, so CI runs them all).
-EXTRA_MODULES = {"executorch": "executorch", "openvino": "openvino", "tflite": "ai_edge_litert"}
-EXTRA_PIP = {"executorch": "executorch", "openvino": "openvino", "tflite": "litert"}
+EXTRA_MODULES = {"executorch": ("executorch",), "openvino": ("openvino",), "tflite": ("litert_torch", "ai_edge_litert")}
 
 
 def installed(module: str) -> bool:
@@ -114,7 +122,7 @@ def needs(*modules: str) -> pytest.MarkDecorator:
 def available_formats(names: str | list[str]) -> list[str]:
     """`names` without the formats whose optional extra is missing here (all of them where `make test` installed)."""
     wanted = names.split(",") if isinstance(names, str) else list(names)
-    return [n for n in wanted if n not in EXTRA_MODULES or installed(EXTRA_MODULES[n])]
+    return [n for n in wanted if all(installed(m) for m in EXTRA_MODULES.get(n, ()))]
 
 
 # Children that run lexport under RLIMIT_AS: one BLAS thread (OpenBLAS sizes a buffer per thread at import and

@@ -223,8 +223,9 @@ def test_forward_taking_a_dict_batch_exports_to_onnx(ckpts: dict, tmp_path: Path
 
 
 def test_forward_taking_a_dict_batch_exports_to_every_graph_format(ckpts: dict, tmp_path: Path) -> None:
-    """forward(batch: dict) to torchscript, exported-program, executorch and aoti in one run (onnx above): each is
-    verified by lexport in its own runtime; the exported program is also called here with a dict."""
+    """forward(batch: dict) to torchscript, exported-program, executorch, aoti, openvino and tflite (those installed)
+    in one run (onnx above): each is verified by lexport in its own runtime; the exported program is also called
+    here with a dict."""
     from lightning_export.formats import REGISTRY
 
     graph = available_formats([n for n, f in REGISTRY.items() if f.kind == "graph" and n != "onnx"])

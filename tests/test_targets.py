@@ -39,13 +39,6 @@ def _new_formats() -> dict[str, Format]:
 FORMATS = _new_formats()
 
 
-@pytest.fixture(scope="session")
-def target_ckpts(tmp_path_factory):
-    from fixtures.targets import make_target_checkpoints
-
-    return make_target_checkpoints(tmp_path_factory.mktemp("targets"))
-
-
 def lexport(monkeypatch, ckpts, name, fmt, out, *, precision=None, quantize=None, executorch_backend=None, **kw):
     """`export()` with the issue's options, as the CLI passes them."""
     from fixtures.targets import class_path

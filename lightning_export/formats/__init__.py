@@ -101,6 +101,14 @@ class Format:
     # The deployment flag an existing artifact was evidently made with (--precision fp16, ...), for a verify
     # that fails without it; None when it cannot tell.
     made_with: Callable[[Path], str | None] | None = None
+    # The files published with an existing artifact (`lexport verify`): by default `<name>.*` beside it (ONNX
+    # external data); an OpenVINO IR's weights are `<stem>.bin`.
+    companions: Callable[[Path], list[Path]] | None = None
+
+    def companion_files(self, path: Path) -> list[Path]:
+        if self.companions is not None:
+            return self.companions(path)
+        return sorted(c for c in path.parent.glob(f"{path.name}.*") if c.is_file())
 
 
 @dataclass(frozen=True)
@@ -164,7 +172,8 @@ def _load_all() -> None:
     # Registration order is the order of --help and of the README table.
     import importlib
 
-    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti"):
+    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti",
+                 "openvino", "tflite"):
         importlib.import_module(f"{__name__}.{name}")
 
 
@@ -188,6 +197,9 @@ ALIASES = {
     "pte": "executorch",
     "et": "executorch",
     "aotinductor": "aoti",
+    "ov": "openvino",
+    "openvino-ir": "openvino",
+    "litert": "tflite",
 }
 
 

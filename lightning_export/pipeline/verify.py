@@ -79,7 +79,7 @@ def _check_existing(
     started = time.perf_counter()
     result.path = str(path)
     try:
-        companions = [c for c in path.parent.glob(f"{path.name}.*") if c.is_file()]
+        companions = fmt.companion_files(path)
         result.companions = [str(c) for c in companions]
         result.bytes = sum(f.stat().st_size for f in [path, *companions])
         result.sha256 = file_sha256(path)
