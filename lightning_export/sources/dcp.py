@@ -55,7 +55,7 @@ from .dcp_layout import (
     short,
     weight_entries,
 )
-from .folder import inside
+from .folder import required
 
 
 class ShardedCheckpoint:
@@ -303,13 +303,10 @@ def _PreparsedReader(path: Path, metadata: Any) -> Any:  # noqa: N802 - a class 
 def load_meta(root: Path, *, trust: bool = False, allow_globals: tuple[str, ...] = ()) -> dict[str, Any]:
     """meta.pt through safeload's loader: the same weights_only rules, messages and --allow-global."""
     path = root / META_FILE
-    if not path.exists() and not path.is_symlink():
-        raise CheckpointError(
-            f"{root} is a torch.distributed.checkpoint folder without {META_FILE}: not a Lightning checkpoint, or "
-            "an incomplete copy",
-            hint=COPY_HINT,
-        )
-    inside(root, META_FILE, copy_hint=COPY_HINT)
+    required(root, META_FILE, copy_hint=COPY_HINT, missing=(
+        f"{root} is a torch.distributed.checkpoint folder without {META_FILE}: not a Lightning checkpoint, or "
+        "an incomplete copy"
+    ))
     check_file(path)
     allowed = [import_dotted(name) for name in allow_globals]
     obj = load_file(path, trust=trust, allowed=allowed, allow_globals=allow_globals)

@@ -44,7 +44,7 @@ from ..safeload.loader import load_verified, trusted_load
 from ..text import printable
 from .base import Checkpoint, OpenOptions, as_checkpoint, is_tensor_mapping
 from .dcp_layout import METADATA_FILE
-from .folder import existing, inside
+from .folder import existing, inside, required
 
 LATEST_FILE = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0/1/2, no tensor or pipeline parallelism
@@ -187,13 +187,10 @@ def _rank_of(name: str) -> int:
 
 def _read_tag(root: Path) -> str:
     latest = root / LATEST_FILE
-    if not latest.exists() and not latest.is_symlink():
-        raise CheckpointError(
-            f"{root} is a folder without {LATEST_FILE}: not a checkpoint, or an incomplete copy of a DeepSpeed one "
-            "(DeepSpeed names the tag folder to read in it)",
-            hint=_COPY_HINT,
-        )
-    real = inside(root, LATEST_FILE, copy_hint=_COPY_HINT)
+    real = required(root, LATEST_FILE, copy_hint=_COPY_HINT, missing=(
+        f"{root} is a folder without {LATEST_FILE}: not a checkpoint, or an incomplete copy of a DeepSpeed one "
+        "(DeepSpeed names the tag folder to read in it)"
+    ))
     size = real.stat().st_size
     if size > MAX_LATEST_BYTES:
         raise CheckpointError(f"{latest} is {size:,} bytes; DeepSpeed writes a tag name of a few bytes there")

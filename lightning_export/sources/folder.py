@@ -16,6 +16,13 @@ def existing(path: Path) -> Path:
     return path
 
 
+def required(root: Path, name: str, *, missing: str, copy_hint: str) -> Path:
+    """root/name, a file the folder must hold: `missing` when it does not, else as `inside` checks it."""
+    if not (root / name).exists() and not (root / name).is_symlink():
+        raise CheckpointError(missing, hint=copy_hint)
+    return inside(root, name, copy_hint=copy_hint)
+
+
 def inside(root: Path, name: str, *, copy_hint: str) -> Path:
     """root/name as a regular file that really is in root: a plain name, and no symlink leading elsewhere."""
     if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
