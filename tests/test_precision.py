@@ -71,14 +71,24 @@ def test_graphs_export_in_the_constructors_dtypes_with_no_flag(precision_ckpts, 
     torch.testing.assert_close(program(x), want, atol=1e-5, rtol=1e-5)
 
 
-def test_every_graph_format_with_no_flag(precision_ckpts, tmp_path):
-    """The 16-true MLP to every graph format this machine has, in one run: each verified by lexport."""
+@pytest.mark.parametrize("name", ["wide_mlp_16true", "convnet_bf16true"])
+def test_every_graph_format_with_no_flag(precision_ckpts, tmp_path, name):
+    """A 16-true and a bf16-true module to every graph format this machine has, in one run each: each verified by
+    lexport against the float32 module."""
     from lightning_export.formats import REGISTRY
 
     graph = available_formats([n for n, f in REGISTRY.items() if f.kind == "graph"])
-    res, report = _export(precision_ckpts, "wide_mlp_16true", tmp_path, *graph)
+    res, report = _export(precision_ckpts, name, tmp_path, *graph)
     assert res.code == 0, res
     assert sorted(a["format"] for a in report["artifacts"] if a["verification"]["passed"]) == sorted(graph)
+
+
+def test_precision_bf16_where_the_runtime_runs_it(precision_ckpts, tmp_path):
+    """--precision bf16 on the bf16-true conv net: bfloat16 graphs for the formats whose CPU runtimes run it."""
+    formats = available_formats(["exported-program", "executorch"])
+    res, report = _export(precision_ckpts, "convnet_bf16true", tmp_path, *formats, extra=("--precision", "bf16"))
+    assert res.code == 0, res
+    assert {a["info"]["weights_dtype"] for a in report["artifacts"]} == {"bfloat16"}
 
 
 def test_weights_formats_keep_the_stored_tensors(precision_ckpts, tmp_path):
