@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import invoke
 
+from fixtures.targets import fresh_input, rebuild
 from lightning_export import LexportError, export
 from lightning_export.formats import detect_format
 from lightning_export.formats._precision import PRECISION_TOLERANCE
@@ -29,18 +30,11 @@ def lexport(ckpts, name, formats, out, **kw):
 
 
 def rebuilt(ckpts, name):
-    from fixtures.targets import rebuild
-
     return rebuild(name, ckpts[name])
 
 
 def fresh(module, seed=11, batch=None):
-    ex = module.example_input_array
-    shape = (batch, *ex.shape[1:]) if batch else ex.shape
-    g = torch.Generator().manual_seed(seed)
-    if ex.is_floating_point():
-        return torch.randn(shape, generator=g)
-    return torch.randint(0, int(ex.max()) + 1, shape, generator=g)
+    return fresh_input(module, seed, batch)
 
 
 def drift(got, module, x, atol, rtol):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import available_formats, invoke
 
-from fixtures.targets import PRECISION_TARGETS, class_path, rebuild
+from fixtures.targets import PRECISION_TARGETS, class_path, fresh_input, rebuild
 
 STORED = {"wide_mlp_16true": torch.float16, "convnet_bf16true": torch.bfloat16, "transformer_16true": torch.float16}
 
@@ -30,14 +30,6 @@ def _export(ckpts, name, out: Path, *formats: str, extra: tuple = ()):
     res = invoke(ckpts[name], "--module", class_path(name), *(a for f in formats for a in ("--to", f)),
                  *extra, "--output-dir", out, "--json")
     return res, (json.loads(res.stdout) if res.stdout.strip().startswith("{") else None)
-
-
-def _fresh(model: torch.nn.Module, seed: int = 7) -> torch.Tensor:
-    ex = model.example_input_array
-    g = torch.Generator().manual_seed(seed)
-    if ex.dtype.is_floating_point:
-        return torch.randn(ex.shape, generator=g)
-    return torch.randint(0, int(ex.max()) + 1, ex.shape, generator=g)
 
 
 def test_stored_tensors_are_reduced_precision(precision_ckpts):
@@ -58,7 +50,7 @@ def test_graphs_export_in_the_constructors_dtypes_with_no_flag(precision_ckpts, 
     notes = " ".join(report["notes"])
     assert "cast" in notes and str(STORED[name]).replace("torch.", "") in notes and "float32" in notes, report["notes"]
     model = rebuild(name, precision_ckpts[name])
-    x = _fresh(model)
+    x = fresh_input(model)
     with torch.no_grad():
         want = model(x)
     import onnxruntime as ort

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from fixtures.targets import fresh_input, rebuild
 from lightning_export import LexportError, export
 from lightning_export.errors import UsageError
 from lightning_export.formats import REGISTRY, Format, get_format
@@ -53,18 +54,11 @@ def lexport(monkeypatch, ckpts, name, fmt, out, *, precision=None, quantize=None
 
 
 def rebuilt(ckpts, name):
-    from fixtures.targets import rebuild
-
     return rebuild(name, ckpts[name])
 
 
 def fresh(module, seed=7, batch=None):
-    ex = module.example_input_array
-    shape = (batch, *ex.shape[1:]) if batch else ex.shape
-    g = torch.Generator().manual_seed(seed)
-    if ex.is_floating_point():
-        return torch.randn(shape, generator=g)
-    return torch.randint(0, int(ex.max()) + 1, shape, generator=g)
+    return fresh_input(module, seed, batch)
 
 
 def expected(module, x):

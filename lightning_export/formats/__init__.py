@@ -163,6 +163,27 @@ def detect_format(path: Path) -> Format:
 REGISTRY: dict[str, Format] = {}
 
 
+def require_installed(require: Callable[[], Any]) -> None:
+    """An optional extra's runtime check (`require` raises ExportError naming the pip line) as the usage error it is
+    before any slow work (exit 2)."""
+    from ..errors import ExportError
+
+    try:
+        require()
+    except ExportError as e:
+        raise UsageError(e.message, hint=e.hint) from None
+
+
+def installed_check(require: Callable[[], Any]) -> Callable[[Any, bool], None]:
+    """A Format.check for a format whose only option is its optional extra being installed."""
+
+    def check(opts: Any, requested: bool) -> None:
+        if requested:
+            require_installed(require)
+
+    return check
+
+
 def register(fmt: Format) -> Format:
     REGISTRY[fmt.name] = fmt
     return fmt

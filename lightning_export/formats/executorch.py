@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, UsageError
-from . import ExportContext, Format, Written, module_bytes, register
+from . import ExportContext, Format, Written, module_bytes, register, require_installed
 from ._graph import captured_stdout, exporting
 
 BACKENDS = ("xnnpack", "portable")
@@ -127,10 +127,7 @@ def check(opts: Any, requested: bool) -> None:
         return
     if opts.executorch_backend.strip().lower() not in BACKENDS:
         raise UsageError(f"--executorch-backend {opts.executorch_backend!r}: use one of {', '.join(BACKENDS)}")
-    try:
-        _require_executorch()
-    except ExportError as e:
-        raise UsageError(e.message, hint=e.hint) from None
+    require_installed(_require_executorch)
 
 
 def load(path: Path) -> Any:

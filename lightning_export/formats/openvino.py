@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, UsageError, describe_exception
-from . import ExportContext, Format, Written, register
+from . import ExportContext, Format, Written, installed_check, register
 from ._graph import captured_stdout, dynamic_shapes_for, exporting, graph_estimate
 
 INSTALL_HINT = "Install it with: pip install 'lightning-export[openvino]' (or pip install openvino)."
@@ -185,16 +185,6 @@ class OpenVINORunner:
         return [torch.from_numpy(result[out].copy()) for out in self.compiled.outputs]
 
 
-def check(opts: Any, requested: bool) -> None:
-    """That the runtime is installed, before any slow work: a missing extra is a usage error (exit 2)."""
-    if not requested:
-        return
-    try:
-        require()
-    except ExportError as e:
-        raise UsageError(e.message, hint=e.hint) from None
-
-
 def load(path: Path) -> Any:
     return OpenVINORunner(path)
 
@@ -241,6 +231,6 @@ register(
         size_estimate=size_estimate,
         sniff=_sniff,
         companions=companions,
-        check=check,
+        check=installed_check(require),
     )
 )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, UsageError, describe_exception
-from . import ExportContext, Format, Written, register
+from . import ExportContext, Format, Written, installed_check, register
 from ._graph import captured_stdout, exporting, graph_estimate
 
 INSTALL_HINT = "Install it with: pip install 'lightning-export[litert]' (or pip install litert-torch ai-edge-litert)."
@@ -215,16 +215,6 @@ def _out_position(name: str) -> tuple[int, str]:
     return (int(m.group(1)), "") if m else (1 << 30, name)
 
 
-def check(opts: Any, requested: bool) -> None:
-    """That the runtime is installed, before any slow work: a missing extra is a usage error (exit 2)."""
-    if not requested:
-        return
-    try:
-        require()
-    except ExportError as e:
-        raise UsageError(e.message, hint=e.hint) from None
-
-
 def load(path: Path) -> Any:
     return TFLiteRunner(path)
 
@@ -241,6 +231,6 @@ register(
         rtol=1e-4,
         size_estimate=graph_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:8] == b"TFL3",  # the flatbuffer's file identifier
-        check=check,
+        check=installed_check(require),
     )
 )
