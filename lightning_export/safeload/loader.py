@@ -17,6 +17,7 @@ from .archive import ZIP_MAGIC, check_file, check_tensors, read_archive, verify_
 from .messages import explain_load_failure, unpickling_error
 from .placeholders import placeholder
 from .policy import code_running, dtype_classes, import_dotted, qualname
+from .references import reference_only, restore_references
 
 # torch < 2.6 has published weights_only bypasses (CVE-2025-32434); untrusted loads refuse it.
 MIN_TORCH_FOR_UNTRUSTED = (2, 6)
@@ -112,6 +113,10 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
     # name a pickle uses when a module re-exports the object (numpy.core.multiarray -> numpy._core...).
     safe: list[Any] = []
     for obj, name in zip(allowed, allow_globals):
+        stand_in = reference_only(obj, name)
+        if stand_in is not None:  # a function the file may refer to, never call (torchmetrics' reducers)
+            safe.extend({(stand_in, qualname(obj)), (stand_in, name)})
+            continue
         safe.append(obj)
         if name != qualname(obj):
             safe.append((obj, name))
@@ -119,7 +124,7 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
     try:
         with weights_only_enforced():
             try:
-                return _weights_only_load(path, safe, kwargs)
+                return restore_references(_weights_only_load(path, safe, kwargs))
             except pickle.UnpicklingError as e:
                 # Objects beyond what torch and --allow-global admit (hparams holding modules, partials, numpy
                 # arrays): each becomes an inert placeholder, unless one of them comes from a module that runs code.
@@ -127,7 +132,8 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
                 if not unloaded or any(code_running(n) for n in unloaded):
                     raise
                 try:
-                    return _weights_only_load(path, [*safe, *((placeholder(n), n) for n in unloaded)], kwargs)
+                    return restore_references(
+                        _weights_only_load(path, [*safe, *((placeholder(n), n) for n in unloaded)], kwargs))
                 except pickle.UnpicklingError:
                     raise e from None
     except pickle.UnpicklingError as e:
