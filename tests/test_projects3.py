@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -234,10 +235,14 @@ def test_dataclass_and_dict_subclass_outputs_export_as_dicts(p3, tmp_path, name,
         torch.testing.assert_close(got[f], getattr(want, f).detach())
 
 
-def test_namedtuple_output_exports_to_executorch(p3, tmp_path) -> None:
-    pytest.importorskip("executorch")
-    res = invoke(p3["namedtuple"], "--module", f"{MOD}:LocalNamedTupleModel", "--to", "executorch",
-                 "-o", tmp_path / "nt.pte", "--json")
+@pytest.mark.parametrize("fmt", ["executorch", "aoti"])
+def test_namedtuple_output_exports_to_every_torch_export_format(p3, tmp_path, fmt) -> None:
+    if fmt == "executorch":
+        pytest.importorskip("executorch")
+    elif not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("aoti needs a C++ compiler")
+    res = invoke(p3["namedtuple"], "--module", f"{MOD}:LocalNamedTupleModel", "--to", fmt,
+                 "--output-dir", tmp_path, "--json")
     assert res.code == 0, res
     art = _report(res)["artifacts"][0]
     assert art["verification"]["passed"] and art["info"]["output_containers"][0]["plain"] == "tuple"
