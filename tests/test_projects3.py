@@ -303,7 +303,10 @@ def test_detector_gets_messages_that_name_what_happened_and_what_works(p3, tmp_p
     assert "size depends on the values" in ep and "NMS" in ep
     assert "branches on a tensor's value" not in ep and "torch.where" not in ep
     assert "--attr model (DetectorCore)" in ep and "--attr model.heads (TinyHeads)" in ep
-    assert "In this run: onnx failed verification (torch.onnx.torchscript traced the example's sizes)" in ep
+    assert ("In this run: torchscript export failed; onnx failed verification (torch.onnx.torchscript traced the "
+            "example's sizes)") in ep
+    assert "In this run: onnx failed verification (torch.onnx.torchscript traced the example's sizes); " \
+           "exported-program export failed" in ts
     # onnx: the TorchScript-based fallback's graph holds the example's sizes; verification refuses it
     onnx = arts["onnx"]
     assert onnx["exporter"] == "torch.onnx.torchscript" and not onnx["verification"]["passed"]

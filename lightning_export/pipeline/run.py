@@ -110,8 +110,7 @@ def say_what_else_worked(report: Report) -> None:
     """A format that failed on data-dependent control flow or sizes, or on an output tracing cannot return: its
     error says what the other formats of this run did."""
     failed = [a for a in report.artifacts if a.error and any(h in a.error["message"] for h in ADVISED_FAILURES)]
-    others = [a for a in report.artifacts if a not in failed]
-    if not failed or not others:
+    if not failed or len(report.artifacts) < 2:
         return
     sizes = any(DATA_DEPENDENT_SIZE_HINT in a.error["message"] for a in failed)
 
@@ -124,6 +123,7 @@ def say_what_else_worked(report: Report) -> None:
             return "failed verification" + (f" ({a.exporter} traced {what})" if traced else "")
         return "verified" if a.verification is not None else "written, not verified"
 
-    said = "In this run: " + "; ".join(f"{a.format} {outcome(a)}" for a in others) + "."
     for a in failed:
+        others = [o for o in report.artifacts if o is not a]
+        said = "In this run: " + "; ".join(f"{o.format} {outcome(o)}" for o in others) + "."
         a.error["message"] = a.error["message"].replace(DEBUG_HINT, f"{said}\n{DEBUG_HINT}")

@@ -112,6 +112,7 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
     # Keyed as torch keys them (module.qualname of the object) and by the name the user gave, which is the
     # name a pickle uses when a module re-exports the object (numpy.core.multiarray -> numpy._core...).
     safe: list[Any] = []
+    restore = restore_references if any(reference_only(o, n) for o, n in zip(allowed, allow_globals)) else _same
     for obj, name in zip(allowed, allow_globals):
         stand_in = reference_only(obj, name)
         if stand_in is not None:  # a function the file may refer to, never call (torchmetrics' reducers)
@@ -124,7 +125,7 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
     try:
         with weights_only_enforced():
             try:
-                return restore_references(_weights_only_load(path, safe, kwargs))
+                return restore(_weights_only_load(path, safe, kwargs))
             except pickle.UnpicklingError as e:
                 # Objects beyond what torch and --allow-global admit (hparams holding modules, partials, numpy
                 # arrays): each becomes an inert placeholder, unless one of them comes from a module that runs code.
@@ -132,14 +133,17 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
                 if not unloaded or any(code_running(n) for n in unloaded):
                     raise
                 try:
-                    return restore_references(
-                        _weights_only_load(path, [*safe, *((placeholder(n), n) for n in unloaded)], kwargs))
+                    return restore(_weights_only_load(path, [*safe, *((placeholder(n), n) for n in unloaded)], kwargs))
                 except pickle.UnpicklingError:
                     raise e from None
     except pickle.UnpicklingError as e:
         raise unpickling_error(path, e, is_zip, allowed, allow_globals) from e
     except Exception as e:
         raise CheckpointError(explain_load_failure(path, e)) from e
+
+
+def _same(obj: Any) -> Any:
+    return obj
 
 
 def _weights_only_load(path: Path, safe: list[Any], kwargs: dict[str, Any]) -> Any:
