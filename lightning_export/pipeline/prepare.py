@@ -228,7 +228,7 @@ def _build_unless_only_weights(opts: ExportOptions, ckpt: Any, report: Report, g
         report.notes.append(
             f"--module {report.module or opts.module}: the module was not built, because __init__ needs "
             f"{', '.join(e.arguments)}, which the checkpoint holds as objects left unloaded (placeholders); "
-            f"{', '.join(f.name for f in formats)} needs only the weights, exported as without --module"
+            f"{', '.join(f.name for f in formats)} needs only the weights, taken as without --module"
         )
         return None
 
