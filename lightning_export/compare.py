@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 
@@ -62,6 +62,9 @@ def flatten_outputs(value: Any, prefix: str = "output") -> list[tuple[str, Any]]
         return [leaf for k, v in value.items() for leaf in flatten_outputs(v, f"{prefix}[{k!r}]")]
     if isinstance(value, (tuple, list)):
         return [leaf for i, v in enumerate(value) for leaf in flatten_outputs(v, f"{prefix}[{i}]")]
+    if is_dataclass(value) and not isinstance(value, type):  # its fields, in order, named like a dict's
+        return [leaf for f in fields(value)
+                for leaf in flatten_outputs(getattr(value, f.name), f"{prefix}[{f.name!r}]")]
     return [(prefix, value)]
 
 

@@ -93,6 +93,28 @@ DATA_DEPENDENT_HINT = (
 )
 
 
+# Said when torch.export refuses code that branches or loops on a size that depends on tensor values (a boolean
+# mask, nonzero, NMS-style filtering: torch calls the size an unbacked "size-like" symbol); observed on torch 2.13
+# with fixtures.projects3.TinyDetector. Unlike a branch on a value, torch.where/torch.cond do not help here.
+DATA_DEPENDENT_SIZE_HINT = (
+    "forward makes tensors whose size depends on the values (a boolean mask, nonzero, NMS-style filtering) and "
+    "then branches or loops on that size: torch.export cannot capture it (exported-program, executorch, aoti and "
+    "onnx's dynamo exporter refuse it), and tracing (torchscript, onnx's TorchScript-based fallback) fixes the "
+    "sizes and loop counts of the example input, which verification then reports. What works: export the part "
+    "before the post-processing (the backbone and heads, whose outputs have fixed sizes) with --attr, and run the "
+    "thresholding and NMS in the runtime; or, if forward is in TorchScript's Python subset, --to torchscript "
+    "--torchscript-mode script keeps the loop."
+)
+# Said when torch.jit.trace refuses forward's output (observed on torch 2.13: a list of dicts of tensors, as
+# torchvision's detectors return, even with strict=False).
+TRACE_OUTPUT_HINT = (
+    "torch.jit.trace returns only tensors, and tuples, lists or dicts of tensors: forward returns something else "
+    "(a list of dicts, as detectors do, or values that are not tensors). exported-program and onnx take nested "
+    "outputs; --torchscript-mode script does too when forward is in TorchScript's Python subset; or export a "
+    "submodule that returns tensors with --attr."
+)
+
+
 def _chain(e: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     cur: BaseException | None = e
@@ -158,6 +180,25 @@ def is_data_dependent(e: BaseException) -> bool:
     return any("DataDependent" in type(x).__name__ or "data-dependent" in str(x) for x in _chain(e))
 
 
+def is_data_dependent_size(e: BaseException) -> bool:
+    """A data-dependent guard on a tensor's size (boolean mask, nonzero): torch lists the size-like symbols it
+    involves ("Size-like symbols: u4"); a branch on a value (`if x.sum() > 0`) has none."""
+    import re
+
+    return is_data_dependent(e) and any(re.search(r"Size-like symbols: (?!none)\w", str(x)) for x in _chain(e))
+
+
+def data_dependent_hint(e: BaseException) -> str | None:
+    """The hint for a data-dependent failure: sizes or branches; None for other failures."""
+    if not is_data_dependent(e):
+        return None
+    return DATA_DEPENDENT_SIZE_HINT if is_data_dependent_size(e) else DATA_DEPENDENT_HINT
+
+
+# The hints after which the pipeline adds what the other formats of the run did.
+ADVISED_FAILURES = (DATA_DEPENDENT_HINT, DATA_DEPENDENT_SIZE_HINT, TRACE_OUTPUT_HINT)
+
+
 def export_failure(what: str, e: BaseException, *, detail: str | None = None) -> ExportError:
     """An export that torch refused: its reason in one line, the user's source line and torch's suggestion when it
     gives them, what to try for data-dependent control flow, and the LEXPORT_DEBUG hint."""
@@ -168,8 +209,9 @@ def export_failure(what: str, e: BaseException, *, detail: str | None = None) ->
     if suggestion:
         lines.append(f"  torch suggests: {suggestion}")
     hints = [detail] if detail else []
-    if is_data_dependent(e):
-        hints.append(DATA_DEPENDENT_HINT)
+    advice = data_dependent_hint(e)
+    if advice:
+        hints.append(advice)
     hints.append(DEBUG_HINT)
     return ExportError("\n".join(lines), hint="\n".join(hints))
 

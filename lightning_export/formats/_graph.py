@@ -129,3 +129,21 @@ def graph_estimate(ctx: ExportContext) -> int:
 def tail(chatter: list[str], lines: int = 8) -> str:
     text = "".join(chatter).strip().splitlines()
     return "\n".join(text[-lines:])
+
+
+def submodule_flags(module: Any, attr: str | None, depth: int = 2, limit: int = 6) -> list[str]:
+    """`--attr NAME (Class)` for the submodules holding parameters, two levels deep: the parts a user can export
+    instead of the whole (a detector's backbone and heads, without the post-processing)."""
+    out: list[str] = []
+
+    def walk(m: Any, prefix: str, level: int) -> None:
+        for name, child in m.named_children():
+            if len(out) >= limit or next(child.parameters(), None) is None:
+                continue
+            out.append(f"--attr {prefix}{name} ({type(child).__name__})")
+            if level > 1:
+                walk(child, f"{prefix}{name}.", level - 1)
+
+    if module is not None and hasattr(module, "named_children"):
+        walk(module, f"{attr}." if attr else "", depth)
+    return out

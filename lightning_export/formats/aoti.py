@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import DEBUG_HINT, ExportError
 from . import ExportContext, Format, Written, module_bytes, register
+from ._containers import plain_outputs, report
 from ._graph import dynamic_shapes_for, exporting, tail
 
 
@@ -67,7 +68,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
     ex = ctx.example
     with exporting(ctx) as chatter:
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
-        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+        with plain_outputs(ctx.target) as converted:
+            program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         started = time.perf_counter()
         try:
             with _fresh_inductor_cache():
@@ -99,7 +101,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
         "shapes": "dynamic batch (dim 0)" if ctx.dynamic_batch else "static (the example's)",
         "cpp_loader": "torch::inductor::AOTIModelPackageLoader",
     }
-    notes = [
+    container_notes, containers = report(converted)
+    info.update(containers)
+    notes = [*container_notes,
         f"compiled for {target} in {compile_seconds:.0f} s: load it on a machine of that kind with a libtorch of "
         f"the same version ({torch.__version__.split('+')[0]})"
     ]

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import ExportError, UsageError
 from . import ExportContext, Format, Written, module_bytes, register, require_installed
+from ._containers import plain_outputs, report
 from ._graph import captured_stdout, exporting
 
 BACKENDS = ("xnnpack", "portable")
@@ -52,7 +53,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
         partitioners = [XnnpackPartitioner()]
     ex = ctx.example
     with exporting(ctx):
-        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, strict=False)
+        with plain_outputs(ctx.target) as converted:
+            program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, strict=False)
         edge = to_edge_transform_and_lower(
             program, partitioner=partitioners, compile_config=EdgeCompileConfig(_check_ir_validity=False)
         )
@@ -60,7 +62,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
         et_program = edge.to_executorch()
         with open(path, "wb") as f:
             et_program.write_to_file(f)
-    notes = []
+    notes, containers = report(converted)
     if backend == "xnnpack" and total and delegated < total:
         notes.append(f"{total - delegated} of {total} ops are not delegated to XNNPACK and run on portable kernels")
     info = {
@@ -70,6 +72,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
         "ops_total": total,
         "input_shapes": [list(t.shape) for t in ex.tensors()],
         "shapes": "static (the example's); ExecuTorch programs here take exactly these shapes",
+        **containers,
     }
     return Written(f"executorch.exir ({backend})", notes, info)
 

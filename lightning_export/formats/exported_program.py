@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ExportContext, Format, Written, register
+from ._containers import plain_outputs, report
 from ._graph import dynamic_shapes_for, exporting, graph_estimate
 from ._io import sink
 
@@ -14,13 +15,13 @@ def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
     ex = ctx.example
-    with exporting(ctx):
+    with exporting(ctx), plain_outputs(ctx.target) as converted:
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
         program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         # Through a Python file that never fails a write: torch's writer aborts the process when one does.
         with sink(path) as f:
             torch.export.save(program, f)
-    return Written("torch.export")
+    return Written("torch.export", *report(converted))
 
 
 def made_with(path: Path) -> str | None:

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import (
-    DATA_DEPENDENT_HINT,
     DEBUG_HINT,
     ExportError,
     UsageError,
+    data_dependent_hint,
     describe_exception,
     is_data_dependent,
+    is_data_dependent_size,
     source_pointers,
 )
 from ..outputs import write_os_error
@@ -179,7 +180,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 exporter = "torch.onnx.torchscript"
                 reason = str(e) if isinstance(e, _Skip) else f"the dynamo exporter failed ({describe_exception(e)})"
                 notes.append(f"{reason}; written by the TorchScript-based exporter")
-                if is_data_dependent(e):
+                if is_data_dependent_size(e):
+                    notes.append("forward makes tensors whose size depends on the values (a boolean mask, nonzero, "
+                                 "NMS-style filtering): the TorchScript-based exporter traces, so the graph holds "
+                                 "the sizes and loop counts of the example input")
+                elif is_data_dependent(e):
                     notes.append("forward branches on a tensor's value: the TorchScript-based exporter traces, so the "
                                  "graph holds only the branch the example input takes")
             except Exception as e2:  # noqa: BLE001
@@ -189,8 +194,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 errors += [f"  at {p}" for p in source_pointers(e2) if f"  at {p}" not in errors]
                 detail = tail(chatter)
                 hints = [f"Exporter output:\n{detail}"] if detail else []
-                if is_data_dependent(e) or is_data_dependent(e2):
-                    hints.append(DATA_DEPENDENT_HINT)
+                advice = data_dependent_hint(e) or data_dependent_hint(e2)
+                if advice:
+                    hints.append(advice)
                 raise ExportError(
                     "ONNX export failed with both exporters:\n  " + "\n  ".join(errors),
                     hint="\n".join([*hints, DEBUG_HINT]),
@@ -285,7 +291,7 @@ class OrtRunner:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # its errors are reported by lexport (the failed input), not on stderr
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         recorded = self.session.get_modelmeta().custom_metadata_map.get(INPUTS_METADATA)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import TRACE_OUTPUT_HINT, ExportError, UsageError, describe_exception, export_failure
 from . import ExportContext, Format, Written, register
 from ._graph import exporting, graph_estimate
 from ._io import save_isolated
@@ -22,13 +22,23 @@ def write(ctx: ExportContext, path: Path) -> Written:
             exporter = "torch.jit.script"
         else:
             ex = ctx.example
-            scripted = torch.jit.trace(
-                ctx.target,
-                example_inputs=ex.args if ex.args else None,
-                example_kwarg_inputs=ex.kwargs or None,
-                check_trace=False,  # lexport's own verification runs on more inputs than the trace check
-                strict=False,  # allow list and dict outputs
-            )
+            try:
+                scripted = torch.jit.trace(
+                    ctx.target,
+                    example_inputs=ex.args if ex.args else None,
+                    example_kwarg_inputs=ex.kwargs or None,
+                    check_trace=False,  # lexport's own verification runs on more inputs than the trace check
+                    strict=False,  # allow list and dict outputs
+                )
+            except RuntimeError as e:
+                if "can be output from traced functions" not in str(e):
+                    raise
+                plain = export_failure("torchscript export failed", e)  # the user's source line, the debug hint
+                raise ExportError(
+                    "torchscript export failed: torch.jit.trace cannot return forward's output "
+                    f"({describe_exception(e)})",
+                    hint=f"{TRACE_OUTPUT_HINT}\n{plain.hint}",
+                ) from e
             exporter = "torch.jit.trace"
         # torch.jit.save aborts the process when a write fails: it runs in a child process (see _io).
         save_isolated(lambda p: torch.jit.save(scripted, p), path)

@@ -10,9 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import outputs
-from ..errors import LexportError, OutputError, UsageError, error_json, export_failure
+from ..errors import (
+    DATA_DEPENDENT_SIZE_HINT,
+    DEBUG_HINT,
+    TRACE_OUTPUT_HINT,
+    LexportError,
+    OutputError,
+    UsageError,
+    error_json,
+    export_failure,
+)
 from ..formats import REGISTRY, get_format, parse_format_list
-from ..formats._graph import quiet_torch_logs
+from ..formats._graph import quiet_torch_logs, submodule_flags
 from ..hashing import file_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact
@@ -134,11 +143,23 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
         if not opts.verify:
             result.notes.append("not verified (--no-verify)")
     except LexportError as e:
+        _name_the_parts(e, ctx, opts)
         result.error = error_json(e)
     finally:
         if staging is not None:
             staging.discard()
         result.seconds = time.perf_counter() - started
+
+
+def _name_the_parts(e: LexportError, ctx: Any, opts: ExportOptions) -> None:
+    """An export refused for sizes that depend on the values, or for an output tracing cannot return: its hint
+    names the submodules that can be exported instead (a detector's backbone and heads)."""
+    if not e.hint or not any(h in e.hint for h in (DATA_DEPENDENT_SIZE_HINT, TRACE_OUTPUT_HINT)):
+        return
+    flags = submodule_flags(ctx.target, opts.attr)
+    if flags:
+        said = f"Submodules to export instead: {', '.join(flags)}."
+        e.hint = e.hint.replace(DEBUG_HINT, f"{said}\n{DEBUG_HINT}") if DEBUG_HINT in e.hint else f"{e.hint}\n{said}"
 
 
 def _fsync_and_hash(staging: Any) -> tuple[int, str]:

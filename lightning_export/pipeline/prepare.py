@@ -18,7 +18,7 @@ from ..errors import CheckpointError, UsageError, UserModuleError
 from ..formats import REGISTRY, ExportContext
 from ..formats._precision import apply_options
 from ..report import Report
-from ..safeload.placeholders import unloaded_by_key
+from ..safeload.placeholders import UnloadedArgumentsError, unloaded_by_key
 from ..sources import Checkpoint, load_checkpoint
 from ..statedict import strip_prefix
 from ..text import printable
@@ -202,7 +202,8 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
     # Weights formats never need the class: --config alone does not make lexport import anything for them.
     if opts.module or any(f.needs_module for f in formats):
         with step("building module"), phase(UserModuleError, "building the module"):
-            built = _build(opts, ckpt, report, given)
+            built = _build_unless_only_weights(opts, ckpt, report, given, formats)
+    if built is not None:
         target, state_dict = built.target, built.state_dict
         report.notes.extend(built.notes)
     else:
@@ -214,6 +215,23 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
     graph = [f for f in formats if f.kind == "graph"]
     refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None) if graph else None
     return Prepared(ckpt, ctx, refs)
+
+
+def _build_unless_only_weights(opts: ExportOptions, ckpt: Any, report: Report, given: Supplied,
+                               formats: list[Any]) -> Any:
+    """The built module; None when every format is a weights format and the constructor needs arguments the safe
+    loader left unloaded: the weights never needed the constructor, so they are exported as without --module."""
+    try:
+        return _build(opts, ckpt, report, given)
+    except UnloadedArgumentsError as e:
+        if any(f.needs_module for f in formats):
+            raise
+        report.notes.append(
+            f"--module {report.module or opts.module}: the module was not built, because __init__ needs "
+            f"{', '.join(e.arguments)}, which the checkpoint holds as objects left unloaded (placeholders); "
+            f"{', '.join(f.name for f in formats)} needs only the weights, taken as without --module"
+        )
+        return None
 
 
 def _describe_checkpoint(ckpt: Checkpoint, report: Report) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 from .. import outputs
 from ..bounded import short_repr
 from ..errors import (
-    DATA_DEPENDENT_HINT,
+    ADVISED_FAILURES,
+    DATA_DEPENDENT_SIZE_HINT,
     DEBUG_HINT,
     ExportError,
     LexportError,
@@ -107,20 +108,23 @@ def artifact_step(fmt: Any, report: Report, step: Step, verb: str) -> Iterator[A
 
 
 def say_what_else_worked(report: Report) -> None:
-    """A format that failed on data-dependent control flow: its error says what the other formats of this run did."""
-    failed = [a for a in report.artifacts if a.error and DATA_DEPENDENT_HINT in a.error["message"]]
-    others = [a for a in report.artifacts if a not in failed]
-    if not failed or not others:
+    """A format that failed on data-dependent control flow or sizes, or on an output tracing cannot return: its
+    error says what the other formats of this run did."""
+    failed = [a for a in report.artifacts if a.error and any(h in a.error["message"] for h in ADVISED_FAILURES)]
+    if not failed or len(report.artifacts) < 2:
         return
+    sizes = any(DATA_DEPENDENT_SIZE_HINT in a.error["message"] for a in failed)
 
     def outcome(a: ArtifactResult) -> str:
         if a.error:
             return "export failed"
         if a.verification is not None and not a.verification.passed:
             traced = a.exporter in ("torch.jit.trace", "torch.onnx.torchscript")
-            return "failed verification" + (f" ({a.exporter} traced one branch)" if traced else "")
+            what = "the example's sizes" if sizes else "one branch"
+            return "failed verification" + (f" ({a.exporter} traced {what})" if traced else "")
         return "verified" if a.verification is not None else "written, not verified"
 
-    said = "In this run: " + "; ".join(f"{a.format} {outcome(a)}" for a in others) + "."
     for a in failed:
+        others = [o for o in report.artifacts if o is not a]
+        said = "In this run: " + "; ".join(f"{o.format} {outcome(o)}" for o in others) + "."
         a.error["message"] = a.error["message"].replace(DEBUG_HINT, f"{said}\n{DEBUG_HINT}")

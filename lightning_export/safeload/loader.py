@@ -26,6 +26,7 @@ from .archive import (
 from .messages import explain_load_failure, unpickling_error
 from .placeholders import placeholder
 from .policy import code_running, dtype_classes, import_dotted, qualname
+from .references import reference_only, restore_references
 
 # Address space torch.load may map beyond the file and its tensors (mmap'd file, Python objects, thread arenas).
 UNPICKLE_SLACK = 256 << 20
@@ -124,7 +125,12 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
     # Keyed as torch keys them (module.qualname of the object) and by the name the user gave, which is the
     # name a pickle uses when a module re-exports the object (numpy.core.multiarray -> numpy._core...).
     safe: list[Any] = []
+    restore = restore_references if any(reference_only(o, n) for o, n in zip(allowed, allow_globals)) else _same
     for obj, name in zip(allowed, allow_globals):
+        stand_in = reference_only(obj, name)
+        if stand_in is not None:  # a function the file may refer to, never call (torchmetrics' reducers)
+            safe.extend({(stand_in, qualname(obj)), (stand_in, name)})
+            continue
         safe.append(obj)
         if name != qualname(obj):
             safe.append((obj, name))
@@ -135,7 +141,7 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
     try:
         with weights_only_enforced(), bounded(budget):
             try:
-                return _weights_only_load(path, safe, kwargs)
+                return restore(_weights_only_load(path, safe, kwargs))
             except pickle.UnpicklingError as e:
                 # Objects beyond what torch and --allow-global admit (hparams holding modules, partials, numpy
                 # arrays): each becomes an inert placeholder, unless one of them comes from a module that runs code.
@@ -143,7 +149,7 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
                 if not unloaded or any(code_running(n) for n in unloaded):
                     raise
                 try:
-                    return _weights_only_load(path, [*safe, *((placeholder(n), n) for n in unloaded)], kwargs)
+                    return restore(_weights_only_load(path, [*safe, *((placeholder(n), n) for n in unloaded)], kwargs))
                 except pickle.UnpicklingError:
                     raise e from None
     except pickle.UnpicklingError as e:
@@ -154,6 +160,10 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
                 f"{path}: unpickling it asks for more memory than {max_growth:g}x its size allows: an object in it "
                 "(in hyper_parameters or elsewhere) is built with a huge size", hint=GROWTH_HINT) from e
         raise CheckpointError(explain_load_failure(path, e)) from e
+
+
+def _same(obj: Any) -> Any:
+    return obj
 
 
 def _weights_only_load(path: Path, safe: list[Any], kwargs: dict[str, Any]) -> Any:

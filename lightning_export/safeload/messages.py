@@ -24,6 +24,9 @@ def describe_unsafe(path: Path) -> list[str]:
 _GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
 
 
+_CALLED_RE = re.compile(r"the file calls ([A-Za-z_][\w.]*) while loading; a checkpoint only refers to it")
+
+
 _BLOCKED_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) whose module \S+ is blocked")
 
 
@@ -44,6 +47,14 @@ def unpickling_error(
 ) -> CheckpointError:
     detail = printable(_weights_only_detail(e))
     full = f"{e}\n{e.__context__ or ''}"
+    called = _CALLED_RE.search(full)
+    if called:  # a function allowed only as a reference (torchmetrics' reducers), called by the file
+        return CheckpointError(
+            f"{path} calls {printable(called.group(1))} while loading: a checkpoint only refers to it (torchmetrics "
+            "keeps it in a Metric's state), so lexport refuses the file",
+            hint="This file is very likely malicious. Only if you trust it completely: --trust-checkpoint "
+            "(full unpickling: runs code from the file).",
+        )
     blocked = set(_BLOCKED_RE.findall(full))
     found = (describe_unsafe(path) if is_zip else []) + _GLOBAL_RE.findall(full)
     named = [printable(n) for n in dict.fromkeys(found)]

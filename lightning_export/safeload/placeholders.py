@@ -117,7 +117,17 @@ def unloaded_by_key(mapping: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def unloaded_arguments_error(cls_name: str, held: dict[str, list[str]], values: dict[str, Any]) -> UserModuleError:
+class UnloadedArgumentsError(UserModuleError):
+    """The module cannot be built: constructor arguments are objects the safe loader left unloaded. Weights formats
+    do not need the module, so an export of only those goes on without it (`arguments`: the names)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, arguments: tuple[str, ...] = ()) -> None:
+        super().__init__(message, hint=hint)
+        self.arguments = arguments
+
+
+def unloaded_arguments_error(cls_name: str, held: dict[str, list[str]], values: dict[str, Any]
+                             ) -> UnloadedArgumentsError:
     """The error for constructor arguments that the checkpoint holds only as placeholders: which, and where to give
     them; and, when every object inside them is a class that may be allowed, the one --allow-global line that loads
     them all (nested objects included), so one round is enough."""
@@ -138,8 +148,9 @@ def unloaded_arguments_error(cls_name: str, held: dict[str, list[str]], values: 
     else:
         hint += ("\nOr load the real objects, if you trust these classes (only they are unpickled):\n"
                  f"{allow_global_flag(names)}")
-    return UserModuleError(
+    return UnloadedArgumentsError(
         f"{cls_name}.__init__ needs {args}, which the checkpoint's hyper_parameters hold as objects that lexport did "
         f"not load ({what}): loading them would run code from the file",
         hint=hint,
+        arguments=tuple(printable(k) for k in held),
     )

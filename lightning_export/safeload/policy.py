@@ -1,8 +1,9 @@
 """The --allow-global policy: which globals a user may allow, and why a name from a file never can be.
 
 The safe loader calls what --allow-global admits: a class is constructed (cls(*args) or cls.__new__), a function
-is called with arguments chosen by the file. So only classes are admitted, and none from a module whose classes
-execute, import, open, load or spawn things when constructed (or whose functions do, for the hint). A deny-list
+is called with arguments chosen by the file. So only classes are admitted (and a short reviewed list of functions
+that only rebuild or compute on data: numpy's reconstructors, torchmetrics' reducers), and none from a module whose
+classes execute, import, open, load or spawn things when constructed (or whose functions do, for the hint). A deny-list
 cannot be complete; the user who allows a class vouches for that class. Submodules are included."""
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ _SAFE_FUNCTIONS = frozenset(
 )
 
 
+# torchmetrics' reduction functions, which a pickled torchmetrics.Metric refers to (torchmetrics 1.9: add_state's
+# dist_reduce_fx "sum", "mean", "cat", "max", "min" in Metric._reductions, and Metric.distributed_available_fn).
+# Each only computes on the tensors it is given (torch.sum/mean/cat/max/min along dim 0) or reads whether
+# torch.distributed is initialized; none imports, opens or calls anything the file names. A Metric's pickle only
+# refers to them, never calls them: the loader hands the unpickler stand-ins that refuse to be called while loading
+# and puts the real functions in their place afterwards (safeload/references.py), so a file cannot make lexport
+# sum or concatenate tensors of its choosing (a stride-0 view claiming 10^12 elements) while loading.
+REFERENCE_FUNCTIONS = frozenset(
+    [f"torchmetrics.utilities.data.dim_zero_{r}" for r in ("sum", "mean", "cat", "max", "min")]
+    + ["torchmetrics.metric.jit_distributed_available"]
+)
+
+
 _CLASS_NAME_RE = re.compile(r"_*[A-Z][A-Za-z0-9_]*")
 
 
@@ -103,12 +117,12 @@ def py3_name(name: str) -> str:
 def _refusal(name: str, obj: Any = None, *, resolved: bool = False) -> str | None:
     """Why `name` (resolving to `obj` when `resolved`) may never be allowed; None when it may."""
     name = py3_name(name)
-    if name in _SAFE_FUNCTIONS:
+    if name in _SAFE_FUNCTIONS or name in REFERENCE_FUNCTIONS:
         return None
     last = name.rpartition(".")[2]
     if resolved:
         real = f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', '?')}"
-        if real in _SAFE_FUNCTIONS:
+        if real in _SAFE_FUNCTIONS or real in REFERENCE_FUNCTIONS:
             return None
         if not isinstance(obj, type):
             kind = type(obj).__name__
