@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) fixtures/make_checkpoints.py .demo classifier
 	$(VENV)/bin/lexport .demo/classifier.ckpt --module fixtures.modules:MyClassifierModule --attr model \
-		--to state-dict --to safetensors --to torchscript --to onnx --to exported-program \
+		--to state-dict --to safetensors --to torchscript --to onnx --to exported-program --to openvino --to tflite \
 		--output-dir .demo/out --force
 
 test: $(STAMP)
