@@ -66,7 +66,7 @@ def _limiter(limit: int) -> Callable[[], None]:
 
 
 def run_limited(args: list[str], cwd: Path = REPO, *, unlimited: bool = False) -> Run:
-    """`python -m lightning_export *args` under RLIMIT_AS and TIMEOUT; peak RSS from wait4's rusage."""
+    """`python -m lightning_export *args` under RLIMIT_AS and TIMEOUT; the child's peak RSS (VmHWM, polled)."""
     env = limited_env({"COLUMNS": "1000"})
     env.pop("LEXPORT_DEBUG", None)
     limit = _limiter(resource.RLIM_INFINITY if unlimited else address_space_limit(AS_LIMIT_GB))
@@ -85,7 +85,9 @@ def run_limited(args: list[str], cwd: Path = REPO, *, unlimited: bool = False) -
     for t in threads:
         t.start()
     timed_out = False
+    peak = 0  # the child's own high-water mark, read while it runs
     while True:
+        peak = max(peak, _vm_hwm(proc.pid))
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
@@ -94,13 +96,27 @@ def run_limited(args: list[str], cwd: Path = REPO, *, unlimited: bool = False) -
             os.killpg(proc.pid, 9)
             pid, status, usage = os.wait4(proc.pid, 0)
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     seconds = time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     for t in threads:
         t.join(10)
+    # wait4's ru_maxrss also counts the forked pytest worker's pages before exec (a worker that ran in-process
+    # exports is itself 500 MB): the child's own VmHWM, polled, is its peak; rusage where /proc cannot tell.
     return Run(proc.returncode, b"".join(chunks["out"]).decode(errors="replace"),
-               b"".join(chunks["err"]).decode(errors="replace"), seconds, usage.ru_maxrss * 1024, timed_out)
+               b"".join(chunks["err"]).decode(errors="replace"), seconds, peak or usage.ru_maxrss * 1024, timed_out)
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident bytes of the process's current image (VmHWM), 0 when it cannot be read (gone, zombie)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def strict_json(text: str) -> dict:
