@@ -122,6 +122,11 @@ class ExecuTorchRunner:
         return list(self.method.execute(feed))
 
 
+# Public for formats/_int8.py (static int8 lowers to XNNPACK the same way).
+require_executorch = _require_executorch
+delegation_counts = _delegation
+
+
 def load(path: Path) -> Any:
     return ExecuTorchRunner(path)
 
