@@ -59,7 +59,9 @@ def load_batches_file(path: str | os.PathLike[str], *, max_growth: float | None 
     except CheckpointError as e:
         # The checkpoint loader's words ("checkpoint not found", "not a checkpoint file") read as the --data file.
         text = e.message.replace("checkpoint file", "torch.save file").replace("checkpoint", "file")
-        raise UsageError(f"--data {p}: {text}", hint=e.hint or FILE_HINT) from e
+        # --allow-global and --trust-checkpoint are the checkpoint's flags: a --data file never needs them.
+        hint = e.hint if e.hint and "--max-growth" in e.hint else FILE_HINT
+        raise UsageError(f"--data {p}: {text}", hint=hint) from e
     return _as_batch_list(obj, p)
 
 
