@@ -25,6 +25,13 @@ class OutputAgreement:
     labelled: int = 0  # positions with a label >= 0
     eager_correct: int = 0
     artifact_correct: int = 0
+    max_abs_diff: float = 0.0  # drift of the scores themselves, for the report
+    sum_abs_diff: float = 0.0
+    scores: int = 0  # elements behind sum_abs_diff
+
+    @property
+    def mean_abs_diff(self) -> float | None:
+        return self.sum_abs_diff / self.scores if self.scores else None
 
     @property
     def rate(self) -> float | None:
@@ -48,6 +55,8 @@ class OutputAgreement:
             "labelled": self.labelled,
             "eager_accuracy": _round(self.eager_accuracy),
             "artifact_accuracy": _round(self.artifact_accuracy),
+            "max_abs_diff": _round(self.max_abs_diff),
+            "mean_abs_diff": _round(self.mean_abs_diff),
         }
 
 
@@ -85,6 +94,8 @@ class Agreement:
         parts = []
         for o in self.outputs:
             text = f"{o.name}: top-1 agreement {o.rate:.2%} ({o.agreed}/{o.compared})"
+            if o.mean_abs_diff is not None:
+                text += f", score drift mean {o.mean_abs_diff:.3g} max {o.max_abs_diff:.3g}"
             if o.labelled:
                 text += f", accuracy {o.artifact_accuracy:.2%} (eager {o.eager_accuracy:.2%}, {o.labelled} labels)"
             parts.append(text)
@@ -103,7 +114,9 @@ class Agreement:
 
 
 def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 6)
+    import math
+
+    return None if x is None or not math.isfinite(x) else round(x, 6)
 
 
 def is_class_scores(t: Any) -> bool:
@@ -142,6 +155,12 @@ def measure(expected_runs: list[Any], actual_runs: list[Any], labels: list[Any] 
             o = by_name.setdefault(name, OutputAgreement(name, int(e.shape[-1])))
             e_top = e.detach().argmax(-1)
             a_top = a.detach().to(torch.float32).argmax(-1)
+            diff = (e.detach().to(torch.float64) - a.detach().to(torch.float64)).abs()
+            diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+            if diff.numel():
+                o.max_abs_diff = max(o.max_abs_diff, float(diff.max()))
+                o.sum_abs_diff += float(diff.sum())
+                o.scores += diff.numel()
             o.compared += e_top.numel()
             o.agreed += int((e_top == a_top).sum())
             if lab is not None and tuple(lab.shape) == tuple(e_top.shape):

@@ -289,3 +289,36 @@ def test_int8_calibrated_far_from_the_data_fails_the_gate(trained: dict, tmp_pat
     assert e.value.exit_code == 1 and f"{result.agreement:.2%}" in text and "--min-agreement 0.99" in text
     assert "accuracy" in text
     print(f"\ndrift: {text.splitlines()[0]}")
+
+
+def test_read_data_and_the_int8_format_wrapper(trained: dict, tmp_path: Path) -> None:
+    """The pipeline's path: read_data (the record for the manifest), with_int8 around the registered format,
+    ctx.calibration, the format's own loader, compare_outputs within the int8 bound, agreement."""
+    pytest.importorskip("onnxruntime")
+    from lightning_export.data.source import read_data
+    from lightning_export.formats import REGISTRY, ExportContext
+    from lightning_export.formats._int8 import check_int8_request, with_int8
+    from lightning_export.verify import compare_outputs
+
+    module = trained["module"]
+    prepared, record = read_data(trained["data"], module, max_batches=12, calibrate=True)
+    assert record["kind"] == "file" and len(record["sha256"]) == 64 and record["batches_read"] == 12
+    assert record["calibration_samples"] == 192 and record["verification_samples"] == 192
+    assert any("calibration saw 192 samples" in w for w in record["warnings"])
+    with pytest.raises(UsageError, match="--data"):
+        check_int8_request(["onnx"], has_data=False)
+    with pytest.raises(UsageError, match="not safetensors"):
+        check_int8_request(["onnx", "safetensors"], has_data=True)
+    fmt = with_int8(REGISTRY["onnx"])
+    ctx = ExportContext(target=module, state_dict={}, example=Inputs((trained["holdout"][0][:8],), {}))
+    ctx.calibration = [b.inputs for b in prepared.calibration]
+    path = tmp_path / "model.onnx"
+    written = fmt.write(ctx, path)
+    assert written.info["size_ratio"] <= MAX_RATIO
+    runner = fmt.load(path)
+    expected = [module(*b.inputs.args) for b in prepared.verification]
+    actual = [runner(*b.inputs.args) for b in prepared.verification]
+    assert compare_outputs(expected, actual, atol=fmt.atol, rtol=fmt.rtol).passed
+    agreement = measure(expected, actual, [b.labels for b in prepared.verification])
+    assert gate(agreement, MIN_HELD_OUT_AGREEMENT) is None, agreement.describe()
+    assert json.dumps(agreement.to_json())
