@@ -185,6 +185,15 @@ def test_datamodule_from_lightningcli_config(trained: dict, tmp_path: Path) -> N
         build_datamodule(bare)
     only_train = take_batches(build_datamodule(bare, class_spec="fixtures.int8_data:TrainOnlyDataModule"))
     assert only_train.loader == "train_dataloader" and len(only_train.batches) == 4
+    # LightningDataModule.from_datasets sets its loaders on the instance.
+    import pytorch_lightning as pl
+    from torch.utils.data import TensorDataset
+
+    from fixtures.int8_data import make_images
+
+    made = pl.LightningDataModule.from_datasets(test_dataset=TensorDataset(*make_images(40, 3)), batch_size=10)
+    got = take_batches(made)
+    assert got.loader == "test_dataloader" and len(got.batches) == 4
 
 
 def test_datamodule_that_raises_is_a_user_module_error(trained: dict) -> None:

@@ -178,7 +178,10 @@ def _root(e: BaseException) -> str:
 
 
 def _overridden(dm: Any, name: str) -> bool:
-    """Whether the datamodule's class (not Lightning's DataHooks default, which raises) defines `name`."""
+    """Whether the datamodule (its class, not Lightning's DataHooks default, which raises; or the instance, as
+    LightningDataModule.from_datasets assigns its loaders) defines `name`."""
+    if callable(vars(dm).get(name)):
+        return True
     for c in type(dm).__mro__:
         if name in vars(c):
             return c.__module__.split(".")[0] not in {"pytorch_lightning", "lightning", "lightning_fabric"}
