@@ -61,7 +61,8 @@ def load_batches_file(path: str | os.PathLike[str], *, max_growth: float | None 
         text = e.message.replace("checkpoint file", "torch.save file").replace("checkpoint", "file")
         # --allow-global and --trust-checkpoint are the checkpoint's flags: a --data file never needs them.
         hint = e.hint if e.hint and "--max-growth" in e.hint else FILE_HINT
-        raise UsageError(f"--data {p}: {text}", hint=hint) from e
+        message = f"--data {p}{text[len(str(p)):]}" if text.startswith(str(p)) else f"--data {p}: {text}"
+        raise UsageError(message, hint=hint) from e
     return _as_batch_list(obj, p)
 
 
