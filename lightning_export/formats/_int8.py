@@ -23,9 +23,9 @@ and `size_ratio`. Failures are ExportError (exit 5); a missing optional package 
 - openvino: `ov.convert_model`, then NNCF's `quantize` with an `nncf.Dataset` of the calibration batches (every
   batch used), saved with `compress_to_fp16=False`.
 
-Runners for verifying in each format's own runtime: `load_int8(format_name, path)` (onnxruntime InferenceSession,
-executorch.runtime, OpenVINO Core compiled for CPU with f32 inference precision, so the int8 program is not also
-run in bf16 on CPUs with AMX).
+Verification runs each artifact with its format's own loader (`load_int8(format_name, path)` is that loader:
+onnxruntime InferenceSession, executorch.runtime, OpenVINO Core compiled for CPU with f32 inference precision, so
+the int8 program is not also run in bf16 on CPUs with AMX).
 """
 
 from __future__ import annotations
@@ -347,27 +347,6 @@ def write_openvino_int8(module: Any, example: Any, calibration: list[Any], path:
     return Written("openvino.convert_model + nncf.quantize", notes, info)
 
 
-class OpenVinoRunner:
-    """Calls an OpenVINO IR like the module: tensor leaves in order, returns the list of outputs. Compiled for
-    CPU with f32 inference precision (the plugin's default is bf16 on CPUs with AMX / AVX512-BF16)."""
-
-    def __init__(self, path: Path) -> None:
-        require_openvino()
-        import openvino as ov
-
-        core = ov.Core()
-        self.compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
-        import torch
-
-        from ..inputs import Inputs
-
-        feed = [t.detach().cpu().contiguous().numpy() for t in _tensor_leaves(Inputs(args, kwargs))]
-        result = self.compiled(feed)
-        return [torch.from_numpy(result[out].copy()) for out in self.compiled.outputs]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,10 +360,16 @@ SUFFIXES = {"onnx": ".onnx", "executorch": ".pte", "openvino": ".xml"}
 
 
 def _refuse(format_name: str) -> UsageError:
+    if format_name == "tflite":
+        return UsageError(
+            "--quantize int8 is not supported for tflite: litert-torch's quantizer path (PT2E with its own "
+            "quantizer, calibrated and converted before lowering) is not wired into lexport",
+            hint=f"--quantize int8 applies to {', '.join(INT8_FORMATS)}; tflite exports in fp32 (or --precision fp16).",
+        )
     return UsageError(
         f"--quantize int8 applies to {', '.join(INT8_FORMATS)}, not {format_name}",
-        hint="tflite: litert-torch's quantizer is not wired in here (yet); weights formats (state-dict, safetensors) "
-        "store the checkpoint's tensors as they are.",
+        hint="Weights formats (state-dict, safetensors) store the checkpoint's tensors as they are; the other graph "
+        "formats have no static int8 writer here.",
     )
 
 
@@ -397,28 +382,13 @@ def write_int8(format_name: str, module: Any, example: Any, calibration: list[An
 
 
 def load_int8(format_name: str, path: Path) -> Any:
-    """A callable running the artifact in its own runtime, called like the module; returns a list of outputs."""
-    if format_name == "onnx":
-        from .onnx import load
+    """A callable running the artifact in its own runtime, called like the module: the format's own loader (an
+    int8 program loads as its fp32 one does; OpenVINO compiled for CPU with f32 inference precision)."""
+    from . import REGISTRY
 
-        return load(Path(path))
-    if format_name == "executorch":
-        from .executorch import load as load_pte
-
-        return load_pte(Path(path))
-    if format_name == "openvino":
-        return OpenVinoRunner(Path(path))
-    raise UsageError(f"no int8 runner for {format_name}")
-
-
-def artifact_bytes(path: Path) -> int:
-    """Bytes of an artifact and its companions (OpenVINO's .bin)."""
-    path = Path(path)
-    total = path.stat().st_size
-    companion = path.with_suffix(".bin")
-    if path.suffix == ".xml" and companion.exists():
-        total += companion.stat().st_size
-    return total
+    if format_name not in WRITERS:
+        raise UsageError(f"no int8 runner for {format_name}")
+    return REGISTRY[format_name].load(Path(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,7 +418,7 @@ def check_int8_request(format_names: list[str], has_data: bool) -> None:
 def with_int8(fmt: Any) -> Any:
     """`fmt` writing static int8: `write(ctx, path)` calls the format's int8 writer with ctx.target, ctx.example
     and `ctx.calibration` (a list of inputs.Inputs the pipeline sets on the context); `load` stays the format's
-    own (its runtime; for openvino, until formats/openvino.py lands, `load_int8("openvino", path)`)."""
+    own (its runtime)."""
     import dataclasses
 
     if fmt.name not in WRITERS:

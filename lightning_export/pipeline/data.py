@@ -57,3 +57,50 @@ def read_data(
     prepared = prepare(raw, module, source=where, calibrate=calibrate, pick=pick)
     return prepared, {**record, **prepared.summary()}
 
+
+class HeldOut:
+    """The held-out verification batches of `--data` and the eager outputs on them, computed once per batch size
+    and shared by every format: as read for programs that take any batch, re-batched to the example's batch size
+    for static-shape programs (ExecuTorch, TFLite, AOTInductor and others without --dynamic-batch)."""
+
+    def __init__(self, target: Any, prepared: Prepared, record: dict[str, Any]) -> None:
+        self.target = target
+        self.prepared = prepared
+        self.record = record
+        self._cache: dict[int | None, tuple[list[Any], list[Any]]] = {}
+
+    def runs(self, batch: int | None) -> tuple[list[Any], list[Any]]:
+        """(batches, the eager module's outputs on each) for programs whose batch size is `batch` (None: any)."""
+        if batch not in self._cache:
+            from ..data.batches import rebatch
+            from ..inputs import detached, run_forward
+
+            batches = self.prepared.verification if batch is None else rebatch(self.prepared.verification, batch)
+            self._cache[batch] = (batches, [detached(run_forward(self.target, b.inputs)) for b in batches])
+        return self._cache[batch]
+
+
+def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
+    """`--data` read once for the run (after the module is built: the batch rule reads forward's signature): the
+    calibration batches for --quantize int8, the held-out ones for every artifact; what was read goes into the
+    report (`data` in the JSON and the manifest) and its notes."""
+    from ..errors import VerificationError
+
+    prepared, record = read_data(opts.data, target, config=opts.config, max_batches=opts.data_batches,
+                                 pick=opts.data_input, calibrate=opts.quantize == "int8")
+    if opts.data_sha256 and record.get("sha256") != opts.data_sha256:
+        raise VerificationError(
+            f"--data {opts.data} is not the data the manifest records: sha256 {str(record.get('sha256'))[:16]}… vs "
+            f"{opts.data_sha256[:16]}…",
+            hint="Verify with the file the export used, or export again with this one.",
+        )
+    report.warnings.extend(record.get("warnings", []))
+    report.data = record
+    where = record["source"] if record["kind"] == "file" else f"{record['source']} (loader {record['loader']})"
+    calibration = (f"{record['calibration_batches']} batches ({record['calibration_samples']} samples) calibrate, "
+                   if record["calibration_batches"] else "")
+    report.notes.append(
+        f"--data: {where}: {calibration}{record['verification_batches']} held-out batches "
+        f"({record['verification_samples']} samples) verify every artifact; {record['rule']}"
+    )
+    return HeldOut(target, prepared, record)
