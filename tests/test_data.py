@@ -1,10 +1,5 @@
-"""--data (files and LightningDataModules), the batch rule, agreement, and static int8 (issue 17).
-
-A small conv net is trained with a real pl.Trainer on a synthetic 10-class image task (fixtures/int8_data.py);
-static int8 artifacts are calibrated from a .pt file of batches and from the datamodule of a LightningCLI config,
-then run in their own runtime (onnxruntime, executorch.runtime, OpenVINO) on a draw of the task that neither
-calibration nor verification saw.
-"""
+"""--data's pieces (files and LightningDataModules), the batch rule and agreement (issue 17). Static int8 through
+the CLI, calibrated and verified end to end, is in test_int8.py."""
 
 from __future__ import annotations
 
@@ -16,27 +11,15 @@ import torch
 from torch import nn
 
 from lightning_export.agreement import DEFAULT_MIN_AGREEMENT, gate, measure, require
-from lightning_export.data.batches import forward_signature, prepare, rebatch, take, to_inputs
 from lightning_export.build.datamodule import build_datamodule, read_data_section, take_batches
+from lightning_export.data.batches import forward_signature, prepare, rebatch, take, to_inputs
 from lightning_export.data.files import load_batches_file
 from lightning_export.errors import UsageError, UserModuleError, VerificationError
-from lightning_export.inputs import Inputs
-
-HOLDOUT_SEED = 4242  # no split of the fixtures uses it: calibration (file seed 7 / val seed 1) never sees it
-MAX_RATIO = 0.35
-MIN_HELD_OUT_AGREEMENT = 0.98
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from fixtures.int8_data import accuracy, make_images, train
-
-    out = train(tmp_path_factory.mktemp("int8"))
-    x, y = make_images(1000, seed=HOLDOUT_SEED)
-    out["holdout"] = (x, y)
-    out["accuracy"] = accuracy(out["module"], x, y)
-    assert out["accuracy"] >= 0.95, f"the fixture classifier did not learn the task: {out['accuracy']:.3f}"
-    return out
+@pytest.fixture
+def trained(int8_trained: dict) -> dict:
+    return int8_trained
 
 
 # ---- the rule from a batch to forward's arguments --------------------------------------------------------------
@@ -213,121 +196,3 @@ def test_hydra_data_section(tmp_path: Path) -> None:
     assert section.style == "hydra" and section.args["batch_size"] == 8
     got = take_batches(build_datamodule(section))
     assert got.loader == "val_dataloader" and [b[0].shape[0] for b in got.batches] == [8, 8, 8]
-
-
-# ---- static int8, calibrated on real data, verified in each runtime ---------------------------------------------
-SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "openvino": ".xml"}
-NEEDS = {"onnx": ("onnxruntime",), "executorch": ("executorch",), "openvino": ("openvino", "nncf")}
-
-
-def _calibration_and_verification(trained: dict, source: str):
-    if source == "file":
-        raw, where = load_batches_file(trained["data"]), f"file {trained['data'].name}"
-    else:
-        got = take_batches(build_datamodule(read_data_section(trained["config"])))
-        raw, where = got.batches, got.source
-    return prepare(raw, trained["module"], source=where, calibrate=True)
-
-
-def _agreement(module, runner, batches):
-    expected, actual, labels = [], [], []
-    for b in batches:
-        with torch.no_grad():
-            expected.append(module(*b.inputs.args, **b.inputs.kwargs))
-        actual.append(runner(*b.inputs.args, **b.inputs.kwargs))
-        labels.append(b.labels)
-    return measure(expected, actual, labels)
-
-
-def _holdout_batches(trained: dict, size: int):
-    from lightning_export.data.batches import Batch
-
-    x, y = trained["holdout"]
-    return [Batch(Inputs((xb,), {}), yb, len(xb)) for xb, yb in zip(x.split(size), y.split(size))]
-
-
-@pytest.mark.parametrize("source", ["file", "config"])
-@pytest.mark.parametrize("fmt", ["onnx", "executorch", "openvino"])
-def test_static_int8_agrees_with_the_trained_model(trained: dict, tmp_path: Path, fmt: str, source: str) -> None:
-    for name in NEEDS[fmt]:
-        pytest.importorskip(name)
-    from lightning_export.formats._int8 import load_int8, write_int8
-
-    module = trained["module"]
-    prepared = _calibration_and_verification(trained, source)
-    assert prepared.calibration_samples >= 300 and not any("calibration saw" in w for w in prepared.warnings)
-    example = Inputs((trained["holdout"][0][:8],), {})
-    path = tmp_path / f"model{SUFFIX[fmt]}"
-    written = write_int8(fmt, module, example, [b.inputs for b in prepared.calibration], path)
-    info = written.info
-    assert info["quantize"] == "int8" and info["calibration_samples"] == prepared.calibration_samples
-    assert info["size_ratio"] <= MAX_RATIO, info
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [path.name] + ([path.with_suffix(".bin").name] if fmt == "openvino" else []))  # no work files left
-    runner = load_int8(fmt, path)
-    # lexport's verification: the held-out batches of --data (batch size 8 for ExecuTorch's static shapes).
-    verification = rebatch(prepared.verification, 8) if fmt == "executorch" else prepared.verification
-    verified = _agreement(module, runner, verification)
-    assert verified.samples >= 280 and verified.eager_accuracy is not None
-    assert gate(verified, MIN_HELD_OUT_AGREEMENT) is None, verified.describe()
-    # Independently: a draw of the task neither calibration nor verification saw.
-    held_out = _agreement(module, runner, _holdout_batches(trained, 8))
-    assert held_out.samples == 1000
-    assert held_out.agreement >= MIN_HELD_OUT_AGREEMENT, held_out.describe()
-    assert held_out.artifact_accuracy >= trained["accuracy"] - 0.02, held_out.describe()
-    print(f"\n{fmt} int8 from {source}: size {info['bytes']:,} B = {info['size_ratio']:.3f}x fp32 "
-          f"({info['fp32_bytes']:,} B); verification: {verified.describe()}; held-out: {held_out.describe()}")
-
-
-def test_int8_calibrated_far_from_the_data_fails_the_gate(trained: dict, tmp_path: Path) -> None:
-    """Calibrated on the batches scaled x100, the activation ranges are 100x too wide: most of the int8 steps fall
-    where the data never is, and decisions drift. The gate fails with the figure."""
-    pytest.importorskip("onnxruntime")
-    from lightning_export.formats._int8 import load_int8, write_int8
-
-    module = trained["module"]
-    prepared = _calibration_and_verification(trained, "file")
-    far = [Inputs((b.inputs.args[0] * 100,), {}) for b in prepared.calibration]
-    path = tmp_path / "drift.onnx"
-    write_int8("onnx", module, Inputs((trained["holdout"][0][:8],), {}), far, path)
-    result = _agreement(module, load_int8("onnx", path), prepared.verification)
-    assert result.agreement < 0.95, result.describe()
-    with pytest.raises(VerificationError) as e:
-        require(result, DEFAULT_MIN_AGREEMENT, what="onnx int8")
-    text = str(e.value)
-    assert e.value.exit_code == 1 and f"{result.agreement:.2%}" in text and "--min-agreement 0.99" in text
-    assert "accuracy" in text
-    print(f"\ndrift: {text.splitlines()[0]}")
-
-
-def test_read_data_and_the_int8_format_wrapper(trained: dict, tmp_path: Path) -> None:
-    """The pipeline's path: read_data (the record for the manifest), with_int8 around the registered format,
-    ctx.calibration, the format's own loader, compare_outputs within the int8 bound, agreement."""
-    pytest.importorskip("onnxruntime")
-    from lightning_export.pipeline.data import read_data
-    from lightning_export.formats import REGISTRY, ExportContext
-    from lightning_export.formats._int8 import check_int8_request, with_int8
-    from lightning_export.compare import compare_outputs
-
-    module = trained["module"]
-    prepared, record = read_data(trained["data"], module, max_batches=12, calibrate=True)
-    assert record["kind"] == "file" and len(record["sha256"]) == 64 and record["batches_read"] == 12
-    assert record["calibration_samples"] == 192 and record["verification_samples"] == 192
-    assert any("calibration saw 192 samples" in w for w in record["warnings"])
-    with pytest.raises(UsageError, match="--data"):
-        check_int8_request(["onnx"], has_data=False)
-    with pytest.raises(UsageError, match="not safetensors"):
-        check_int8_request(["onnx", "safetensors"], has_data=True)
-    fmt = with_int8(REGISTRY["onnx"])
-    ctx = ExportContext(target=module, state_dict={}, example=Inputs((trained["holdout"][0][:8],), {}))
-    ctx.calibration = [b.inputs for b in prepared.calibration]
-    path = tmp_path / "model.onnx"
-    written = fmt.write(ctx, path)
-    assert written.info["size_ratio"] <= MAX_RATIO
-    runner = fmt.load(path)
-    expected = [module(*b.inputs.args) for b in prepared.verification]
-    actual = [runner(*b.inputs.args) for b in prepared.verification]
-    assert compare_outputs(expected, actual, atol=fmt.atol, rtol=fmt.rtol).passed
-    agreement = measure(expected, actual, [b.labels for b in prepared.verification])
-    assert gate(agreement, MIN_HELD_OUT_AGREEMENT) is None, agreement.describe()
-    assert json.dumps(agreement.to_json())
