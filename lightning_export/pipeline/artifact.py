@@ -77,7 +77,7 @@ def _agreement(v: Verification, fmt: Any, opts: ExportOptions, held_out: Any, ex
     v.agreement = {**result.to_json(), "min_agreement": opts.min_agreement if gated else None, "gated": gated,
                    "source": held_out.record.get("source")}
     if gated:
-        problem = gate(result, opts.min_agreement, what=f"{fmt.name} ({fmt.description})")
+        problem = gate(result, opts.min_agreement, what=f"{fmt.name} {opts.quantize or opts.precision}")
         if problem is not None:
             v.problems.append(problem)
             v.passed = False

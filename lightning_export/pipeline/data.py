@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
 from ..data.batches import Prepared, parse_pick, prepare, take
+from ..errors import UsageError
 
 CONFIG_SOURCE = "config"  # --data config: the data: section of --config
 
