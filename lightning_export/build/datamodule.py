@@ -20,7 +20,6 @@ from ..errors import UsageError, UserModuleError
 
 LOADERS = ("val_dataloader", "test_dataloader", "train_dataloader")
 _STAGE = {"val_dataloader": "fit", "test_dataloader": "test", "train_dataloader": "fit"}
-_HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
 
 @dataclass
@@ -49,7 +48,7 @@ def read_data_section(path: str | os.PathLike[str]) -> DataSection:
     """The `data:` section of a LightningCLI config.yaml or a Hydra config. UsageError (exit 2) when the config
     has none or it is malformed."""
     from .argfiles import load_args_file
-    from .configs import describes_hydra
+    from .configs import HYDRA_KEYS, describes_hydra, lightning_class, resolve_hydra
 
     data = load_args_file(path, flag="--config")
     section = data.get("data")
@@ -61,46 +60,14 @@ def read_data_section(path: str | os.PathLike[str]) -> DataSection:
     if not isinstance(section, dict):
         raise UsageError(f"--config {path}: 'data:' must be a mapping")
     if "_target_" in section or describes_hydra(section):
-        resolved = _resolve_hydra(data, path)
+        resolved = resolve_hydra(data, path, "data")
         target = resolved.get("_target_")
-        args = {k: v for k, v in resolved.items() if k not in _HYDRA_KEYS}
+        args = {k: v for k, v in resolved.items() if k not in HYDRA_KEYS}
         return DataSection(str(target) if target else None, args, "hydra", resolved)
     if "class_path" in section:
-        init_args = section.get("init_args") or {}
-        if not isinstance(init_args, dict):
-            raise UsageError(f"--config {path}: data.init_args must be a mapping")
-        dict_kwargs = section.get("dict_kwargs") or {}
-        if not isinstance(dict_kwargs, dict):
-            raise UsageError(f"--config {path}: data.dict_kwargs must be a mapping")
-        return DataSection(str(section["class_path"]), {**init_args, **dict_kwargs}, "lightning", section)
+        return DataSection(*lightning_class(section, path, "data"), "lightning", section)
     # LightningCLI with a fixed datamodule class saves `data:` as its init arguments only.
     return DataSection(None, dict(section), "lightning", section)
-
-
-def _resolve_hydra(data: dict[str, Any], path: Any) -> dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-    except ImportError:
-        raise UsageError(
-            f"--config {path} is a Hydra config (it has _target_), and hydra-core is not installed here",
-            hint="pip install hydra-core (the project that wrote it uses it).",
-        ) from None
-    try:
-        return OmegaConf.to_container(OmegaConf.create(data).data, resolve=True)  # type: ignore[return-value]
-    except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the interpolation that failed
-        raise UsageError(f"--config {path}: data: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
-
-
-def datamodule_base(cls: Any) -> type | None:
-    """LightningDataModule in cls's MRO (lightning.pytorch or pytorch_lightning), found without importing Lightning."""
-    import inspect
-
-    if not inspect.isclass(cls):
-        return None
-    for c in cls.__mro__:
-        if c.__name__ == "LightningDataModule" and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}:
-            return c
-    return None
 
 
 def build_datamodule(section: DataSection, *, class_spec: str | None = None) -> Any:
@@ -108,7 +75,7 @@ def build_datamodule(section: DataSection, *, class_spec: str | None = None) -> 
     section does not (LightningCLI with a fixed datamodule class). UsageError when no class is named;
     UserModuleError (exit 4) when the class cannot be imported, is not a LightningDataModule, or its constructor
     raises."""
-    from .importing import import_object
+    from .importing import import_object, lightning_base
 
     spec = class_spec or section.class_path
     if not spec:
@@ -118,7 +85,7 @@ def build_datamodule(section: DataSection, *, class_spec: str | None = None) -> 
             hint="Name the class with --datamodule pkg.module:DataModule.",
         )
     cls = import_object(spec, what="data: class_path")
-    if datamodule_base(cls) is None:
+    if lightning_base(cls, "LightningDataModule") is None:
         kind = cls.__name__ if isinstance(cls, type) else type(cls).__name__
         raise UserModuleError(
             f"data: {spec!r} is {kind!r}, which is not a LightningDataModule subclass "
