@@ -87,7 +87,7 @@ def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
     from ..errors import VerificationError
 
     prepared, record = read_data(opts.data, target, config=opts.config, max_batches=opts.data_batches,
-                                 pick=opts.data_input, calibrate=opts.quantize == "int8")
+                                 pick=opts.data_input, calibrate=(opts.quantize or "").strip().lower() == "int8")
     if opts.data_sha256 and record.get("sha256") != opts.data_sha256:
         raise VerificationError(
             f"--data {opts.data} is not the data the manifest records: sha256 {str(record.get('sha256'))[:16]}… vs "
