@@ -96,7 +96,7 @@ def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
         )
     report.warnings.extend(record.get("warnings", []))
     report.data = record
-    where = record["source"] if record["kind"] == "file" else f"{record['source']} (loader {record['loader']})"
+    where = record["source"]  # "file data.pt", or "val_dataloader() of pkg.DataModule": the loader used
     calibration = (f"{record['calibration_batches']} batches ({record['calibration_samples']} samples) calibrate, "
                    if record["calibration_batches"] else "")
     report.notes.append(
