@@ -28,9 +28,13 @@ class Verification:
     rtol: float | None
     outputs: list[OutputCheck] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # With --data: top-1 agreement and accuracies on the held-out batches (agreement.Agreement.to_json() plus the
+    # gate), and the same in words for the human report.
+    agreement: dict[str, Any] | None = None
+    agreement_text: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "passed": self.passed,
             "inputs_checked": self.inputs_checked,
             "max_abs_diff": _finite_or_none(self.max_abs_diff),
@@ -50,6 +54,9 @@ class Verification:
             ],
             "problems": self.problems,
         }
+        if self.agreement is not None:
+            out["agreement"] = self.agreement
+        return out
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -203,3 +203,13 @@ def run_forward(module: Any, inputs: Inputs) -> Any:
             hint="Give the inputs forward expects with --input DTYPE[D0,D1,...] (one per argument) or "
             "--example-inputs FILE.",
         ) from e
+
+
+def detached(value: Any) -> Any:
+    """`value` (an output tree) with every tensor detached and cloned: a reference no later call can change."""
+    from torch.utils._pytree import tree_map
+
+    def clone(x: Any) -> Any:
+        return x.detach().clone() if hasattr(x, "detach") else x
+
+    return tree_map(clone, value)

@@ -56,6 +56,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # --data: the source and the batches used (pipeline.data.read_data)
 
     @property
     def ok(self) -> bool:
@@ -72,6 +73,8 @@ class Report:
             "notes": self.notes,
             "warnings": self.warnings,
         }
+        if self.data is not None:
+            out["data"] = self.data
         if self.error:
             out["error"] = self.error
         return out

@@ -35,6 +35,25 @@ def target_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_target_checkpoints(tmp_path_factory.mktemp("targets"))
 
 
+# A draw of fixtures/int8_data.py's task no split uses: calibration (file seed 7, val seed 1) never sees it.
+INT8_HOLDOUT_SEED = 4242
+
+
+@pytest.fixture(scope="session")
+def int8_trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The small conv net trained with a real Trainer on the synthetic image task (fixtures/int8_data.py): its
+    checkpoint, data.pt, config.yaml (model: + data:), broken.yaml; `holdout` (1000 samples no split saw) and the
+    module's accuracy on it. Trained once per session for every --data / int8 test."""
+    from fixtures.int8_data import accuracy, make_images, train
+
+    out = train(tmp_path_factory.mktemp("int8"))
+    x, y = make_images(1000, seed=INT8_HOLDOUT_SEED)
+    out["holdout"] = (x, y)
+    out["accuracy"] = accuracy(out["module"], x, y)
+    assert out["accuracy"] >= 0.95, f"the fixture classifier did not learn the task: {out['accuracy']:.3f}"
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     # `fixtures.modules` is importable from the repo root, as a user's package is from theirs.

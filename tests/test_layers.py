@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "lightning_export.userpath": 1,
     "lightning_export.report": 1,
     "lightning_export.compare": 1,
+    "lightning_export.agreement": 1,  # top-1 agreement and accuracies between runs (issue 17)
     "lightning_export.inputs": 1,
     "lightning_export.outputs": 1,
     "lightning_export.safeload": 2,

@@ -21,7 +21,7 @@ from ..errors import UsageError, UserModuleError
 from ..userpath import ensure_cwd_importable
 from .argfiles import load_args_file
 
-_HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
 
 @dataclass
@@ -60,27 +60,32 @@ def read_model_section(path: str | os.PathLike[str]) -> ModelSection:
     except TooDeep:
         raise UsageError(f"--config {path}: nested more than {MAX_DEPTH} levels deep") from None
     if "_target_" in model or hydra:
-        model = _resolve_hydra(data, path)
+        model = resolve_hydra(data, path)
         target = model.get("_target_")
-        args = {k: v for k, v in model.items() if k not in _HYDRA_KEYS}
+        args = {k: v for k, v in model.items() if k not in HYDRA_KEYS}
         return ModelSection(str(target) if target else None, args, "hydra")
     if "class_path" in model:
-        init_args = model.get("init_args") or {}
-        if not isinstance(init_args, dict):
-            raise UsageError(f"--config {path}: model.init_args must be a mapping")
-        dict_kwargs = model.get("dict_kwargs") or {}
-        if not isinstance(dict_kwargs, dict):
-            raise UsageError(f"--config {path}: model.dict_kwargs must be a mapping")
-        return ModelSection(str(model["class_path"]), {**init_args, **dict_kwargs})
+        return ModelSection(*lightning_class(model, path))
     return ModelSection(None, dict(model))
+
+
+def lightning_class(node: dict[str, Any], path: Any, key: str = "model") -> tuple[str, dict[str, Any]]:
+    """(class_path, init_args with dict_kwargs) of a LightningCLI `class_path:` node (`model:`, `data:`)."""
+    init_args = node.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise UsageError(f"--config {path}: {key}.init_args must be a mapping")
+    dict_kwargs = node.get("dict_kwargs") or {}
+    if not isinstance(dict_kwargs, dict):
+        raise UsageError(f"--config {path}: {key}.dict_kwargs must be a mapping")
+    return str(node["class_path"]), {**init_args, **dict_kwargs}
 
 
 def describes_hydra(value: Any) -> bool:
     return _has_key(value, "_target_")
 
 
-def _resolve_hydra(data: dict[str, Any], path: Any) -> dict[str, Any]:
-    """The `model:` node with its `${...}` interpolations resolved by OmegaConf, as Hydra would when it
+def resolve_hydra(data: dict[str, Any], path: Any, key: str = "model") -> dict[str, Any]:
+    """The `model:` (or `key:`) node with its `${...}` interpolations resolved by OmegaConf, as Hydra would when it
     instantiates it (against the whole config; other nodes, such as `${hydra:runtime.output_dir}` paths that only
     resolve inside a Hydra run, are left alone)."""
     try:
@@ -91,9 +96,10 @@ def _resolve_hydra(data: dict[str, Any], path: Any) -> dict[str, Any]:
             hint="pip install hydra-core (the project that wrote it uses it).",
         ) from None
     try:
-        return OmegaConf.to_container(OmegaConf.create(data).model, resolve=True)  # type: ignore[return-value]
+        return OmegaConf.to_container(OmegaConf.create(data)[key], resolve=True)  # type: ignore[return-value]
     except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the interpolation that failed
-        raise UsageError(f"--config {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+        where = "" if key == "model" else f"{key}: "
+        raise UsageError(f"--config {path}: {where}{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
 
 def instantiate_arguments(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -81,13 +81,13 @@ def _import_module(name: str, what: str) -> Any:
         raise UserModuleError(f"{what}: importing {name!r} failed: {type(e).__name__}: {e}") from e
 
 
-def lightning_base(cls: Any) -> type | None:
-    """The LightningModule class in cls's MRO (lightning.pytorch or pytorch_lightning), found without importing
-    Lightning: the user's module has imported whichever one it uses."""
+def lightning_base(cls: Any, name: str = "LightningModule") -> type | None:
+    """The LightningModule (or `name`: LightningDataModule) class in cls's MRO (lightning.pytorch or
+    pytorch_lightning), found without importing Lightning: the user's module has imported whichever one it uses."""
     if not inspect.isclass(cls):
         return None
     for c in cls.__mro__:
-        if c.__name__ == "LightningModule" and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}:
+        if c.__name__ == name and c.__module__.split(".")[0] in {"pytorch_lightning", "lightning"}:
             return c
     return None
 

@@ -26,6 +26,10 @@ EPILOG = f"""Examples:
 
   lexport run.ckpt --config lightning_logs/version_0/config.yaml --to exported-program --dynamic-batch
 
+  lexport run.ckpt --module pkg:Net --to onnx,executorch,openvino --quantize int8 --data batches.pt
+
+  lexport run.ckpt --config config.yaml --to onnx --quantize int8 --data config
+
 Exit codes:
 
 {_EXIT_HELP}
@@ -73,6 +77,10 @@ def lexport(
     torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="trace or script.")] = "trace",
     precision: o.Precision = None,
     quantize: o.Quantize = None,
+    data: o.Data = None,
+    data_batches: o.DataBatches = None,
+    data_input: o.DataInput = None,
+    min_agreement: o.MinAgreement = None,
     executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).")] = "xnnpack",  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],
@@ -113,6 +121,10 @@ def lexport(
             torchscript_mode=torchscript_mode,
             precision=precision,
             quantize=quantize,
+            data=data,
+            data_batches=data_batches,
+            data_input=data_input,
+            **({"min_agreement": min_agreement} if min_agreement is not None else {}),
             executorch_backend=executorch_backend,
             trust_checkpoint=trust_checkpoint,
             allow_globals=tuple(allow_global),

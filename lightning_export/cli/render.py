@@ -64,6 +64,8 @@ def render_report(stderr: Console, report: Any) -> None:
         if a.error:
             stderr.print(f"[red]{a.format}[/red]: {a.error['message']}", markup=True, highlight=False)
         if a.verification:
+            if a.verification.agreement_text:
+                stderr.print(f"{a.format}: {a.verification.agreement_text}", markup=False, highlight=False)
             for p in a.verification.problems:
                 stderr.print(f"[red]{a.format}[/red]: {p}")
         for n in a.notes:

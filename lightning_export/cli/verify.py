@@ -46,6 +46,10 @@ def verify(
     max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).")] = None,  # noqa: E501
     precision: o.Precision = None,
     quantize: o.Quantize = None,
+    data: o.Data = None,
+    data_batches: o.DataBatches = None,
+    data_input: o.DataInput = None,
+    min_agreement: o.MinAgreement = None,
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -54,7 +58,8 @@ def verify(
         "inputs": tuple(input_spec), "example_inputs": example_inputs, "dynamic_batch": dynamic_batch,
         "atol": atol, "rtol": rtol, "seed": seed, "random_inputs": random_inputs,
         "trust_checkpoint": trust_checkpoint, "allow_globals": tuple(allow_global), "max_growth": max_growth,
-        "precision": precision, "quantize": quantize,
+        "precision": precision, "quantize": quantize, "data": data, "data_batches": data_batches,
+        "data_input": data_input, "min_agreement": min_agreement,
     }
 
     def work(steps: Steps) -> Any:
@@ -89,8 +94,10 @@ def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) 
         if key == "init_args":
             options["init_args"] = {**(value or {}), **options.get("init_args", {})}
         elif key not in options and value is not None and value != [] and value is not False:
-            if key in ("config", "init_args_file", "example_inputs"):
-                value = _locate(Path(value), base)
+            if key in ("config", "init_args_file", "example_inputs") or (key == "data" and value != "config"):
+                value = str(_locate(Path(value), base)) if key == "data" else _locate(Path(value), base)
+                if key == "data" and isinstance(recorded.get("data_sha256"), str):
+                    options["data_sha256"] = recorded["data_sha256"]  # the file must still be the one exported with
             options[key] = tuple(value) if isinstance(value, list) else value
     artifacts: dict[Path, str | None] = {}
     for a in record.get("artifacts") or []:

@@ -1,4 +1,5 @@
-"""Reduced precision (`--precision fp16|bf16`) and int8 dynamic quantization (`--quantize int8-dynamic`).
+"""Reduced precision (`--precision fp16|bf16`) and int8 quantization (`--quantize int8-dynamic`; `--quantize int8`,
+static, is formats/_int8.py's `with_int8`, routed here).
 
 Both are wrappers around a registered graph Format, so no format module and neither `verify.py` nor the CLI
 needs to know about them:
@@ -31,7 +32,8 @@ from . import ExportContext, Format, Written
 # --precision values; fp32 is the default (no wrapper).
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-QUANTIZATIONS = ("int8-dynamic",)
+# int8: static, calibrated on --data (formats/_int8.py); int8-dynamic: onnx, activations quantized at run time.
+QUANTIZATIONS = ("int8", "int8-dynamic")
 
 # Default verification tolerances against the fp32 eager module, (atol, rtol); a format's own defaults win where
 # looser. Measured with fixtures/targets.py (a conv net with BatchNorm, a 2-layer Transformer encoder, a 4x256 MLP;
@@ -79,8 +81,8 @@ def apply_options(fmt: Format, precision: str | None = None, quantize: str | Non
         precision = None  # dynamic quantization starts from the fp32 graph: what fp32 asks for
     if quantize and precision:
         raise UsageError(
-            f"--quantize {quantize} and --precision {precision} do not combine: dynamic quantization starts "
-            "from the fp32 graph"
+            f"--quantize {quantize} and --precision {precision} do not combine: quantization starts from the fp32 "
+            "graph"
         )
     if precision:
         if fmt.kind != "graph":
@@ -89,6 +91,10 @@ def apply_options(fmt: Format, precision: str | None = None, quantize: str | Non
                 "they are"
             )
         return with_fp32(fmt) if precision == "fp32" else with_precision(fmt, precision)
+    if quantize == "int8":
+        from ._int8 import with_int8
+
+        return with_int8(fmt)
     if quantize:
         if fmt.name != "onnx":
             raise UsageError(f"--quantize {quantize} applies to --to onnx only, not {fmt.name}")

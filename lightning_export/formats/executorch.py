@@ -133,6 +133,11 @@ def check(opts: Any, requested: bool) -> None:
     require_installed(_require_executorch)
 
 
+# Public for formats/_int8.py (static int8 lowers to XNNPACK the same way).
+require_executorch = _require_executorch
+delegation_counts = _delegation
+
+
 def load(path: Path) -> Any:
     return ExecuTorchRunner(path)
 

@@ -45,6 +45,10 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         path = getattr(opts, name)
         if path is not None and Path(path).is_file():
             options[f"{name}_sha256"] = file_sha256(Path(path))
+    if report.data is not None and report.data.get("kind") == "file":
+        options["data"] = rel(opts.data)
+        options["data_sha256"] = report.data["sha256"]  # what was read (verify --manifest re-reads this file)
+        record["data"] = {**report.data, "path": rel(report.data["path"])}
     options["formats"] = [a.format for a in report.artifacts]
     record["options"] = options
     return record

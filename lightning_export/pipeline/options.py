@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..agreement import DEFAULT_MIN_AGREEMENT, check_min_agreement
 from ..errors import UsageError
 from ..safeload.archive import DEFAULT_MAX_GROWTH
 
@@ -46,7 +47,7 @@ class ExportOptions:
     torchscript_mode: str = "trace"
     # Deployment options, declared by the formats that honour them (formats/_precision.py, executorch).
     precision: str | None = None  # fp32 | fp16 | bf16 for graph formats (none: the dtypes the module is built in)
-    quantize: str | None = None  # int8-dynamic for onnx
+    quantize: str | None = None  # int8 (static, calibrated on --data): onnx, executorch, openvino; int8-dynamic: onnx
     executorch_backend: str = "xnnpack"
     trust_checkpoint: bool = False
     allow_globals: tuple[str, ...] = ()
@@ -57,6 +58,16 @@ class ExportOptions:
     max_growth: float = DEFAULT_MAX_GROWTH
     # sha256 of the whole checkpoint (mostly optimizer state): a full read, so the CLI asks for it with --json.
     hash_checkpoint: bool = True
+    # Real batches (issue 17): a .pt file of batches, or "config" (the data: section of --config builds the
+    # LightningDataModule). Calibration for --quantize int8, held-out verification with top-1 agreement for all.
+    data: str | None = None
+    data_batches: int | None = None  # batches read (default: about DEFAULT_SAMPLES samples)
+    data_input: str | None = None  # the element (index) or key of a batch that is forward's input
+    # Quantized and reduced-precision artifacts must pick the eager module's top-1 class on this share of the
+    # held-out samples (exit 1 below it).
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    # The sha256 the --data file must still have (verify --manifest: the manifest's record); None: any.
+    data_sha256: str | None = None
     # Where to write the manifest (the --json record plus the options that shaped the bytes), atomically.
     manifest: Path | None = None
 
@@ -68,7 +79,8 @@ MANIFEST_OPTIONS: dict[str, bool] = {
     "inputs": True, "example_inputs": True, "dynamic_batch": True, "opset": False, "input_names": False,
     "output_names": False, "torchscript_mode": False, "seed": True, "random_inputs": True, "atol": True,
     "rtol": True, "strict_finite": False, "trust_checkpoint": True, "allow_globals": True, "max_growth": True,
-    "meta_build": False, "precision": True, "quantize": True, "executorch_backend": False,
+    "meta_build": False, "precision": True, "quantize": True, "executorch_backend": False, "data": True,
+    "data_batches": True, "data_input": True, "min_agreement": True,
 }
 
 
@@ -84,6 +96,9 @@ def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) ->
     for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
+    for key in ("data", "data_input"):  # a path or "config"; an index or a key
+        if options.get(key) is not None:
+            options[key] = str(options[key])
     try:
         return ExportOptions(checkpoint=Path(checkpoint), **options)
     except TypeError as e:
@@ -99,5 +114,8 @@ def check_ranges(opts: ExportOptions) -> None:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1)")
     if not 0 <= opts.random_inputs <= MAX_RANDOM_INPUTS:
         raise UsageError(f"--random-inputs must be between 0 and {MAX_RANDOM_INPUTS}")
+    check_min_agreement(opts.min_agreement)
+    if opts.data_batches is not None and opts.data_batches < 1:
+        raise UsageError(f"--data-batches {opts.data_batches}: give a number of batches >= 1")
     if not (math.isfinite(opts.max_growth) and opts.max_growth >= 1):
         raise UsageError(f"--max-growth {opts.max_growth} must be a finite number >= 1")

@@ -16,12 +16,14 @@ from ..build.importing import resolve_class
 from ..build.module import build_module, seeded
 from ..errors import CheckpointError, UsageError, UserModuleError
 from ..formats import REGISTRY, ExportContext
+from ..formats._int8 import check_int8_request
 from ..formats._precision import apply_options
 from ..report import Report
 from ..safeload.placeholders import UnloadedArgumentsError, unloaded_by_key
 from ..sources import Checkpoint, load_checkpoint
 from ..statedict import strip_prefix
 from ..text import printable
+from .data import read_held_out
 from .finite import check_finite_outputs, check_finite_weights
 from .options import ExportOptions, check_ranges
 from .run import Step, phase
@@ -121,11 +123,12 @@ class References:
         if opts.dynamic_batch and b is not None:
             self.dynamic_set = inputs.random_like(example, opts.seed + 1000, batch=b + 1)
         self._cache: dict[int, Any] = {}
+        self.held_out: Any = None  # pipeline.data.HeldOut with --data: real batches, checked with agreement
 
     def get(self, i: int) -> Any:
         if i not in self._cache:
             data = self.sets[i] if i >= 0 else self.dynamic_set
-            self._cache[i] = _detach(inputs.run_forward(self.target, data))
+            self._cache[i] = inputs.detached(inputs.run_forward(self.target, data))
         return self._cache[i]
 
     def runs(self, dynamic: bool) -> list[tuple[str, Any, Any]]:
@@ -133,15 +136,6 @@ class References:
         if dynamic and self.dynamic_set is not None:
             out.append((f"batch of {self.dynamic_set.tensors()[0].shape[0]}", self.dynamic_set, self.get(-1)))
         return out
-
-
-def _detach(value: Any) -> Any:
-    from torch.utils._pytree import tree_map
-
-    def clone(x: Any) -> Any:
-        return x.detach().clone() if hasattr(x, "detach") else x
-
-    return tree_map(clone, value)
 
 
 def check_flags(opts: ExportOptions) -> Supplied:
@@ -154,6 +148,8 @@ def check_flags(opts: ExportOptions) -> Supplied:
 def with_format_options(formats: list[Any], opts: ExportOptions) -> list[Any]:
     """Formats wrapped for --precision/--quantize (exit 2 where a format does not take them), then every format's
     own options checked (an option of a format this run does not write may be refused)."""
+    if opts.quantize and opts.quantize.strip().lower() == "int8":
+        check_int8_request([f.name for f in formats], has_data=opts.data is not None)
     formats = [apply_options(f, opts.precision, opts.quantize) for f in formats]
     asked = {f.name for f in formats}
     for fmt in REGISTRY.values():
@@ -214,6 +210,12 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
                         **{name: getattr(opts, name) for f in formats for name in f.options})
     graph = [f for f in formats if f.kind == "graph"]
     refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None) if graph else None
+    if opts.data is not None and refs is not None:
+        with step("reading --data"), phase(UserModuleError, f"reading --data {opts.data}"):
+            refs.held_out = read_held_out(opts, ctx.target, report)
+        ctx.calibration = [b.inputs for b in refs.held_out.prepared.calibration]
+    elif opts.data is not None:
+        report.notes.append("--data is not used: weights formats are checked bit for bit against the checkpoint")
     return Prepared(ckpt, ctx, refs)
 
 

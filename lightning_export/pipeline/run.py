@@ -68,10 +68,13 @@ def _raise_first_failure(report: Report) -> None:
             err.kind = first.error["kind"]
         else:
             failed_export = [a.format for a in failed if a.error]
+            gated = [p for a in failed if a.verification is not None for p in a.verification.problems
+                     if "--min-agreement" in p]
             err = VerificationError(
                 "verification failed for "
                 + ", ".join(a.format for a in failed if a.error is None)
-                + (f"; export failed for {', '.join(failed_export)}" if failed_export else ""),
+                + (f"; export failed for {', '.join(failed_export)}" if failed_export else "")
+                + "".join(f"\n{p}" for p in gated),  # the agreement figures, where the gate failed
             )
         raise err
 

@@ -1,0 +1,106 @@
+"""One call for the pipeline: `--data SOURCE` (+ `--config`, `--data-batches`, `--data-input`, `--datamodule`) to
+the calibration and verification batches, with what the report and the manifest record about them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..data.batches import Prepared, parse_pick, prepare, take
+from ..errors import UsageError
+
+CONFIG_SOURCE = "config"  # --data config: the data: section of --config
+
+
+def read_data(
+    source: str | os.PathLike[str],
+    module: Any,
+    *,
+    config: str | os.PathLike[str] | None = None,
+    max_batches: int | None = None,
+    pick: str | int | None = None,
+    datamodule_class: str | None = None,
+    calibrate: bool = False,
+) -> tuple[Prepared, dict[str, Any]]:
+    """(the mapped, split batches; the record of the source for the JSON and the manifest).
+
+    `source` is a `.pt` file or the word `config` (then `config` is the `--config` file whose `data:` section builds
+    the LightningDataModule). `module` is the exported target (its forward's signature drives the batch rule).
+    `calibrate` splits the batches (even positions calibrate, odd ones verify); without it all of them verify.
+
+    The record: `{"kind": "file", "path", "sha256", "bytes"}` or `{"kind": "datamodule", "class", "loader",
+    "config"}`, plus `batches_read`. Raises UsageError (exit 2) for a bad file or flag, UserModuleError (exit 4)
+    when the user's datamodule raises."""
+    pick = parse_pick(pick)
+    if str(source) == CONFIG_SOURCE:
+        if config is None:
+            raise UsageError("--data config reads the data: section of --config; pass --config FILE too")
+        from ..build.datamodule import build_datamodule, read_data_section, take_batches
+
+        got = take_batches(build_datamodule(read_data_section(config), class_spec=datamodule_class),
+                           max_batches=max_batches)
+        raw, where = got.batches, got.source
+        record: dict[str, Any] = {"kind": "datamodule", "class": got.class_name, "loader": got.loader,
+                                  "config": str(config)}
+    else:
+        from ..data.files import load_batches_file
+        from ..hashing import file_sha256
+
+        path = Path(source)
+        everything = load_batches_file(path)
+        raw = take(iter(everything), max_batches=max_batches)
+        where = f"file {path}"
+        record = {"kind": "file", "path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size,
+                  "batches_in_file": len(everything)}
+    record["batches_read"] = len(raw)
+    prepared = prepare(raw, module, source=where, calibrate=calibrate, pick=pick)
+    return prepared, {**record, **prepared.summary()}
+
+
+class HeldOut:
+    """The held-out verification batches of `--data` and the eager outputs on them, computed once per batch size
+    and shared by every format: as read for programs that take any batch, re-batched to the example's batch size
+    for static-shape programs (ExecuTorch, TFLite, AOTInductor and others without --dynamic-batch)."""
+
+    def __init__(self, target: Any, prepared: Prepared, record: dict[str, Any]) -> None:
+        self.target = target
+        self.prepared = prepared
+        self.record = record
+        self._cache: dict[int | None, tuple[list[Any], list[Any]]] = {}
+
+    def runs(self, batch: int | None) -> tuple[list[Any], list[Any]]:
+        """(batches, the eager module's outputs on each) for programs whose batch size is `batch` (None: any)."""
+        if batch not in self._cache:
+            from ..data.batches import rebatch
+            from ..inputs import detached, run_forward
+
+            batches = self.prepared.verification if batch is None else rebatch(self.prepared.verification, batch)
+            self._cache[batch] = (batches, [detached(run_forward(self.target, b.inputs)) for b in batches])
+        return self._cache[batch]
+
+
+def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
+    """`--data` read once for the run (after the module is built: the batch rule reads forward's signature): the
+    calibration batches for --quantize int8, the held-out ones for every artifact; what was read goes into the
+    report (`data` in the JSON and the manifest) and its notes."""
+    from ..errors import VerificationError
+
+    prepared, record = read_data(opts.data, target, config=opts.config, max_batches=opts.data_batches,
+                                 pick=opts.data_input, calibrate=(opts.quantize or "").strip().lower() == "int8")
+    if opts.data_sha256 and record.get("sha256") != opts.data_sha256:
+        raise VerificationError(
+            f"--data {opts.data} is not the data the manifest records: sha256 {str(record.get('sha256'))[:16]}… vs "
+            f"{opts.data_sha256[:16]}…",
+            hint="Verify with the file the export used, or export again with this one.",
+        )
+    report.warnings.extend(record.get("warnings", []))
+    report.data = record
+    where = record["source"]  # "file data.pt", or "val_dataloader() of pkg.DataModule": the loader used
+    calibration = (f"{record['calibration_batches']} batches ({record['calibration_samples']} samples) calibrate, "
+                   if record["calibration_batches"] else "")
+    report.notes.append(
+        f"--data: {where}: {calibration}{record['verification_batches']} held-out batches "
+        f"({record['verification_samples']} samples) verify every artifact; {record['rule']}"
+    )
+    return HeldOut(target, prepared, record)

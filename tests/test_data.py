@@ -1,0 +1,198 @@
+"""--data's pieces (files and LightningDataModules), the batch rule and agreement (issue 17). Static int8 through
+the CLI, calibrated and verified end to end, is in test_int8.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_export.agreement import DEFAULT_MIN_AGREEMENT, gate, measure, require
+from lightning_export.build.datamodule import build_datamodule, read_data_section, take_batches
+from lightning_export.data.batches import forward_signature, prepare, rebatch, take, to_inputs
+from lightning_export.data.files import load_batches_file
+from lightning_export.errors import UsageError, UserModuleError, VerificationError
+
+
+@pytest.fixture
+def trained(int8_trained: dict) -> dict:
+    return int8_trained
+
+
+# ---- the rule from a batch to forward's arguments --------------------------------------------------------------
+class _Two(nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x * mask
+
+
+class _Named(nn.Module):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return input_ids.float()
+
+
+def test_batch_rule() -> None:
+    x, y, m = torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), torch.ones(4, 3)
+    one, two, named = forward_signature(nn.Linear(3, 2)), forward_signature(_Two()), forward_signature(_Named())
+    inputs, labels, rule = to_inputs(x, one)
+    assert inputs.args[0] is x and labels is None and "tensor" in rule
+    inputs, labels, rule = to_inputs((x, y), one)  # Lightning's (x, y)
+    assert len(inputs.args) == 1 and inputs.args[0] is x and labels is y and "element 0" in rule
+    inputs, labels, _ = to_inputs((x, m), two)  # forward takes 2: both
+    assert inputs.args == (x, m) and labels is None
+    inputs, labels, _ = to_inputs([x, y.float()], one)  # float second element: not labels
+    assert labels is None
+    ids = torch.randint(0, 9, (4, 5))
+    inputs, labels, rule = to_inputs({"input_ids": ids, "attention_mask": m, "labels": y}, named)
+    assert set(inputs.kwargs) == {"input_ids", "attention_mask"} and labels is y and "labels" in rule
+    inputs, labels, _ = to_inputs((y, x), one, pick=1)  # --data-input 1
+    assert inputs.args[0] is x and labels is None
+    inputs, _, _ = to_inputs({"image": x, "y": y}, one, pick="image")
+    assert inputs.args[0] is x
+    for bad in [((x, y), 2), ({"image": x}, "img"), (x, 0)]:
+        with pytest.raises(UsageError):
+            to_inputs(bad[0], one, pick=bad[1])
+    with pytest.raises(UsageError, match="none of which forward takes"):
+        to_inputs({"pixels": x}, named)
+
+
+def test_take_split_and_rebatch() -> None:
+    batches = [(torch.randn(32, 2), torch.randint(0, 2, (32,))) for _ in range(40)]
+    assert len(take(iter(batches))) == 19  # the default reads about 600 samples
+    assert len(take(iter(batches), max_batches=4)) == 4
+    with pytest.raises(UsageError):
+        take(iter(batches), max_batches=0)
+    p = prepare(batches[:4], nn.Linear(2, 2), source="test", calibrate=True)
+    assert [b.index for b in p.calibration] == [0, 2] and [b.index for b in p.verification] == [1, 3]
+    assert p.calibration_samples == 64 and p.has_labels
+    assert any("calibration saw 64 samples" in w for w in p.warnings)  # below ~300: warned
+    assert json.dumps(p.summary())
+    with pytest.raises(UsageError, match="at least 2"):
+        prepare(batches[:1], nn.Linear(2, 2), source="test", calibrate=True)
+    re = rebatch(p.verification, 24)  # 64 samples -> 2 batches of 24, the remainder dropped
+    assert [b.samples for b in re] == [24, 24] and re[1].labels.shape == (24,)
+    assert torch.equal(re[1].inputs.args[0][:8], p.verification[0].inputs.args[0][24:32])
+
+
+# ---- agreement ------------------------------------------------------------------------------------------------
+def test_agreement_and_gate() -> None:
+    eager = [torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])]
+    artifact = [[torch.tensor([[2.0, 1.0], [0.0, 3.0], [0.0, 1.0], [0.0, 1.0]])]]  # one decision flips
+    labels = [torch.tensor([0, 1, 0, -100])]  # -100 is ignore_index
+    a = measure(eager, artifact, labels)
+    assert a.agreement == 0.75 and a.samples == 4
+    assert a.eager_accuracy == 1.0 and a.artifact_accuracy == pytest.approx(2 / 3)
+    problem = gate(a, DEFAULT_MIN_AGREEMENT, what="onnx int8")
+    assert problem and "3 of 4" in problem and "75.00%" in problem and "accuracy 66.67%" in problem
+    with pytest.raises(VerificationError) as e:
+        require(a, 0.99)
+    assert e.value.exit_code == 1
+    assert gate(a, 0.7) is None
+    regression = measure([torch.randn(4, 1)], [[torch.randn(4, 1)]])
+    assert not regression.applicable and gate(regression) is None
+
+
+# ---- --data files: the checkpoint loader's rules ---------------------------------------------------------------
+def test_data_file_loads(trained: dict) -> None:
+    batches = load_batches_file(trained["data"])
+    assert len(batches) == 20 and batches[0][0].shape == (32, 1, 16, 16)
+
+
+def test_data_file_with_a_global_is_refused(tmp_path: Path) -> None:
+    import hostile as H
+
+    marker = tmp_path / "ran"
+    base = tmp_path / "base.pt"
+    torch.save([(torch.zeros(2, 3), H.PLACEHOLDER)], base)
+    evil = H.with_pickle(base, tmp_path / "evil.pt",
+                         lambda pkl: H.splice(pkl, H.call("os", "system", f"touch {marker}")))
+    with pytest.raises(UsageError, match="tries to run code") as e:
+        load_batches_file(evil)
+    assert "--trust-checkpoint" not in str(e.value) and not marker.exists()
+    # A harmless class is not imported either (the checkpoint loader's placeholder), and a data file needs none.
+    odd = H.with_pickle(base, tmp_path / "odd.pt",
+                        lambda pkl: H.splice(pkl, H.call("argparse", "Namespace")))
+    with pytest.raises(UsageError, match="argparse.Namespace"):
+        load_batches_file(odd)
+
+
+def test_data_file_claiming_more_than_it_holds_is_refused(tmp_path: Path) -> None:
+    import struct
+
+    import hostile as H
+
+    # A list holding one batch whose tensor declares 10**9 float32 elements over a 4-byte record.
+    o = H.Ops(proto=True)
+    o.empty_list().mark().tensor("0", "FloatStorage", 10**9, 0, (10**9,), (1,)).appends()
+    records = [("data.pkl", o.stop()), (".format_version", b"1"), (".storage_alignment", b"64"),
+               ("byteorder", b"little"), ("data/0", struct.pack("<f", 1.0)), ("version", b"3\n"),
+               (".data/serialization_id", b"0" * 40)]
+    claims = H.write_torch_zip(tmp_path / "claims.pt", records)
+    assert claims.stat().st_size < 4096
+    with pytest.raises(UsageError, match=r"^--data .*claims.pt is corrupt"):
+        load_batches_file(claims)
+    # A zip directory that places a record past the end of the file.
+    base = tmp_path / "honest.pt"
+    torch.save([torch.zeros(64)], base)
+    data = bytearray(base.read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while at != -1:
+        name_len = struct.unpack("<H", data[at + 28:at + 30])[0]
+        if data[at + 46:at + 46 + name_len].endswith(b"/data/0"):
+            data[at + 20:at + 28] = struct.pack("<II", 1 << 20, 1 << 20)
+        at = data.find(b"PK\x01\x02", at + 4)
+    past = tmp_path / "past.pt"
+    past.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="ends past the end of the file"):
+        load_batches_file(past)
+    with pytest.raises(UsageError, match="not a list of batches"):
+        torch.save(torch.zeros(3), tmp_path / "one.pt")
+        load_batches_file(tmp_path / "one.pt")
+
+
+# ---- datamodules from a config ---------------------------------------------------------------------------------
+def test_datamodule_from_lightningcli_config(trained: dict, tmp_path: Path) -> None:
+    section = read_data_section(trained["config"])
+    assert section.class_path == "fixtures.int8_data.SyntheticDataModule" and section.args["batch_size"] == 32
+    got = take_batches(build_datamodule(section), max_batches=6)
+    assert got.loader == "val_dataloader" and len(got.batches) == 6
+    assert got.source == "val_dataloader() of fixtures.int8_data.SyntheticDataModule"
+    # LightningCLI with a fixed datamodule class saves data: as init arguments only; the class is named apart.
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text("data:\n  batch_size: 16\n")
+    bare = read_data_section(fixed)
+    assert bare.class_path is None
+    with pytest.raises(UsageError, match="names no class"):
+        build_datamodule(bare)
+    only_train = take_batches(build_datamodule(bare, class_spec="fixtures.int8_data:TrainOnlyDataModule"))
+    assert only_train.loader == "train_dataloader" and len(only_train.batches) == 4
+    # LightningDataModule.from_datasets sets its loaders on the instance.
+    import pytorch_lightning as pl
+    from torch.utils.data import TensorDataset
+
+    from fixtures.int8_data import make_images
+
+    made = pl.LightningDataModule.from_datasets(test_dataset=TensorDataset(*make_images(40, 3)), batch_size=10)
+    got = take_batches(made)
+    assert got.loader == "test_dataloader" and len(got.batches) == 4
+
+
+def test_datamodule_that_raises_is_a_user_module_error(trained: dict) -> None:
+    dm = build_datamodule(read_data_section(trained["broken"]))
+    with pytest.raises(UserModuleError, match="dataset not found at /data/imagenet") as e:
+        take_batches(dm)
+    assert e.value.exit_code == 4 and "BrokenDataModule.setup('fit')" in str(e.value)
+
+
+def test_hydra_data_section(tmp_path: Path) -> None:
+    pytest.importorskip("hydra")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("bs: 8\nmodel:\n  _target_: fixtures.int8_data.PatternClassifier\n"
+                   "data:\n  _target_: fixtures.int8_data.SyntheticDataModule\n  batch_size: ${bs}\n"
+                   "  train_size: 16\n  val_size: 24\n  test_size: 8\n")
+    section = read_data_section(cfg)
+    assert section.style == "hydra" and section.args["batch_size"] == 8
+    got = take_batches(build_datamodule(section))
+    assert got.loader == "val_dataloader" and [b[0].shape[0] for b in got.batches] == [8, 8, 8]
