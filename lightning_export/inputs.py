@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, UserModuleError
@@ -128,20 +127,8 @@ def embedding_vocabulary(module: Any) -> int | None:
     return None
 
 
-def from_file(path: str | Path) -> Inputs:
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--example-inputs {p}: file not found")
-    try:
-        value = torch.load(str(p), weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise UsageError(
-            f"--example-inputs {p}: cannot load it with weights_only ({type(e).__name__}: {str(e).splitlines()[0]})",
-            hint="Save a tensor, a tuple/list of tensors (nesting allowed) or a dict of them with torch.save.",
-        ) from e
-    return from_value(value)
+# What an --example-inputs file holds (it is loaded like a checkpoint: data.files.load_tensor_file).
+FILE_HINT = "Save a tensor, a tuple/list of tensors (nesting allowed) or a dict of them with torch.save."
 
 
 def from_module(target: Any, lightning_module: Any) -> Inputs | None:

@@ -128,3 +128,38 @@ def test_default_onnx_names_flatten_dicts_and_never_clash() -> None:
     assert io_names(M(), example, torch.zeros(1), [], []) == (("batch_x", "batch_m_0", "output"), ())
     with pytest.raises(UsageError, match="both an input and an output name"):
         io_names(M(), example, torch.zeros(1), [], ["batch_x"])
+
+
+# --example-inputs files are loaded like checkpoints (data.files.load_tensor_file): weights_only, bounded, CRC-checked
+def test_example_inputs_file_is_used_for_export_and_verification(ckpts, tmp_path) -> None:
+    from conftest import invoke
+
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(5))
+    torch.save((x,), tmp_path / "ex.pt")
+    res = invoke(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--attr", "model",
+                 "--to", "onnx", "--example-inputs", tmp_path / "ex.pt", "--output-dir", tmp_path / "out", "--json")
+    assert res.code == 0, res
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "out" / "classifier.onnx")).graph  # exported at the file's batch of 3
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [3, 10]
+
+
+@pytest.mark.parametrize("make", ["expanded", "global"])
+def test_hostile_example_inputs_files_are_refused(ckpts, tmp_path, make) -> None:
+    """A 2 kB file claiming 4 GB, or naming a global, is exit 2 naming the flag; nothing is written."""
+    import hostile as H
+    from conftest import invoke
+
+    path = tmp_path / "ex.pt"
+    if make == "expanded":
+        torch.save((torch.zeros(1).expand(10**9),), path)
+        assert path.stat().st_size < 4096
+    else:
+        H.save_with_fragment(path, H.call("os", "system", "touch PWNED"), where="top")
+    res = invoke(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--attr", "model",
+                 "--to", "onnx", "--example-inputs", path, "--output-dir", tmp_path / "out", "--json")
+    assert res.code == 2, res
+    message = res.json()["error"]["message"]
+    assert message.startswith(f"--example-inputs {path}"), message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -32,6 +32,13 @@ def load_batches_file(path: str | os.PathLike[str], *, max_growth: float | None 
     crafted (records outside the file, tensors claiming more bytes than the file holds, a zip bomb), holds a
     global weights_only refuses (any class or function other than torch's tensor rebuilders), or does not hold a
     non-empty list of batches of tensors."""
+    p = Path(path)
+    return _as_batch_list(load_tensor_file(p, "--data", FILE_HINT, max_growth=max_growth), p)
+
+
+def load_tensor_file(path: Path, flag: str, hint: str, *, max_growth: float | None = None) -> Any:
+    """What a torch.save file of tensors in lists, tuples and dicts holds (`--data`, `--example-inputs`), loaded
+    by the checkpoint loader under all its checks; every failure is a UsageError naming `flag PATH`."""
     from ..bounded import TooDeep
     from ..safeload.archive import DEFAULT_MAX_GROWTH
     from ..safeload.loader import load_verified
@@ -44,28 +51,27 @@ def load_batches_file(path: str | os.PathLike[str], *, max_growth: float | None 
         held = unloaded_in(obj)
         if held:
             # The checkpoint loader turns globals it may not import into inert placeholders (hparams often hold
-            # them); a batch of data never needs one.
+            # them); data never needs one.
             raise UsageError(
-                f"--data {p}: it names {', '.join(sorted(set(held))[:5])}, which weights_only loading does not "
-                "allow; a --data file holds only tensors, numbers and strings in lists, tuples and dicts",
-                hint=FILE_HINT,
+                f"{flag} {p}: it names {', '.join(sorted(set(held))[:5])}, which weights_only loading does not "
+                f"allow; a {flag} file holds only tensors, numbers and strings in lists, tuples and dicts",
+                hint=hint,
             )
         try:
             tensors = _tensors(obj)
         except TooDeep as e:
-            raise UsageError(f"--data {p}: {e}", hint=FILE_HINT) from None
+            raise UsageError(f"{flag} {p}: {e}", hint=hint) from None
         return obj, tensors
 
     try:
-        obj = load_verified(p, select, trust=False, allow_globals=(), max_growth=growth)
+        return load_verified(p, select, trust=False, allow_globals=(), max_growth=growth)
     except CheckpointError as e:
-        # The checkpoint loader's words ("checkpoint not found", "not a checkpoint file") read as the --data file.
+        # The checkpoint loader's words ("checkpoint not found", "not a checkpoint file") read as this file.
         text = e.message.replace("checkpoint file", "torch.save file").replace("checkpoint", "file")
-        # --allow-global and --trust-checkpoint are the checkpoint's flags: a --data file never needs them.
-        hint = e.hint if e.hint and "--max-growth" in e.hint else FILE_HINT
-        message = f"--data {p}{text[len(str(p)):]}" if text.startswith(str(p)) else f"--data {p}: {text}"
-        raise UsageError(message, hint=hint) from e
-    return _as_batch_list(obj, p)
+        # --allow-global and --trust-checkpoint are the checkpoint's flags: a data file never needs them.
+        said = e.hint if e.hint and "--max-growth" in e.hint else hint
+        message = f"{flag} {p}{text[len(str(p)):]}" if text.startswith(str(p)) else f"{flag} {p}: {text}"
+        raise UsageError(message, hint=said) from e
 
 
 def _tensors(obj: Any) -> dict[str, Any]:

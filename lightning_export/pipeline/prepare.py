@@ -14,6 +14,7 @@ from ..build.arguments import constructor_arguments
 from ..build.configs import read_model_section
 from ..build.importing import resolve_class
 from ..build.module import build_module, seeded
+from ..data.files import load_tensor_file
 from ..errors import CheckpointError, UsageError, UserModuleError
 from ..formats import REGISTRY, ExportContext
 from ..formats._int8 import check_int8_request
@@ -97,7 +98,8 @@ def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightnin
         vocab = inputs.embedding_vocabulary(target) if target is not None else None
         return inputs.from_specs(specs, opts.seed, int_high=vocab), "from --input"
     if opts.example_inputs:
-        return inputs.from_file(opts.example_inputs), f"from --example-inputs {opts.example_inputs}"
+        value = load_tensor_file(opts.example_inputs, "--example-inputs", inputs.FILE_HINT, max_growth=opts.max_growth)
+        return inputs.from_value(value), f"from --example-inputs {opts.example_inputs}"
     own = getattr(target, "example_input_array", None)
     example = inputs.from_module(target, lightning_module)
     if example is not None:
