@@ -34,7 +34,7 @@ def iter_containers(value: Any, max_depth: int = MAX_DEPTH) -> Iterator[Any]:
             raise TooDeep(f"nested more than {max_depth} levels deep")
         seen.add(id(obj))
         yield obj
-        children = obj.values() if isinstance(obj, dict) else obj
+        children = dict.values(obj) if isinstance(obj, dict) else obj  # a pickle may shadow .values
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list, tuple)))
 
 

@@ -449,6 +449,17 @@ def hparams_deep(path: Path, base: Path | None = None, depth: int = 100_000, kin
     return save_with_fragment(path, frag, base=base)
 
 
+def hparams_shadowing(path: Path, base: Path | None = None) -> Path:
+    """hyper_parameters["payload"]: an OrderedDict whose pickle BUILDs instance attributes named like its own
+    methods (items, values, get, keys = None): every walk that calls them would fail (a fuzzed file found it)."""
+    o = Ops(2_000_000)
+    o.ordered_dict().empty_dict().mark()
+    for name in ("items", "values", "get", "keys", "__len__"):
+        o.str(name).none()
+    o.setitems().build()
+    return save_with_fragment(path, bytes(o.b), base=base)
+
+
 def hparams_allocation(path: Path, base: Path | None = None, what: str = "bytearray", n: int = 3_000_000_000) -> Path:
     """A kilobyte file whose hyper_parameters ask an allowlisted constructor for `n` elements: `bytearray(n)` (3 GB
     of zeros the unpickler writes) or `torch.Tensor(n)` (12 GB, uninitialised)."""

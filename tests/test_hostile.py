@@ -325,6 +325,9 @@ CASES: dict[str, Case] = {
         _hparams(lambda p, base, what=what: H.hparams_allocation(p, base, what), module), _c(3),
         needles=("memory",), max_rss=500 << 20, human=not module, unlimited=True)
        for what, n in (("bytearray", "3e9"), ("tensor", "3e9")) for module in (False, True)},
+    # A fuzzed file (an OrderedDict BUILDing values=None) made a walk call None: exit 70 before.
+    "hparams-shadowed-methods": Case(_hparams(H.hparams_shadowing, False), _c(0), on_success=_published("hp.pt")),
+    "hparams-shadowed-methods-module": Case(_hparams(H.hparams_shadowing, True), _c(0)),
     "stride0-1e12-elements": Case(_stride0, _c(3)),
     "expand-1e9-in-2kb": Case(_expanded, _c(3)),
     "zip-bomb-1.5mb": Case(_bomb, _c(3)),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..address_space import bounded, is_allocation_failure
+from ..bounded import MAX_DEPTH
 from ..errors import CheckpointError
 from ..userpath import ensure_cwd_importable
 from .archive import (
@@ -166,6 +167,32 @@ def _same(obj: Any) -> Any:
     return obj
 
 
+def _unshadowed(obj: Any) -> Any:
+    """`obj` with the instance attributes that shadow their type's own (an OrderedDict whose pickle BUILDs
+    `items = None`, a tensor given `numel`) removed: every walk over the file's objects calls those methods, and data
+    never needs such a name. Each container once, bounded by what the file holds; deeper than MAX_DEPTH is left to
+    the walks that refuse it."""
+    import torch
+
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if id(v) in seen or depth > MAX_DEPTH or not isinstance(v, (dict, list, tuple, torch.Tensor)):
+            continue
+        seen.add(id(v))
+        attrs = getattr(v, "__dict__", None) if isinstance(v, (dict, torch.Tensor)) else None
+        if isinstance(attrs, dict):
+            for name in [n for n in dict.keys(attrs) if isinstance(n, str) and hasattr(type(v), n)]:
+                del attrs[name]
+            stack.extend((c, depth + 1) for c in dict.values(attrs))
+        if isinstance(v, dict):
+            stack.extend((c, depth + 1) for c in dict.values(v))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((c, depth + 1) for c in v)
+    return obj
+
+
 def _weights_only_load(path: Path, safe: list[Any], kwargs: dict[str, Any]) -> Any:
     import warnings
 
@@ -175,7 +202,7 @@ def _weights_only_load(path: Path, safe: list[Any], kwargs: dict[str, Any]) -> A
     with ctx, warnings.catch_warnings():
         # torch warns about pickle protocols and legacy formats; the user gets one clear message instead.
         warnings.simplefilter("ignore")
-        return torch.load(str(path), **kwargs)
+        return _unshadowed(torch.load(str(path), **kwargs))
 
 
 def _unloaded_globals(path: Path, safe: list[Any]) -> list[str]:
