@@ -47,7 +47,7 @@ def _graph_names(path) -> tuple[list[str], list[str]]:
 
 
 def test_onnx_default_names_come_from_forward_and_the_outputs(ckpts, tmp_path) -> None:
-    from tests.conftest import invoke
+    from conftest import invoke
 
     res = invoke(ckpts["multi_input"], "--module", "fixtures.modules:MultiInputTupleOutput", "--to", "onnx",
                  "-o", tmp_path / "m.onnx", "--json")
@@ -60,7 +60,7 @@ def test_onnx_default_names_come_from_forward_and_the_outputs(ckpts, tmp_path) -
 def test_custom_onnx_names_reach_the_graph_the_report_and_the_manifest(ckpts, tmp_path) -> None:
     import json
 
-    from tests.conftest import invoke, run_lexport
+    from conftest import invoke, run_lexport
 
     res = invoke(ckpts["multi_input"], "--module", "fixtures.modules:MultiInputTupleOutput", "--to", "onnx",
                  "-o", tmp_path / "m.onnx", "--input-names", "features", "--input-names", "extra",
@@ -77,7 +77,7 @@ def test_custom_onnx_names_reach_the_graph_the_report_and_the_manifest(ckpts, tm
 
 
 def test_onnx_names_that_do_not_fit_are_usage_errors(ckpts, tmp_path) -> None:
-    from tests.conftest import invoke
+    from conftest import invoke
 
     common = (ckpts["multi_input"], "--module", "fixtures.modules:MultiInputTupleOutput", "--to", "onnx",
               "--output-dir", tmp_path)

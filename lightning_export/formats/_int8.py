@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, UsageError, describe_exception
-from . import ExportContext, Written
+from . import ExportContext, Written, require_installed
 
 INT8_FORMATS = ("onnx", "executorch", "openvino")
-OPENVINO_HINT = "Install it with: pip install openvino nncf"
+OPENVINO_HINT = "Install it with: pip install 'lightning-export[openvino]' (or pip install openvino nncf)."
 
 
 def _samples(calibration: list[Any]) -> int:
@@ -413,6 +413,8 @@ def check_int8_request(format_names: list[str], has_data: bool) -> None:
     for name in format_names:
         if name not in WRITERS:
             raise _refuse(name)
+    if "openvino" in format_names:
+        require_installed(require_openvino)  # nncf, OpenVINO's quantizer: exit 2 before any slow work
 
 
 def with_int8(fmt: Any) -> Any:
