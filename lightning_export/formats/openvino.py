@@ -212,11 +212,6 @@ def _sniff(s: Any) -> bool:
     return start.lstrip().startswith(b"<net ")
 
 
-def size_estimate(ctx: ExportContext) -> int:
-    """The `.bin` holds the weights (float32 by default), the `.xml` a few kB per op: graph formats' estimate."""
-    return graph_estimate(ctx)
-
-
 register(
     Format(
         "openvino",
@@ -228,7 +223,7 @@ register(
         atol=1e-4,
         rtol=1e-4,
         dynamic_batch=True,
-        size_estimate=size_estimate,
+        size_estimate=graph_estimate,  # the .bin holds the weights (float32 by default), the .xml a few kB per op
         sniff=_sniff,
         companions=companions,
         check=installed_check(require),
