@@ -131,6 +131,26 @@ def test_verify_with_manifest_fails_when_the_file_changed(release: dict, tmp_pat
     assert any("differs from the manifest" in p for p in problems)
 
 
+def test_verify_with_manifest_never_takes_a_same_named_file_from_the_current_directory(release: dict,
+                                                                                        tmp_path: Path) -> None:
+    """Paths are the manifest's: a stray file of the same name where verify runs is not the artifact (it made a
+    correct manifest fail before)."""
+    out, _ = release["runs"][0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    (st,) = [a for a in manifest["artifacts"] if a["format"] == "safetensors"]
+    stage = tmp_path / "stage2"
+    stage.mkdir()
+    shutil.copyfile(out / st["path"], stage / Path(st["path"]).name)
+    manifest["artifacts"] = [dict(st, path=Path(st["path"]).name)]
+    manifest["checkpoint"]["path"] = str(release["ckpt"])
+    manifest["options"]["config"] = str(release["config"])
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / Path(st["path"]).name).write_bytes(b"junk")  # same name, in the current directory
+    res = run_lexport("verify", "--manifest", stage / "manifest.json", "--json", cwd=tmp_path)
+    assert res.code == 0, res
+    assert res.json()["artifacts"][0]["path"] == str(stage / Path(st["path"]).name)
+
+
 def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict, tmp_path: Path) -> None:
     """Typed zeros are options too; a manifest's seed and input count are used when the command line is silent."""
     out, _ = release["runs"][0]

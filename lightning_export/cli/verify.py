@@ -128,11 +128,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _locate(path: Path, base: Path) -> Path:
-    """A recorded path as it was given (from the current directory), else relative to the manifest's directory,
-    else beside the manifest (a later CI stage downloads them together)."""
-    if path.exists() or path.is_absolute():
+    """A recorded path: relative to the manifest's directory (as the manifest writes them), else beside the manifest
+    (a later CI stage downloads them together). Never a file of the same name in the current directory: that would
+    check another file than the one the manifest names."""
+    if path.is_absolute():
         return path
     if (base / path).exists():
         return base / path
     beside = base / path.name
-    return beside if beside.exists() else path
+    return beside if beside.exists() else base / path
