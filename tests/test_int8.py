@@ -93,6 +93,21 @@ def test_int8_from_a_lightningcli_datamodule(int8_trained: dict, tmp_path: Path)
 
 
 @pytest.mark.skipif("onnx" not in INT8, reason="needs onnxruntime")
+def test_int8_onnx_keeps_the_graph_names(int8_trained: dict, tmp_path: Path) -> None:
+    """The int8 graph is named as the fp32 one: the defaults, or --input-names/--output-names (they were ignored)."""
+    import onnx
+
+    for extra, names in (((), (["x"], ["output"])), (("--input-names", "image", "--output-names", "logits"),
+                                                      (["image"], ["logits"]))):
+        out = tmp_path / "-".join(names[0])
+        res = invoke(int8_trained["ckpt"], "--module", MODULE, "--to", "onnx", "--quantize", "int8", "--data",
+                     int8_trained["data"], "--min-agreement", "0.98", "--output-dir", out, *extra)
+        assert res.code == 0, res.stdout + res.stderr
+        graph = onnx.load(str(next(out.glob("*.onnx")))).graph
+        assert ([i.name for i in graph.input], [o.name for o in graph.output]) == names
+
+
+@pytest.mark.skipif("onnx" not in INT8, reason="needs onnxruntime")
 def test_int8_whose_decisions_drift_fails_with_the_figure(int8_trained: dict, tmp_path: Path) -> None:
     """Calibration batches (even positions) scaled x100: the activation ranges are 100x too wide, most int8 steps
     fall where the data never is, and the held-out decisions drift. Exit 1 with the agreement figure. fp32 with

@@ -130,7 +130,8 @@ def _onnx_feed(inputs: Any, names: list[str], all_names: list[str] | None) -> di
 
 
 def write_onnx_int8(module: Any, example: Any, calibration: list[Any], path: Path, *,
-                    opset: int | None = None) -> Written:
+                    opset: int | None = None, input_names: tuple[str, ...] = (),
+                    output_names: tuple[str, ...] = ()) -> Written:
     """Static int8 ONNX (QDQ) of `module`, calibrated on `calibration`; see the module docstring."""
     _check(calibration)
     try:
@@ -147,7 +148,9 @@ def write_onnx_int8(module: Any, example: Any, calibration: list[Any], path: Pat
     from ._graph import exporting
     from .onnx import write as write_fp32
 
-    ctx = ExportContext(target=module, state_dict={}, example=example, opset=opset, dynamic_batch=True)
+    # The graph's names are the run's (--input-names/--output-names, else the defaults the fp32 ONNX gets).
+    ctx = ExportContext(target=module, state_dict={}, example=example, opset=opset, dynamic_batch=True,
+                        input_names=tuple(input_names), output_names=tuple(output_names))
     path = Path(path)
     with _WorkDir(path) as work:
         fp32 = work / "fp32" / "model.onnx"
@@ -364,7 +367,8 @@ def _refuse(format_name: str) -> UsageError:
         return UsageError(
             "--quantize int8 is not supported for tflite: litert-torch's quantizer path (PT2E with its own "
             "quantizer, calibrated and converted before lowering) is not wired into lexport",
-            hint=f"--quantize int8 applies to {', '.join(INT8_FORMATS)}; tflite exports in fp32 (or --precision fp16).",
+            hint=f"--quantize int8 applies to {', '.join(INT8_FORMATS)}; export tflite without --quantize (fp32: "
+            "LiteRT's CPU kernels compute in float32).",
         )
     return UsageError(
         f"--quantize int8 applies to {', '.join(INT8_FORMATS)}, not {format_name}",
@@ -373,12 +377,14 @@ def _refuse(format_name: str) -> UsageError:
     )
 
 
-def write_int8(format_name: str, module: Any, example: Any, calibration: list[Any], path: Path) -> Written:
-    """The static int8 writer of `format_name`; UsageError for a format without one."""
+def write_int8(format_name: str, module: Any, example: Any, calibration: list[Any], path: Path,
+               **options: Any) -> Written:
+    """The static int8 writer of `format_name` (`options`: the format's own, e.g. ONNX's opset and names);
+    UsageError for a format without one."""
     writer = WRITERS.get(format_name)
     if writer is None:
         raise _refuse(format_name)
-    return writer(module, example, calibration, Path(path))
+    return writer(module, example, calibration, Path(path), **options)
 
 
 def load_int8(format_name: str, path: Path) -> Any:
@@ -427,7 +433,10 @@ def with_int8(fmt: Any) -> Any:
         raise _refuse(fmt.name)
 
     def write(ctx: ExportContext, path: Path) -> Written:
-        return write_int8(fmt.name, ctx.target, ctx.example, list(getattr(ctx, "calibration", None) or []), path)
+        options = ({"opset": ctx.opset, "input_names": ctx.input_names, "output_names": ctx.output_names}
+                   if fmt.name == "onnx" else {})
+        return write_int8(fmt.name, ctx.target, ctx.example, list(getattr(ctx, "calibration", None) or []), path,
+                          **options)
 
     extra: dict[str, Any] = {}
     inner_estimate = getattr(fmt, "size_estimate", None)
