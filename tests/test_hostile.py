@@ -31,7 +31,7 @@ from pathlib import Path
 import hostile as H
 import pytest
 import torch
-from conftest import REPO, address_space_limit, limited_env
+from conftest import REPO, address_space_limit, baseline_rss, limited_env
 
 CLASSIFIER = "fixtures.modules:MyClassifierModule"
 # Address-space limit for the child: torch, Lightning, onnxruntime and a full 5-format export of the fixture run
@@ -369,7 +369,11 @@ def _common_checks(name: str, case: Case, run: Run, tmp: Path, out: Path, before
     assert run.code >= 0, f"{name}: killed by signal {-run.code}: {run}"
     assert run.code in case.codes, f"{name}: exit {run.code}, expected one of {sorted(case.codes)}: {run}"
     assert "Traceback" not in run.stdout + run.stderr, run
-    assert run.max_rss < (case.max_rss or MAX_RSS), f"{name}: peak RSS {run.max_rss >> 20} MiB: {run}"
+    # A tighter bound is the case's (issue 15: 500 MB for the bytearray bomb, measured with the CPU build of torch),
+    # raised by however much more than that build's 450 MB importing the dependencies keeps resident here (430 MB
+    # with torch 2.13+cpu; 711 MB with 2.14.1+cu130).
+    bound = case.max_rss + max(0, baseline_rss() - (450 << 20)) if case.max_rss else MAX_RSS
+    assert run.max_rss < bound, f"{name}: peak RSS {run.max_rss >> 20} MiB (bound {bound >> 20} MiB): {run}"
     assert _input_state(tmp) == before, f"{name}: the input directory changed"
     leftovers = [str(p) for p in tmp.rglob(".lexport-tmp-*")]
     assert not leftovers, leftovers
