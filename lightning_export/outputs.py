@@ -467,7 +467,17 @@ class TerminateOnSignal:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 break
+        self._old_hook = sys.unraisablehook
+        if self._old:
+            sys.unraisablehook = self._unraisable
         return self
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """Our KeyboardInterrupt raised where Python can only print it ("Exception ignored in" an import lock's
+        callback, a finalizer) is not printed: the signal is remembered and raised at the next phase."""
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _requested is not None:
+            return
+        self._old_hook(unraisable)
 
     @staticmethod
     def _handle(signum: int, frame: object) -> None:
@@ -482,6 +492,8 @@ class TerminateOnSignal:
         global _requested
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._old:
+            sys.unraisablehook = self._old_hook
         self._old = {}
         _requested = None  # the run is over: the signal was raised (or the run ended first); the next run starts clean
 

@@ -112,18 +112,24 @@ def test_verify_fails_on_a_changed_onnx_initializer(release: dict, tmp_path: Pat
     assert res.json()["artifacts"][0]["format"] == "onnx"
 
 
-def test_verify_with_manifest_fails_when_the_file_changed(release: dict, tmp_path: Path) -> None:
+def _staged_safetensors(release: dict, stage: Path) -> tuple[dict, Path]:
+    """A later CI stage: the release's manifest naming only its safetensors artifact, which `stage` will hold beside
+    the manifest; returns (manifest, the artifact in the first run's folder)."""
     out, _ = release["runs"][0]
     manifest = json.loads((out / "manifest.json").read_text())
     (st,) = [a for a in manifest["artifacts"] if a["format"] == "safetensors"]
-    copy_dir = tmp_path / "stage2"
-    copy_dir.mkdir()
-    src = out / st["path"]
-    (n,) = struct.unpack("<Q", src.read_bytes()[:8])
-    _changed_copy(src, copy_dir / src.name, 8 + n + 5)
-    manifest["artifacts"] = [dict(st, path=src.name)]  # a later stage: files beside the manifest
+    stage.mkdir()
+    manifest["artifacts"] = [dict(st, path=Path(st["path"]).name)]
     manifest["checkpoint"]["path"] = str(release["ckpt"])
     manifest["options"]["config"] = str(release["config"])
+    return manifest, out / st["path"]
+
+
+def test_verify_with_manifest_fails_when_the_file_changed(release: dict, tmp_path: Path) -> None:
+    copy_dir = tmp_path / "stage2"
+    manifest, src = _staged_safetensors(release, copy_dir)
+    (n,) = struct.unpack("<Q", src.read_bytes()[:8])
+    _changed_copy(src, copy_dir / src.name, 8 + n + 5)
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     res = run_lexport("verify", "--manifest", copy_dir / "manifest.json", "--json", cwd=tmp_path)
     assert res.code == 1, res
@@ -135,20 +141,14 @@ def test_verify_with_manifest_never_takes_a_same_named_file_from_the_current_dir
                                                                                         tmp_path: Path) -> None:
     """Paths are the manifest's: a stray file of the same name where verify runs is not the artifact (it made a
     correct manifest fail before)."""
-    out, _ = release["runs"][0]
-    manifest = json.loads((out / "manifest.json").read_text())
-    (st,) = [a for a in manifest["artifacts"] if a["format"] == "safetensors"]
     stage = tmp_path / "stage2"
-    stage.mkdir()
-    shutil.copyfile(out / st["path"], stage / Path(st["path"]).name)
-    manifest["artifacts"] = [dict(st, path=Path(st["path"]).name)]
-    manifest["checkpoint"]["path"] = str(release["ckpt"])
-    manifest["options"]["config"] = str(release["config"])
+    manifest, src = _staged_safetensors(release, stage)
+    shutil.copyfile(src, stage / src.name)
     (stage / "manifest.json").write_text(json.dumps(manifest))
-    (tmp_path / Path(st["path"]).name).write_bytes(b"junk")  # same name, in the current directory
+    (tmp_path / src.name).write_bytes(b"junk")  # same name, in the current directory
     res = run_lexport("verify", "--manifest", stage / "manifest.json", "--json", cwd=tmp_path)
     assert res.code == 0, res
-    assert res.json()["artifacts"][0]["path"] == str(stage / Path(st["path"]).name)
+    assert res.json()["artifacts"][0]["path"] == str(stage / src.name)
 
 
 def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict, tmp_path: Path) -> None:
@@ -184,19 +184,14 @@ def test_manifest_may_not_be_an_artifact(release: dict, tmp_path: Path) -> None:
 
 def test_verify_with_manifest_fails_when_the_checkpoint_changed(release: dict, tmp_path: Path) -> None:
     """The manifest records the checkpoint's sha256: a different file at its path is not the release's."""
-    out, _ = release["runs"][0]
-    manifest = json.loads((out / "manifest.json").read_text())
-    (st,) = [a for a in manifest["artifacts"] if a["format"] == "safetensors"]
     stage = tmp_path / "stage"
-    stage.mkdir()
-    shutil.copy(out / st["path"], stage / Path(st["path"]).name)
+    manifest, src = _staged_safetensors(release, stage)
+    shutil.copy(src, stage / src.name)
     ckpt = stage / "cli.ckpt"
     raw = torch.load(str(release["ckpt"]), weights_only=True)
     raw["epoch"] = 99  # same weights, another file
     torch.save(raw, str(ckpt))
-    manifest["artifacts"] = [dict(st, path=Path(st["path"]).name)]
     manifest["checkpoint"]["path"] = ckpt.name
-    manifest["options"]["config"] = str(release["config"])
     (stage / "manifest.json").write_text(json.dumps(manifest))
     res = invoke("verify", "--manifest", stage / "manifest.json", "--json")
     assert res.code == 1, res
