@@ -5,7 +5,8 @@ torch's weights_only unpickler builds only allowlisted objects, but some of them
 allowlisted constructor asks for would need a copy of the unpickler; the kernel counts it for free. Inside
 `bounded(extra)` the soft RLIMIT_AS is the address space mapped now plus `extra`: an allocation beyond it fails with
 MemoryError (or RuntimeError from torch's allocator), which the caller turns into its own error. The previous limit
-is restored on exit. A no-op where the platform has no RLIMIT_AS (Windows) or its limit is already lower.
+is restored on exit. A no-op where the platform has no RLIMIT_AS (Windows), no /proc to read the mapped size from
+(macOS), or its limit is already lower.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The folders are real: 2 gloo ranks on CPU (fixtures/make_sharded.py), either DTe
 torch.distributed.checkpoint.save({"model": ..., "optimizer_0": ...}) plus meta.pt, as FSDPStrategy does, or a real
 pl.Trainer with ModelParallelStrategy (FSDP2), which stores the weights under "state_dict".
 
-Tests named test_cli_* run the real CLI on such folders (checkpoint.load_checkpoint hands folders to sharded.py).
+Tests named test_cli_* run the real CLI on such folders (sources.load_checkpoint hands folders to sources/dcp.py).
 """
 
 from __future__ import annotations

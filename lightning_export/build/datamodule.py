@@ -1,6 +1,6 @@
 """`--data config`: the user's LightningDataModule from the `data:` section of `--config`, and its batches.
 
-Built by the engine that wrote the config, as the model is (configs.py): a LightningCLI `data: {class_path,
+Built by the engine that wrote the config, as the model is (build/configs.py): a LightningCLI `data: {class_path,
 init_args}` through jsonargparse (LightningCLI's own engine, driven by the class's signature and type hints), a
 Hydra `data: {_target_: ...}` through Hydra's `instantiate` after OmegaConf resolves its interpolations.
 
@@ -82,7 +82,8 @@ def build_datamodule(section: DataSection, *, class_spec: str | None = None) -> 
         raise UsageError(
             "--data config: the config's data: section names no class (LightningCLI saves it so when the "
             "datamodule class is fixed in the script)",
-            hint="Name the class with --datamodule pkg.module:DataModule.",
+            hint="Add the class to the data: section (data: {class_path: pkg.module.DataModule, init_args: {...}}), "
+            "or save the batches to a file and pass --data FILE.pt.",
         )
     cls = import_object(spec, what="data: class_path")
     if lightning_base(cls, "LightningDataModule") is None:

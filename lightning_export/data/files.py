@@ -1,6 +1,6 @@
 """`--data FILE.pt`: a list of batches saved with torch.save, loaded under the checkpoint loader's rules.
 
-The file goes through `checkpoint.load_verified`, the loader every checkpoint file goes through: a regular file
+The file goes through `safeload.loader.load_verified`, the loader every checkpoint file goes through: a regular file
 only (no FIFO, no device), its zip directory checked before torch reads it (records inside the file, no overlaps,
 no zip bomb past the growth bound), weights_only unpickling (never retried without it), and then every tensor in
 it is proven to lie inside its storage, the storages to be bounded by the file's size, and their bytes to match

@@ -1,7 +1,7 @@
 """Reduced precision (`--precision fp16|bf16`) and int8 quantization (`--quantize int8-dynamic`; `--quantize int8`,
 static, is formats/_int8.py's `with_int8`, routed here).
 
-Both are wrappers around a registered graph Format, so no format module and neither `verify.py` nor the CLI
+Both are wrappers around a registered graph Format, so no format module and neither the pipeline nor the CLI
 needs to know about them:
 
 - `with_precision(fmt, "fp16")` returns a Format whose `write` exports the target with its floating parameters and

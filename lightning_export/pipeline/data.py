@@ -1,4 +1,4 @@
-"""One call for the pipeline: `--data SOURCE` (+ `--config`, `--data-batches`, `--data-input`, `--datamodule`) to
+"""One call for the pipeline: `--data SOURCE` (+ `--config`, `--data-batches`, `--data-input`) to
 the calibration and verification batches, with what the report and the manifest record about them."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ def read_data(
     config: str | os.PathLike[str] | None = None,
     max_batches: int | None = None,
     pick: str | int | None = None,
-    datamodule_class: str | None = None,
     calibrate: bool = False,
 ) -> tuple[Prepared, dict[str, Any]]:
     """(the mapped, split batches; the record of the source for the JSON and the manifest).
@@ -38,7 +37,7 @@ def read_data(
             raise UsageError("--data config reads the data: section of --config; pass --config FILE too")
         from ..build.datamodule import build_datamodule, read_data_section, take_batches
 
-        got = take_batches(build_datamodule(read_data_section(config), class_spec=datamodule_class),
+        got = take_batches(build_datamodule(read_data_section(config)),
                            max_batches=max_batches)
         raw, where = got.batches, got.source
         record: dict[str, Any] = {"kind": "datamodule", "class": got.class_name, "loader": got.loader,
