@@ -132,12 +132,6 @@ def installed(module: str) -> bool:
         return False
 
 
-def needs(*modules: str) -> pytest.MarkDecorator:
-    """Skip unless every module is importable (`@needs("executorch")`)."""
-    missing = [m for m in modules if not installed(m)]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (an optional extra: pip install -e '.[dev,all]')")
-
-
 def available_formats(names: str | list[str]) -> list[str]:
     """`names` without the formats whose optional extra is missing here (all of them where `make test` installed)."""
     wanted = names.split(",") if isinstance(names, str) else list(names)
