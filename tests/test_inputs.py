@@ -98,6 +98,7 @@ def test_ort_runner_feeds_by_name_when_the_exporter_dropped_an_unused_input(tmp_
     """The TorchScript-based exporter drops inputs the graph does not use; the runner must not shift the rest."""
     from lightning_export.formats import ExportContext
     from lightning_export.formats import onnx as onnx_format
+    from lightning_export.formats.onnx import OnnxOptions
     from lightning_export.inputs import Inputs
 
     class IgnoresB(nn.Module):
@@ -105,7 +106,7 @@ def test_ort_runner_feeds_by_name_when_the_exporter_dropped_an_unused_input(tmp_
             return a * 2 + c
 
     example = Inputs((torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)), {})
-    ctx = ExportContext(target=IgnoresB(), state_dict={}, example=example, opset=17)
+    ctx = ExportContext(target=IgnoresB(), state_dict={}, example=example, options=OnnxOptions(opset=17))
     written = onnx_format.write(ctx, tmp_path / "m.onnx")
     assert written.exporter == "torch.onnx.torchscript" and written.info["inputs"] == ["a", "c"]
     assert any("dropped" in n and "b" in n for n in written.notes)

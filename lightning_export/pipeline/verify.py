@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, VerificationError, error_json
-from ..formats import detect_format
-from ..formats._graph import quiet_torch_logs
+from ..formats import detect_format, quiet_torch_logs
 from ..hashing import file_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact, failed
@@ -65,7 +64,7 @@ def _verify(opts: ExportOptions, report: Report, step: Step, existing: dict[Path
     for fmt in formats:
         with artifact_step(fmt, report, step, "verifying") as result:
             path = paths[fmt.name]
-            _check_existing(fmt, prepared.ctx, path, existing[path], opts, prepared.refs, result)
+            _check_existing(fmt, prepared.context_for(fmt), path, existing[path], opts, prepared.refs, result)
     say_what_else_worked(report)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = prepared.ckpt.sha256
