@@ -84,11 +84,18 @@ RUN_MANIFEST_OPTIONS: dict[str, bool] = {
     "max_growth": True, "meta_build": False, "precision": True, "quantize": True, "data": True,
     "data_batches": True, "data_input": True, "min_agreement": True,
 }
-MANIFEST_OPTIONS: dict[str, bool] = {
-    **RUN_MANIFEST_OPTIONS,
-    **{f.name: bool(f.metadata.get("verify_takes", False)) for fmt in REGISTRY.values()
-       for f in dataclasses.fields(fmt.options) if hasattr(ExportOptions, f.name)},
-}
+
+
+def manifest_options() -> dict[str, bool]:
+    """The run's options and every registered format's own (those that are run options too)."""
+    return {
+        **RUN_MANIFEST_OPTIONS,
+        **{f.name: bool(f.metadata.get("verify_takes", False)) for fmt in REGISTRY.values()
+           for f in dataclasses.fields(fmt.options) if hasattr(ExportOptions, f.name)},
+    }
+
+
+MANIFEST_OPTIONS = manifest_options()  # the built-in formats'
 
 
 def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) -> ExportOptions:
