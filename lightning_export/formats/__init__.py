@@ -27,6 +27,8 @@ class ExportContext:
     # ONNX graph input/output names, one per tensor leaf of (args, kwargs) / of the output (empty: defaults).
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    max_shard_size: str | None = None  # huggingface: shards past this size (transformers' notation, 5GB, 200KB)
+    tokenizer: str | None = None  # huggingface: a tokenizer folder copied into the artifact
 
 
 @dataclass
@@ -104,6 +106,11 @@ class Format:
     # The files published with an existing artifact (`lexport verify`): by default `<name>.*` beside it (ONNX
     # external data); an OpenVINO IR's weights are `<stem>.bin`.
     companions: Callable[[Path], list[Path]] | None = None
+    # The artifact is a folder (write() creates the directory at its path; published whole, --force replaces it).
+    folder: bool = False
+    # A format that exports one kind of submodule picks it: (the LightningModule, --attr) -> (the --attr to use, a
+    # note), or raises UsageError naming the candidates. Called once the module is built.
+    select: Callable[[Any, str | None], tuple[str | None, str | None]] | None = None
 
     def companion_files(self, path: Path) -> list[Path]:
         if self.companions is not None:
@@ -135,6 +142,8 @@ def detect_format(path: Path) -> Format:
 
     try:
         st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return _detect_folder(Path(path))
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{path} is not a regular file")
         with open(path, "rb") as f:
@@ -158,6 +167,15 @@ def detect_format(path: Path) -> Format:
         f"{path} is not an artifact lexport recognises",
         hint=f"Formats it reads: {', '.join(f.name for f in REGISTRY.values() if f.sniff)}.",
     )
+
+
+def _detect_folder(path: Path) -> Format:
+    seen = Sniffed(path, b"", 0, None)
+    for fmt in REGISTRY.values():
+        if fmt.folder and fmt.sniff is not None and fmt.sniff(seen):
+            return fmt
+    raise UsageError(f"{path} is a directory that is not an artifact lexport recognises",
+                     hint=f"Folders it reads: {', '.join(f.name for f in REGISTRY.values() if f.folder) or 'none'}.")
 
 
 REGISTRY: dict[str, Format] = {}
@@ -194,7 +212,7 @@ def _load_all() -> None:
     import importlib
 
     for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti",
-                 "openvino", "tflite"):
+                 "openvino", "tflite", "huggingface"):
         importlib.import_module(f"{__name__}.{name}")
 
 
@@ -221,6 +239,8 @@ ALIASES = {
     "ov": "openvino",
     "openvino-ir": "openvino",
     "litert": "tflite",
+    "hf": "huggingface",
+    "transformers": "huggingface",
 }
 
 
