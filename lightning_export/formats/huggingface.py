@@ -157,8 +157,6 @@ def write(ctx: ExportContext, path: Path) -> Written:
     _save_configs(model, path)
     for filename, names in plan.filename_to_tensors.items():
         write_safetensors(picked.subset(names), path / filename, {"format": "pt"})
-    info: dict[str, Any] = {"files": sorted(p.name for p in path.iterdir()), "shards": len(plan.filename_to_tensors),
-                            "architecture": type(model).__name__, "tied_keys": sorted(tied)}
     if plan.is_sharded:
         index = {"metadata": {"total_parameters": sum(t.numel() for t in picked.specs().values()), **plan.metadata},
                  "weight_map": plan.tensor_to_filename}
@@ -169,6 +167,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
     if ctx.tokenizer is not None:
         _copy_tokenizer(Path(ctx.tokenizer), path)
         notes.append(f"tokenizer from {ctx.tokenizer} copied in")
+    info = {"files": sorted(p.name for p in path.iterdir()), "shards": len(plan.filename_to_tensors),
+            "architecture": type(model).__name__, "tied_keys": sorted(tied)}
     return Written("transformers config.save_pretrained + huggingface_hub shard plan + lexport.safetensors", notes,
                    info)
 
