@@ -82,6 +82,8 @@ def lexport(
     data_input: o.DataInput = None,
     min_agreement: o.MinAgreement = None,
     executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).")] = "xnnpack",  # noqa: E501
+    max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).")] = None,  # noqa: E501
+    tokenizer: Annotated[Path | None, typer.Option(metavar="DIR", help="huggingface: a tokenizer saved with save_pretrained, checked (AutoTokenizer loads it) and copied into the folder.")] = None,  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
@@ -126,6 +128,8 @@ def lexport(
             data_input=data_input,
             **({"min_agreement": min_agreement} if min_agreement is not None else {}),
             executorch_backend=executorch_backend,
+            max_shard_size=max_shard_size,
+            tokenizer=tokenizer,
             trust_checkpoint=trust_checkpoint,
             allow_globals=tuple(allow_global),
             strict_finite=strict_finite,

@@ -46,7 +46,7 @@ def _load_all() -> None:
     import importlib
 
     for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti",
-                 "openvino", "tflite"):
+                 "openvino", "tflite", "huggingface"):
         importlib.import_module(f"{__name__}.{name}")
 
 

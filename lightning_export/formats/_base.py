@@ -173,6 +173,11 @@ class Format:
     # The files published with an existing artifact (`lexport verify`): by default `<name>.*` beside it (ONNX
     # external data); an OpenVINO IR's weights are `<stem>.bin`.
     companions: Callable[[Path], list[Path]] | None = None
+    # The artifact is a folder (write() creates the directory at its path; published whole, --force replaces it).
+    folder: bool = False
+    # A format that exports one kind of submodule picks it: (the LightningModule, --attr) -> (the --attr to use, a
+    # note), or raises UsageError naming the candidates. Called once the module is built.
+    select: Callable[[Any, str | None], tuple[str | None, str | None]] | None = None
 
     def companion_files(self, path: Path) -> list[Path]:
         if self.companions is not None:
@@ -218,6 +223,8 @@ def detect_format(path: Path) -> Format:
 
     try:
         st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return _detect_folder(Path(path))
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{path} is not a regular file")
         with open(path, "rb") as f:
@@ -241,6 +248,15 @@ def detect_format(path: Path) -> Format:
         f"{path} is not an artifact lexport recognises",
         hint=f"Formats it reads: {', '.join(f.name for f in REGISTRY.values() if f.sniff)}.",
     )
+
+
+def _detect_folder(path: Path) -> Format:
+    seen = Sniffed(path, b"", 0, None)
+    for fmt in REGISTRY.values():
+        if fmt.folder and fmt.sniff is not None and fmt.sniff(seen):
+            return fmt
+    raise UsageError(f"{path} is a directory that is not an artifact lexport recognises",
+                     hint=f"Folders it reads: {', '.join(f.name for f in REGISTRY.values() if f.folder) or 'none'}.")
 
 
 def require_installed(require: Callable[[], object]) -> None:
@@ -282,6 +298,8 @@ ALIASES = {
     "ov": "openvino",
     "openvino-ir": "openvino",
     "litert": "tflite",
+    "hf": "huggingface",
+    "transformers": "huggingface",
 }
 
 

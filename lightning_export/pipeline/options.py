@@ -51,6 +51,8 @@ class ExportOptions:
     precision: str | None = None  # fp32 | fp16 | bf16 for graph formats (none: the dtypes the module is built in)
     quantize: str | None = None  # int8 (static, calibrated on --data): onnx, executorch, openvino; int8-dynamic: onnx
     executorch_backend: str = "xnnpack"
+    max_shard_size: str | None = None  # huggingface: transformers' notation (5GB = 5*10**9 bytes, 5GiB = 5*2**30)
+    tokenizer: Path | None = None  # huggingface: a tokenizer.save_pretrained folder copied into the artifact
     trust_checkpoint: bool = False
     allow_globals: tuple[str, ...] = ()
     strict_finite: bool = False
@@ -107,7 +109,7 @@ def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) ->
             options[key] = tuple(options[key])
     if isinstance(options.get("init_args"), dict):
         options["init_args"] = tuple(options["init_args"].items())
-    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest"):
+    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest", "tokenizer"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     for key in ("data", "data_input"):  # a path or "config"; an index or a key

@@ -13,7 +13,8 @@ from ..build.argfiles import load_args_file
 from ..build.arguments import constructor_arguments
 from ..build.configs import read_model_section
 from ..build.importing import resolve_class
-from ..build.module import build_module, seeded
+from ..build.module import build_module, seeded, select_attr
+from ..build.pretrained import merged_copy, without_cache
 from ..data.files import load_tensor_file
 from ..errors import CheckpointError, UsageError, UserModuleError
 from ..formats import REGISTRY, ExportContext, Format, check_quantize_request, for_run
@@ -212,8 +213,12 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
         with step("building module"), phase(UserModuleError, "building the module"):
             built = _build_unless_only_weights(opts, ckpt, report, given, formats)
     if built is not None:
+        _select_for_formats(built, opts, formats, report)
         target, state_dict = built.target, built.state_dict
         report.notes.extend(built.notes)
+        cache_note = without_cache(target)
+        if cache_note and any(f.kind == "graph" for f in formats):
+            report.notes.append(cache_note)
     else:
         target, state_dict = None, _weights_under_attr(ckpt, opts.attr)
     with phase(CheckpointError, "checking the weights for NaN/Inf"):
@@ -231,6 +236,21 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
     elif opts.data is not None:
         report.notes.append("--data is not used: weights formats are checked bit for bit against the checkpoint")
     return Prepared(ckpt, ctx, refs, own)
+
+
+def _select_for_formats(built: Any, opts: ExportOptions, formats: list[Any], report: Report) -> None:
+    """A format that exports one kind of submodule (huggingface: a PreTrainedModel) picks it when --attr does not,
+    or refuses the one --attr selects (exit 2)."""
+    for fmt in formats:
+        if fmt.select is None:
+            continue
+        attr, note = fmt.select(built.module, opts.attr)
+        if attr and attr != built.attr:
+            built.target = select_attr(built.module, attr)
+            built.state_dict = strip_prefix(built.state_dict, f"{attr}.")
+            built.attr = attr
+        if note:
+            report.notes.append(note)
 
 
 def _build_unless_only_weights(opts: ExportOptions, ckpt: Any, report: Report, given: Supplied,
@@ -299,6 +319,12 @@ def _references(opts: ExportOptions, report: Report, step: Step, graph: list[For
             e.message += f"\n(the inputs are {source})"
             raise
         check_finite_outputs(reference, opts, report)
+        # A peft adapter is deployed merged: the formats export a merged copy, checked against the unmerged module
+        # (refs keeps it).
+        merged, note = merged_copy(ctx.target)
+        if note:
+            ctx = replace(ctx, target=merged)
+            report.notes.append(note)
     for fmt in {f.name: f for f in graph}.values():
         if fmt.prepare is not None:
             own[fmt.name] = fmt.prepare(replace(ctx, options=own[fmt.name]), reference, own[fmt.name])

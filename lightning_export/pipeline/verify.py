@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import UsageError, VerificationError, error_json
 from ..formats import detect_format, quiet_torch_logs
-from ..hashing import file_sha256
+from ..hashing import file_sha256, folder_bytes_and_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact, failed
 from .options import ExportOptions, options_from
@@ -78,10 +78,13 @@ def _check_existing(
     started = time.perf_counter()
     result.path = str(path)
     try:
-        companions = fmt.companion_files(path)
-        result.companions = [str(c) for c in companions]
-        result.bytes = sum(f.stat().st_size for f in [path, *companions])
-        result.sha256 = file_sha256(path)
+        if fmt.folder:
+            result.bytes, result.sha256 = folder_bytes_and_sha256(path)
+        else:
+            companions = fmt.companion_files(path)
+            result.companions = [str(c) for c in companions]
+            result.bytes = sum(f.stat().st_size for f in [path, *companions])
+            result.sha256 = file_sha256(path)
         if expected_sha is not None and result.sha256 != expected_sha:
             # Checked before the artifact is loaded: a changed file (an AOTInductor package holds a shared library)
             # is never run.
