@@ -77,12 +77,13 @@ class ExportOptions:
 
 
 # Options recorded in a manifest (everything that shapes the artifacts' bytes or their verification) -> whether
-# `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already).
+# `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already; or a
+# trust flag, which a manifest never turns on: pipeline/manifest_input.py).
 # Each format's own options are declared on its Format (formats.option) and added below.
 RUN_MANIFEST_OPTIONS: dict[str, bool] = {
     "formats": False, "module": True, "attr": True, "config": True, "init_args": True, "init_args_file": True,
     "inputs": True, "example_inputs": True, "dynamic_batch": True, "seed": True, "random_inputs": True,
-    "atol": True, "rtol": True, "strict_finite": False, "trust_checkpoint": True, "allow_globals": True,
+    "atol": True, "rtol": True, "strict_finite": False, "trust_checkpoint": False, "allow_globals": False,
     "max_growth": True, "meta_build": False, "precision": True, "quantize": True, "data": True,
     "data_batches": True, "data_input": True, "min_agreement": True,
 }
