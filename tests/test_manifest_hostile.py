@@ -249,13 +249,15 @@ def test_a_manifest_never_instantiates_the_classes_it_names(export: dict, tmp_pa
 
 
 def test_a_manifest_never_turns_on_the_checkpoint_trust_flags(export: dict, tmp_path: Path) -> None:
+    """Nor loosens the growth bound (1e300 would lift the address-space limit on loading)."""
     folder = tmp_path / "stage"
     manifest = stage(export, folder)
-    manifest["options"].update(trust_checkpoint=True, allow_globals=["os.system"])
+    manifest["options"].update(trust_checkpoint=True, allow_globals=["os.system"], max_growth=1e300)
     code, report = verify(write(folder, manifest))
     assert code == 0, report
     said = " ".join(report["warnings"])
     assert "--trust-checkpoint: a manifest never turns it on" in said and "--allow-global os.system" in said
+    assert "--max-growth 1e+300: a manifest never loosens" in said
 
 
 def test_the_python_verify_takes_a_manifest(export: dict, tmp_path: Path) -> None:
