@@ -249,13 +249,15 @@ def test_a_manifest_never_instantiates_the_classes_it_names(export: dict, tmp_pa
 
 
 def test_a_manifest_never_turns_on_the_checkpoint_trust_flags(export: dict, tmp_path: Path) -> None:
+    """Nor loosens the growth bound (1e300 would lift the address-space limit on loading)."""
     folder = tmp_path / "stage"
     manifest = stage(export, folder)
-    manifest["options"].update(trust_checkpoint=True, allow_globals=["os.system"])
+    manifest["options"].update(trust_checkpoint=True, allow_globals=["os.system"], max_growth=1e300)
     code, report = verify(write(folder, manifest))
     assert code == 0, report
     said = " ".join(report["warnings"])
     assert "--trust-checkpoint: a manifest never turns it on" in said and "--allow-global os.system" in said
+    assert "--max-growth 1e+300: a manifest never loosens" in said
 
 
 def test_the_python_verify_takes_a_manifest(export: dict, tmp_path: Path) -> None:
@@ -271,3 +273,20 @@ def test_the_python_verify_takes_a_manifest(export: dict, tmp_path: Path) -> Non
     with pytest.raises(LexportError) as e:
         lightning_export.verify(manifest=write(tmp_path / "stage2", manifest))
     assert e.value.exit_code == 2 and "leaves the manifest's folder" in e.value.message
+
+
+def test_a_companion_file_may_not_leave_the_folder_either(export: dict, tmp_path: Path) -> None:
+    """Files published beside an artifact (`<name>.*`: ONNX external data) are read with it: a symlink out of the
+    folder fails the artifact before it is loaded (exit 1), unless --allow-outside."""
+    folder = tmp_path / "stage"
+    path = write(folder, stage(export, folder))
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"x")
+    (folder / "classifier.safetensors.data").symlink_to(outside)
+    code, report = verify(path)
+    assert code == 1, report
+    (problem,) = by_format(report, "safetensors")["verification"]["problems"]
+    assert "classifier.safetensors.data" in problem and "outside the manifest's folder" in problem
+    assert by_format(report, "state-dict")["verification"]["passed"]
+    code, report = verify(path, "--allow-outside")
+    assert code == 0, report

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..bounded import TooDeep, iter_containers
 from ..errors import UsageError
+from ..safeload.archive import DEFAULT_MAX_GROWTH
 from .manifest_schema import MAX_MANIFEST_DEPTH, check_record
 from .manifest_trust import check_code_options
 
@@ -179,8 +180,12 @@ def _merge_options(recorded: dict[str, Any], merged: dict[str, Any], locate: _Lo
                 merged["init_args"] = {**mine, **given}
                 taken[key] = mine
             continue
-        if key in merged:
+        if merged.get(key) is not None:
             continue  # the caller's value wins
+        if key == "max_growth" and value > DEFAULT_MAX_GROWTH:  # a safety bound: a manifest may only tighten it
+            warnings.append(f"the manifest records --max-growth {value:g}: a manifest never loosens the bound "
+                            f"(default {DEFAULT_MAX_GROWTH:g}); pass it yourself if you trust the checkpoint")
+            continue
         if key in PATH_OPTIONS and not (key == "data" and value == "config"):
             hint = f"or pass --{key.replace('_', '-')} yourself"
             value = locate(value, f"options.{key}", hint)
