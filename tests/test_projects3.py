@@ -334,9 +334,9 @@ def test_detector_backbone_and_heads_export_with_attr(p3, tmp_path) -> None:
 
 def test_data_dependent_sizes_are_told_apart_from_value_branches() -> None:
     from lightning_export.errors import (
-        DATA_DEPENDENT_HINT,
         DATA_DEPENDENT_SIZE_HINT,
-        data_dependent_hint,
+        Advice,
+        data_dependent_advice,
         is_data_dependent_size,
     )
 
@@ -356,7 +356,7 @@ def test_data_dependent_sizes_are_told_apart_from_value_branches() -> None:
         with pytest.raises(Exception) as info:
             torch.export.export(cls(), (x,), strict=False)
         caught[cls.__name__] = info.value
-    assert not is_data_dependent_size(caught["Branch"]) and data_dependent_hint(caught["Branch"]) == DATA_DEPENDENT_HINT
-    assert is_data_dependent_size(caught["Mask"]) and data_dependent_hint(caught["Mask"]) == DATA_DEPENDENT_SIZE_HINT
-    assert data_dependent_hint(RuntimeError("something else")) is None
+    assert not is_data_dependent_size(caught["Branch"]) and data_dependent_advice(caught["Branch"]) is Advice.DATA_DEPENDENT_BRANCH
+    assert is_data_dependent_size(caught["Mask"]) and data_dependent_advice(caught["Mask"]) is Advice.DATA_DEPENDENT_SIZE
+    assert data_dependent_advice(RuntimeError("something else")) is None
     pickle.dumps(DATA_DEPENDENT_SIZE_HINT)  # plain text, usable in JSON

@@ -122,7 +122,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[Any]:
 def print_error(stderr: Console, e: LexportError) -> None:
     stderr.print(f"[bold red]error[/bold red] ({e.kind}, exit {e.exit_code}): ", end="")
     stderr.print(e.message, markup=False)
-    for line in (e.hint or "").splitlines():
+    for line in e.full_hint().splitlines():
         # A flag line is never wrapped by rich: pasted back, it must be the one line it was printed as.
         stderr.print(line, markup=False, style="dim", soft_wrap=line.lstrip().startswith("--"))
 

@@ -23,7 +23,7 @@ def render_report(stderr: Console, report: Any) -> None:
     for a in report.artifacts:
         v = a.verification
         if a.error:
-            verdict = f"[red]✗ {a.error['kind']} error[/red]"
+            verdict = f"[red]✗ {a.error.kind} error[/red]"
         elif v is None:
             verdict = "[yellow]not verified[/yellow]"
         elif v.passed:
@@ -62,7 +62,7 @@ def render_report(stderr: Console, report: Any) -> None:
         stderr.print(details)
     for a in report.artifacts:
         if a.error:
-            stderr.print(f"[red]{a.format}[/red]: {a.error['message']}", markup=True, highlight=False)
+            stderr.print(f"[red]{a.format}[/red]: {a.error}", markup=True, highlight=False)
         if a.verification:
             if a.verification.agreement_text:
                 stderr.print(f"{a.format}: {a.verification.agreement_text}", markup=False, highlight=False)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import DEBUG_HINT, ExportError
+from ..errors import ExportError
 from . import PRECISIONS, ExportContext, Format, Written, module_bytes, register
 from ._containers import plain_outputs, report
 from ._graph import dynamic_shapes_for, exporting, tail
@@ -83,7 +83,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
             detail = tail(chatter)
             raise ExportError(
                 f"AOTInductor compilation failed: {type(e).__name__}: {str(e)[:2000]}",
-                hint=(f"Compiler output:\n{detail}\n" if detail else "") + DEBUG_HINT,
+                hint=f"Compiler output:\n{detail}" if detail else None,
+                debug=True,
             ) from e
         compile_seconds = time.perf_counter() - started
     meta = _metadata(path)

@@ -80,5 +80,6 @@ def _agreement(v: Verification, fmt: Any, opts: ExportOptions, held_out: Any, ex
         problem = gate(result, opts.min_agreement, what=f"{fmt.name} {opts.quantize or opts.precision}")
         if problem is not None:
             v.problems.append(problem)
+            v.gate_problem = problem
             v.passed = False
     v.agreement_text = result.describe()

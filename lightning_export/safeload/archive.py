@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bounded import iter_containers
-from ..errors import CheckpointError
+from ..errors import Advice, CheckpointError
 from ..text import fmt_bytes, printable
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -28,7 +28,6 @@ GROWTH_SLACK = 64 << 20
 _CRC_CHUNK = 16 << 20
 
 
-GROWTH_HINT = "Raise the limit with --max-growth N if this is intended."
 
 
 # Records torch reads besides the storages; small, so their CRC-32 is checked before torch.load.
@@ -167,7 +166,7 @@ def read_archive(path: Path, file_size: int, max_growth: float) -> Archive:
             raise CheckpointError(
                 f"{path}: its compressed records declare {fmt_bytes(inflated)} once inflated, more than {max_growth:g}x "
                 f"the file ({fmt_bytes(file_size)}) + {fmt_bytes(GROWTH_SLACK)}; refusing to inflate it (a zip bomb?)",
-                hint=GROWTH_HINT,
+                advice=Advice.MAX_GROWTH,
             )
         byteorder = _check_metadata_records(zf, prefix, names)
     return Archive(storages, byteorder)
@@ -253,7 +252,7 @@ def check_tensors(path: Path, state_dict: dict[str, Any], *, file_size: int, max
         raise CheckpointError(
             f"{path}: its state dict expands to {fmt_bytes(dense)} from {fmt_bytes(backed)} of stored weights (tensors that "
             f"repeat one value, e.g. expand() or stride 0), more than {max_growth:g}x + {fmt_bytes(GROWTH_SLACK)}",
-            hint=GROWTH_HINT,
+            advice=Advice.MAX_GROWTH,
         )
     return list(storages.values())
 
