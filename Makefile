@@ -30,8 +30,10 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	LEXPORT_FUZZ_EXAMPLES=$${LEXPORT_FUZZ_EXAMPLES:-5000} $(PY) -m pytest -q tests/test_fuzz.py -k pickle_structures $(PYTEST_ARGS)
 
+# ruff on everything; mypy on the package (configured in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_export tests fixtures benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .report import Report
+from typing import Any
 
 
 class Advice(enum.Enum):
@@ -41,7 +38,7 @@ class LexportError(Exception):
         self.advice = advice
         self.debug = debug
         self.said: list[str] = []  # context the pipeline adds after the fact
-        self.report: Report | None = None  # the partial Report, attached by export()
+        self.report: Any = None  # the partial report.Report, attached by export() (errors sit below report)
 
     def full_hint(self) -> str:
         parts = [self.hint, self.advice.text if self.advice else None, *self.said, DEBUG_HINT if self.debug else None]

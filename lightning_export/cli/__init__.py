@@ -30,7 +30,7 @@ def _subcommand(name: str) -> Any:
 
 def main() -> None:
     # typer may vendor click: find its exception base through a public name, not a private import.
-    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    click_exception: type[Any] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     args = sys.argv[1:]
     TerminateOnSignal().__enter__()  # SIGTERM/SIGINT → exit 130 from the first instant, parsing included
     error: dict[str, Any] | None = None

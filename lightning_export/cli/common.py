@@ -113,7 +113,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[Any]:
         with contextlib.redirect_stdout(sys.stderr):
             yield real
     finally:
-        if saved_fd is not None:
+        if saved_fd is not None and fd is not None:
             sys.stderr.flush()
             os.dup2(saved_fd, fd)
             os.close(saved_fd)

@@ -124,7 +124,7 @@ def lexport(
             data=data,
             data_batches=data_batches,
             data_input=data_input,
-            **({"min_agreement": min_agreement} if min_agreement is not None else {}),
+            min_agreement=min_agreement if min_agreement is not None else ExportOptions.min_agreement,
             executorch_backend=executorch_backend,
             trust_checkpoint=trust_checkpoint,
             allow_globals=tuple(allow_global),

@@ -53,7 +53,7 @@ def verify(
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
 ) -> None:
-    given = {
+    given: dict[str, Any] = {
         "module": module, "attr": attr, "config": config, "init_args_file": init_args,
         "inputs": tuple(input_spec), "example_inputs": example_inputs, "dynamic_batch": dynamic_batch,
         "atol": atol, "rtol": rtol, "seed": seed, "random_inputs": random_inputs,

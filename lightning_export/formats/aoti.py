@@ -65,11 +65,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
             "--to aoti compiles C++: no C++ compiler found (CXX, g++, c++, clang++)",
             hint="Install one (e.g. apt-get install g++) or set CXX.",
         )
-    ex = ctx.example
+    ex = ctx.inputs()
     with exporting(ctx) as chatter:
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
         with plain_outputs(ctx.target) as converted:
-            program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         started = time.perf_counter()
         try:
             with _fresh_inductor_cache():
@@ -119,7 +119,8 @@ def _metadata(path: Path) -> dict[str, str]:
     import torch
 
     try:
-        return dict(torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model"))
+        return dict(torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(  # type: ignore[attr-defined]
+            str(path), "model"))
     except Exception:  # noqa: BLE001 - metadata is for the report only
         return {}
 

@@ -137,7 +137,7 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     opts = ctx.options_as(OnnxOptions)
     dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
     program = torch.onnx.export(
-        ctx.target,
+        ctx.module(),
         _positional(ex),
         kwargs=ex.kwargs or None,
         dynamo=True,
@@ -167,7 +167,7 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
         kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
     if opts.output_names:
         kwargs["output_names"] = list(opts.output_names)
-    torch.onnx.export(ctx.target, args, str(path), input_names=names, dynamo=False, **kwargs)
+    torch.onnx.export(ctx.module(), args, str(path), input_names=names, dynamo=False, **kwargs)
 
 
 # The dynamo exporter writes opset >= 18 whatever is asked; older opsets come from the TorchScript-based one.

@@ -30,10 +30,10 @@ def write(ctx: ExportContext, path: Path) -> Written:
             scripted = torch.jit.script(ctx.target)
             exporter = "torch.jit.script"
         else:
-            ex = ctx.example
+            ex = ctx.inputs()
             try:
                 scripted = torch.jit.trace(
-                    ctx.target,
+                    ctx.module(),
                     example_inputs=ex.args if ex.args else None,
                     example_kwarg_inputs=ex.kwargs or None,
                     check_trace=False,  # lexport's own verification runs on more inputs than the trace check

@@ -6,7 +6,10 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from .. import outputs
 from ..errors import Advice, LexportError, OutputError, UsageError, export_failure
@@ -14,13 +17,14 @@ from ..formats import REGISTRY, ExportContext, Format, get_format, parse_format_
 from ..hashing import file_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact
-from .options import ExportOptions, options_from
+from .options import ExportOptions, OptionsKwargs, options_from
 from .prepare import Prepared
 from .run import Step, reported
 from .steps import Run, run_steps
 
 
-def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None, **options: Any) -> Report:
+def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None,
+           **options: Unpack[OptionsKwargs]) -> Report:
     """Export a Lightning checkpoint; returns the Report, raises a LexportError (with `.report`) on failure.
 
     Options are the fields of ExportOptions, e.g. ``export("m.ckpt", module="pkg:M", attr="model",
@@ -146,7 +150,7 @@ def _name_the_parts(e: LexportError, ctx: ExportContext, opts: ExportOptions) ->
         e.said.append(f"Submodules to export instead: {', '.join(flags)}.")
 
 
-def _fsync_and_hash(staging: Any) -> tuple[int, str]:
+def _fsync_and_hash(staging: outputs.Staging) -> tuple[int, str]:
     staging.fsync()  # a delayed ENOSPC/EIO (delayed allocation, NFS) surfaces here as OutputError
     files = staging.files()
     try:

@@ -286,7 +286,7 @@ def _references(opts: ExportOptions, report: Report, step: Step, graph: list[For
     with step("running the module on the example inputs"), phase(UserModuleError, "running the module"):
         example, source = _example_inputs(opts, specs, ctx.target, lightning_module)
         ctx = replace(ctx, example=example)
-        if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(ctx.example) == 1:
+        if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(example) == 1:
             raise UsageError(
                 "--dynamic-batch needs example inputs with a batch of 2 or more: torch.export "
                 "specializes dimensions of size 1",

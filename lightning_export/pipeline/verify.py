@@ -6,14 +6,17 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from ..errors import UsageError, VerificationError
 from ..formats import ExportContext, Format, detect_format, quiet_torch_logs
 from ..hashing import file_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact, failed
-from .options import ExportOptions, options_from
+from .options import ExportOptions, OptionsKwargs, options_from
 from .prepare import Prepared, References
 from .run import Step, reported
 from .steps import Run, run_steps
@@ -25,12 +28,13 @@ def verify(
     *,
     progress: Step | None = None,
     checkpoint_sha256: str | None = None,
-    **options: Any,
+    **kwargs: Unpack[OptionsKwargs],
 ) -> Report:
     """Re-verify existing artifacts against their checkpoint (the format comes from each file). With a dict,
     the values are the sha256 each file must still have (None: any); with `checkpoint_sha256`, the checkpoint
     must still be that file (a manifest's). Options as for `export`."""
     expected = dict(artifacts) if isinstance(artifacts, dict) else {a: None for a in artifacts}
+    options: dict[str, Any] = dict(kwargs)
     if checkpoint_sha256:
         options["hash_checkpoint"] = True
     opts = options_from(checkpoint, options)

@@ -10,6 +10,7 @@ import os
 import stat
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,7 @@ class Storage:
     key: str  # the first state_dict key that uses it (for messages)
 
 
-def check_tensors(path: Path, state_dict: dict[str, Any], *, file_size: int, max_growth: float,
+def check_tensors(path: Path, state_dict: Mapping[str, Any], *, file_size: int, max_growth: float,
                    archive: Archive | None) -> list[Storage]:
     """Metadata only, no pass over data: every tensor is a CPU strided tensor whose extent fits its storage, and the
     dense bytes of the state dict are bounded by the bytes of the storages behind it. Returns the storages."""
@@ -345,7 +346,7 @@ def _crc_storage(s: Storage, swap: bool) -> int:
     if swap and s.element_size > 1:
         import torch
 
-        whole = torch.empty(0, dtype=torch.uint8).set_(s.storage, 0, (s.nbytes,))
+        whole = torch.empty(0, dtype=torch.uint8).set_(s.storage, 0, (s.nbytes,))  # type: ignore[call-overload]
         step = _CRC_CHUNK - _CRC_CHUNK % s.element_size
         for i in range(0, s.nbytes, step):
             part = whole[i:i + step].view(-1, s.element_size).flip(1).contiguous()
@@ -417,7 +418,8 @@ def check_declared_sizes(path: Path) -> None:
     tensors = [v for c in containers for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, torch.Tensor)]
     for t in tensors:
         st = t.untyped_storage()
-        record = by_offset.get(getattr(st, "_checkpoint_offset", None))
+        offset = getattr(st, "_checkpoint_offset", None)
+        record = by_offset.get(offset) if isinstance(offset, int) else None
         if record is None or record.size != st.nbytes():
             raise CheckpointError(
                 f"{path}: a storage declares {st.nbytes():,} bytes but its record holds "

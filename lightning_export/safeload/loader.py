@@ -7,7 +7,7 @@ import contextlib
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ def _torch_version(text: str) -> tuple[int, int]:
 
 def load_verified(
     path: Path,
-    select: Callable[[Any], tuple[Any, dict[str, Any]]],
+    select: Callable[[Any], tuple[Any, Mapping[str, Any]]],
     *,
     trust: bool,
     allow_globals: tuple[str, ...],
