@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import LexportError, error_json
 
@@ -149,7 +150,7 @@ class Steps:
         started = time.perf_counter()
         try:
             if self.console.is_terminal:
-                with self.console.status(f"{label} …") as status:
+                with self.console.status(Text(f"{label} …")) as status:
                     with _ticker(status, label, started):
                         yield status_obj
             else:
@@ -158,8 +159,9 @@ class Steps:
             status_obj.failed = True
             raise
         finally:
-            mark = "[red]✗[/red]" if status_obj.failed else "[green]✓[/green]"
-            self.console.print(f"{mark} {label} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+            mark = ("✗", "red") if status_obj.failed else ("✓", "green")
+            done = Text.assemble(mark, f" {label} ", (f"({time.perf_counter() - started:.1f} s)", "dim"))
+            self.console.print(done, highlight=False)
 
 
 @dataclass
@@ -175,7 +177,7 @@ def _ticker(status: Any, label: str, started: float) -> Iterator[None]:
 
     def tick() -> None:
         while not done.wait(0.5):
-            status.update(f"{label} … {time.perf_counter() - started:.0f} s")
+            status.update(Text(f"{label} … {time.perf_counter() - started:.0f} s"))
 
     t = threading.Thread(target=tick, daemon=True)
     t.start()
