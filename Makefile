@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
-# Issue 7: 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
+# 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
 fuzz: $(STAMP)
 	LEXPORT_FUZZ_EXAMPLES=$${LEXPORT_FUZZ_EXAMPLES:-5000} $(PY) -m pytest -q tests/test_fuzz.py -k pickle_structures $(PYTEST_ARGS)
 

@@ -13,7 +13,7 @@ ARTIFACT_KEYS = {"format", "path", "bytes", "sha256", "exporter", "verification"
 VERIFICATION_KEYS = {"passed", "inputs_checked", "max_abs_diff", "max_rel_diff", "atol", "rtol"}
 
 
-def test_mission_invocation_json_schema(ckpts, tmp_path):
+def test_basic_invocation_json_schema(ckpts, tmp_path):
     """`lexport ckpt --module pkg:MyModule --attr model --to onnx`, as a CI step calls it."""
     res = run_lexport(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--attr", "model",
                       "--to", "onnx", "--to", "state-dict", "--output-dir", tmp_path, "--json")

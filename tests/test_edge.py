@@ -1,4 +1,4 @@
-"""Issue 16: edge runtimes. The conv net, the Transformer and the MLP of fixtures/targets.py (trained with a real
+"""Edge runtimes. The conv net, the Transformer and the MLP of fixtures/targets.py (trained with a real
 Trainer, the session's `target_ckpts`) exported to an OpenVINO IR (`--to openvino`) and a LiteRT flatbuffer
 (`--to tflite`); each verified by lexport in its own runtime, then re-run here with that runtime on fresh inputs and
 compared with the module rebuilt by hand. The optional extras are imported inside the tests only."""

@@ -1,4 +1,4 @@
-"""Issue 2 end to end: real checkpoints → every format → each artifact loaded by its own runtime and compared
+"""End to end: real checkpoints → every format → each artifact loaded by its own runtime and compared
 with a reference module that the test builds itself (independently of lexport's builder)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ALL = ["state-dict", "safetensors", *GRAPH]
 
 
 def reference(ckpts, name: str, attr: str | None = None):
-    """The trained module rebuilt by hand, as the seed articles do: make, load_state_dict, eval."""
+    """The trained module rebuilt by hand, as the tutorials do: make, load_state_dict, eval."""
     from fixtures.make_checkpoints import FIXTURES
 
     m = FIXTURES[name].make_module()

@@ -1,4 +1,4 @@
-"""Real projects, round 3 (issue 18): each pattern trained by a real pl.Trainer (fixtures/projects3.py), then exported.
+"""Patterns of real projects: each pattern trained by a real pl.Trainer (fixtures/projects3.py), then exported.
 
 - `--module` with only weights formats, when the constructor needs objects the safe loader left unloaded;
 - a torchmetrics Metric in hyper_parameters, loaded after one `--allow-global` line (its reduction functions);

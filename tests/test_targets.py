@@ -1,4 +1,4 @@
-"""Issue 11: deployment targets. A conv net, a Transformer-style model and a Linear-heavy MLP, trained with a real
+"""Deployment targets. A conv net, a Transformer-style model and a Linear-heavy MLP, trained with a real
 Trainer, exported to ExecuTorch (.pte), an AOTInductor package, fp16/bf16 graphs and int8-dynamic ONNX; each verified
 by lexport in its runtime, then reloaded here in that runtime and compared with the module rebuilt by hand."""
 

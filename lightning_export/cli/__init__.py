@@ -1,4 +1,4 @@
-"""The `lexport` command line. `lexport CKPT --to ...` exports (the mission's invocation, unchanged);
+"""The `lexport` command line. `lexport CKPT --to ...` exports;
 `lexport inspect CKPT` and `lexport verify ARTIFACT CKPT` are subcommands, chosen by the first argument (a
 checkpoint literally named `inspect` is reached as `./inspect`). No torch at import time."""
 

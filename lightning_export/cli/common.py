@@ -45,8 +45,7 @@ def execute(
     code = 0
     with _stdout_to_stderr(json_out) as real_stdout:
         try:
-            with Steps(stderr if show else None) as steps:
-                report = work(steps)
+            report = work(Steps(stderr if show else None))
         except LexportError as e:
             report, code = e.report, e.exit_code
             error = error_json(e)
@@ -133,12 +132,6 @@ class Steps:
 
     def __init__(self, console: Console | None) -> None:
         self.console = console
-
-    def __enter__(self) -> Steps:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[StepStatus]:

@@ -61,7 +61,7 @@ class ExportOptions:
     max_growth: float = DEFAULT_MAX_GROWTH
     # sha256 of the whole checkpoint (mostly optimizer state): a full read, so the CLI asks for it with --json.
     hash_checkpoint: bool = True
-    # Real batches (issue 17): a .pt file of batches, or "config" (the data: section of --config builds the
+    # Real batches: a .pt file of batches, or "config" (the data: section of --config builds the
     # LightningDataModule). Calibration for --quantize int8, held-out verification with top-1 agreement for all.
     data: str | None = None
     data_batches: int | None = None  # batches read (default: about DEFAULT_SAMPLES samples)
