@@ -15,7 +15,7 @@ from . import options as o
 from .common import Steps, execute
 from .render import render_report
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
 
 @app.command(
@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 )
 def verify(
     paths: Annotated[list[Path], typer.Argument(metavar="[ARTIFACT... CHECKPOINT]", help="Artifacts, then the checkpoint they came from (none with --manifest).", show_default=False)] = [],  # noqa: B006,E501
-    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="A manifest written by lexport --manifest.")] = None,  # noqa: E501
+    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="A manifest written by lexport --manifest.", rich_help_panel=o.INPUTS)] = None,  # noqa: E501
     module: o.Module = None,
     attr: o.Attr = None,
     config: o.Config = None,
@@ -39,11 +39,11 @@ def verify(
     dynamic_batch: o.DynamicBatch = False,
     atol: o.Atol = None,
     rtol: o.Rtol = None,
-    seed: Annotated[int | None, typer.Option(metavar="INT", help="Seed of the random verification inputs (default: the manifest's, else 0).")] = None,  # noqa: E501
-    random_inputs: Annotated[int | None, typer.Option(metavar="N", min=0, help="Random inputs checked besides the example (default: the manifest's, else 5).")] = None,  # noqa: E501
+    seed: Annotated[int | None, typer.Option(metavar="INT", help="Seed of the random verification inputs (default: the manifest's, else 0).", rich_help_panel=o.VERIFICATION)] = None,  # noqa: E501
+    random_inputs: Annotated[int | None, typer.Option(metavar="N", min=0, help="Random inputs checked besides the example (default: the manifest's, else 5).", rich_help_panel=o.VERIFICATION)] = None,  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],  # noqa: B006
-    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).")] = None,  # noqa: E501
+    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).", rich_help_panel=o.SAFETY)] = None,  # noqa: E501
     precision: o.Precision = None,
     quantize: o.Quantize = None,
     data: o.Data = None,
