@@ -9,8 +9,11 @@ from typing import Any
 from ..agreement import gate, measure
 from ..compare import Verification, compare_outputs, compare_tensor_maps
 from ..errors import describe_exception
+from ..formats import ExportContext, Format
 from ..inputs import batch_size
+from .data import HeldOut
 from .options import ExportOptions
+from .prepare import References
 
 # Artifacts gated on top-1 agreement over the held-out --data batches (their elementwise drift is expected).
 GATED_QUANTIZE = ("int8", "int8-dynamic")
@@ -27,20 +30,21 @@ def is_gated(opts: ExportOptions) -> bool:
     return (opts.quantize or "").lower() in GATED_QUANTIZE or (opts.precision or "").lower() in GATED_PRECISION
 
 
-def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> Verification:
+def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOptions,
+                   refs: References | None) -> Verification:
     """Load the artifact with its own runtime and compare: weights bit for bit, graphs on every reference input
     and, with --data, on the held-out batches too (top-1 agreement, gated for quantized and reduced precision)."""
     try:
         loaded = fmt.load(path)
     except Exception as e:  # noqa: BLE001 - an artifact its own runtime cannot load has failed verification
         return failed(f"{fmt.name} runtime cannot load the artifact: {describe_exception(e)}")
-    if fmt.kind == "weights":
+    if fmt.kind == "weights" or refs is None:  # references are computed whenever a graph format runs
         return compare_tensor_maps(ctx.state_dict, loaded)
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
     dynamic = opts.dynamic_batch and fmt.dynamic_batch
     runs = refs.runs(dynamic=dynamic)
-    held = _held_out_runs(refs.held_out, None if dynamic else batch_size(ctx.example))
+    held = _held_out_runs(refs.held_out, None if dynamic else batch_size(ctx.inputs()))
     expected, actual, labels, problems = [], [], [], []
     for label, data, ref in runs + [h[:3] for h in held]:
         try:
@@ -55,12 +59,12 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     v.problems[:0] = problems
     v.inputs_checked = len(runs) + len(held)
     v.passed = v.passed and not problems
-    if held and not problems:
+    if held and not problems and refs.held_out is not None:
         _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held])
     return v
 
 
-def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any, Any]]:
+def _held_out_runs(held_out: HeldOut | None, batch: int | None) -> list[tuple[str, Any, Any, Any]]:
     """(label, inputs, eager outputs, labels) per held-out --data batch, at the program's batch size."""
     if held_out is None:
         return []
@@ -68,7 +72,7 @@ def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any
     return [(f"held-out batch {i}", b.inputs, ref, b.labels) for i, (b, ref) in enumerate(zip(batches, eager))]
 
 
-def _agreement(v: Verification, fmt: Any, opts: ExportOptions, held_out: Any, expected: list[Any],
+def _agreement(v: Verification, fmt: Format, opts: ExportOptions, held_out: HeldOut, expected: list[Any],
                actual: list[Any], labels: list[Any]) -> None:
     """Top-1 agreement (and accuracies) on the held-out batches into the verification; below --min-agreement a
     quantized or reduced-precision artifact fails with the figures."""
