@@ -118,7 +118,7 @@ DATA_DEPENDENT_HINT = (
 
 # Said when torch.export refuses code that branches or loops on a size that depends on tensor values (a boolean
 # mask, nonzero, NMS-style filtering: torch calls the size an unbacked "size-like" symbol); observed on torch 2.13
-# with fixtures.projects3.TinyDetector. Unlike a branch on a value, torch.where/torch.cond do not help here.
+# with fixtures.real_projects.TinyDetector. Unlike a branch on a value, torch.where/torch.cond do not help here.
 DATA_DEPENDENT_SIZE_HINT = (
     "forward makes tensors whose size depends on the values (a boolean mask, nonzero, NMS-style filtering) and "
     "then branches or loops on that size: torch.export cannot capture it (exported-program, executorch, aoti and "

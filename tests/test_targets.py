@@ -40,7 +40,7 @@ FORMATS = _new_formats()
 
 
 def lexport(monkeypatch, ckpts, name, fmt, out, *, precision=None, quantize=None, executorch_backend=None, **kw):
-    """`export()` with the issue's options, as the CLI passes them."""
+    """`export()` with the deployment options, as the CLI passes them."""
     from fixtures.targets import class_path
 
     options = {"precision": precision, "quantize": quantize, "executorch_backend": executorch_backend}
