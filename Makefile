@@ -26,12 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
-# Issue 7: 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
+# 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
 fuzz: $(STAMP)
 	LEXPORT_FUZZ_EXAMPLES=$${LEXPORT_FUZZ_EXAMPLES:-5000} $(PY) -m pytest -q tests/test_fuzz.py -k pickle_structures $(PYTEST_ARGS)
 
+# ruff on everything; mypy on the package (configured in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_export tests fixtures benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

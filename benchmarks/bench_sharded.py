@@ -1,4 +1,4 @@
-"""Sharded case of the benchmark (issue 9): a ~500 MB Lightning sharded folder to a state dict, two ways.
+"""Sharded case of the benchmark: a ~500 MB Lightning sharded folder to a state dict, two ways.
 
     .venv/bin/python benchmarks/bench_sharded.py [--width 2048] [--depth 10] [--reps 3] [--before CHECKOUT]
                                                  [--out benchmarks/results/sharded.json]

@@ -1,4 +1,4 @@
-"""`make bench`: lexport against the hand-written recipe on a big Lightning checkpoint (issue 4).
+"""`make bench`: lexport against the hand-written recipe on a big Lightning checkpoint.
 
     .venv/bin/python benchmarks/run.py [--weights-gb 1.0] [--onnx-weights-gb 0.1] [--out benchmarks/results/latest.json]
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .version import __version__
 
-__all__ = ["export", "verify", "ExportOptions", "Report", "LexportError", "__version__"]
+if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports them when first used
+    from .errors import LexportError
+    from .pipeline.export import export, run
+    from .pipeline.options import ExportOptions
+    from .pipeline.verify import verify
+    from .report import Report
+
+__all__ = ["export", "run", "verify", "ExportOptions", "Report", "LexportError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

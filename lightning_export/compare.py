@@ -32,6 +32,7 @@ class Verification:
     # gate), and the same in words for the human report.
     agreement: dict[str, Any] | None = None
     agreement_text: str | None = None
+    gate_problem: str | None = None  # the --min-agreement gate's failure (also among `problems`)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

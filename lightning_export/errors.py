@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 
+class Advice(enum.Enum):
+    """Advice an error carries as data: what kind of failure it is, so the pipeline adds what it knows (the
+    submodules to export instead, what the run's other formats did) without reading the message. The value is the
+    text said to the user."""
+
+    DATA_DEPENDENT_BRANCH = "data-dependent-branch"
+    DATA_DEPENDENT_SIZE = "data-dependent-size"
+    TRACE_OUTPUT = "trace-output"
+    MAX_GROWTH = "max-growth"
+
+    @property
+    def text(self) -> str:
+        return ADVICE_TEXT[self]
+
+
 class LexportError(Exception):
-    """Base of every error lexport reports to a user. Never shown with a traceback."""
+    """Base of every error lexport reports to a user. Never shown with a traceback.
+
+    What it says: `message`, then `hint` (what to do), the `advice` text, what the pipeline learnt since (`said`),
+    and with `debug` the LEXPORT_DEBUG line; `full_hint()` joins them."""
 
     exit_code = 70
     kind = "internal"
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, advice: Advice | None = None,
+                 debug: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
-        self.report = None  # the partial Report, attached by export()
+        self.advice = advice
+        self.debug = debug
+        self.said: list[str] = []  # context the pipeline adds after the fact
+        self.report: Any = None  # the partial report.Report, attached by export() (errors sit below report)
+
+    def full_hint(self) -> str:
+        parts = [self.hint, self.advice.text if self.advice else None, *self.said, DEBUG_HINT if self.debug else None]
+        return "\n".join(p for p in parts if p)
 
     def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+        hint = self.full_hint()
+        return self.message if not hint else f"{self.message}\n{hint}"
 
 
 class VerificationError(LexportError):
@@ -49,11 +77,6 @@ class ExportError(LexportError):
 class OutputError(LexportError):
     exit_code = 6
     kind = "output"
-
-
-class InternalError(LexportError):
-    exit_code = 70
-    kind = "internal"
 
 
 EXIT_CODES: dict[int, str] = {
@@ -95,7 +118,7 @@ DATA_DEPENDENT_HINT = (
 
 # Said when torch.export refuses code that branches or loops on a size that depends on tensor values (a boolean
 # mask, nonzero, NMS-style filtering: torch calls the size an unbacked "size-like" symbol); observed on torch 2.13
-# with fixtures.projects3.TinyDetector. Unlike a branch on a value, torch.where/torch.cond do not help here.
+# with fixtures.real_projects.TinyDetector. Unlike a branch on a value, torch.where/torch.cond do not help here.
 DATA_DEPENDENT_SIZE_HINT = (
     "forward makes tensors whose size depends on the values (a boolean mask, nonzero, NMS-style filtering) and "
     "then branches or loops on that size: torch.export cannot capture it (exported-program, executorch, aoti and "
@@ -188,15 +211,21 @@ def is_data_dependent_size(e: BaseException) -> bool:
     return is_data_dependent(e) and any(re.search(r"Size-like symbols: (?!none)\w", str(x)) for x in _chain(e))
 
 
-def data_dependent_hint(e: BaseException) -> str | None:
-    """The hint for a data-dependent failure: sizes or branches; None for other failures."""
+GROWTH_HINT = "Raise the limit with --max-growth N if this is intended."
+
+ADVICE_TEXT = {
+    Advice.DATA_DEPENDENT_BRANCH: DATA_DEPENDENT_HINT,
+    Advice.DATA_DEPENDENT_SIZE: DATA_DEPENDENT_SIZE_HINT,
+    Advice.TRACE_OUTPUT: TRACE_OUTPUT_HINT,
+    Advice.MAX_GROWTH: GROWTH_HINT,
+}
+
+
+def data_dependent_advice(e: BaseException) -> Advice | None:
+    """The advice for a data-dependent failure: sizes or branches; None for other failures."""
     if not is_data_dependent(e):
         return None
-    return DATA_DEPENDENT_SIZE_HINT if is_data_dependent_size(e) else DATA_DEPENDENT_HINT
-
-
-# The hints after which the pipeline adds what the other formats of the run did.
-ADVISED_FAILURES = (DATA_DEPENDENT_HINT, DATA_DEPENDENT_SIZE_HINT, TRACE_OUTPUT_HINT)
+    return Advice.DATA_DEPENDENT_SIZE if is_data_dependent_size(e) else Advice.DATA_DEPENDENT_BRANCH
 
 
 def export_failure(what: str, e: BaseException, *, detail: str | None = None) -> ExportError:
@@ -208,12 +237,7 @@ def export_failure(what: str, e: BaseException, *, detail: str | None = None) ->
     suggestion = None if is_data_dependent(e) else torch_suggestion(e)
     if suggestion:
         lines.append(f"  torch suggests: {suggestion}")
-    hints = [detail] if detail else []
-    advice = data_dependent_hint(e)
-    if advice:
-        hints.append(advice)
-    hints.append(DEBUG_HINT)
-    return ExportError("\n".join(lines), hint="\n".join(hints))
+    return ExportError("\n".join(lines), hint=detail, advice=data_dependent_advice(e), debug=True)
 
 
 def lightning_package() -> str:
@@ -234,7 +258,10 @@ def error_json(e: BaseException, *, code: int | None = None) -> dict[str, Any]:
     """The one JSON shape of an error, {"code", "kind", "message"}: a LexportError's own; an interruption's
     (130); anything else is a bug in lexport (70)."""
     if isinstance(e, LexportError):
-        return {"code": e.exit_code if code is None else code, "kind": e.kind, "message": str(e)}
+        out: dict[str, Any] = {"code": e.exit_code if code is None else code, "kind": e.kind, "message": str(e)}
+        if e.advice is not None:
+            out["advice"] = e.advice.value
+        return out
     if isinstance(e, KeyboardInterrupt):
         return {"code": 130, "kind": "interrupted", "message": "interrupted (SIGINT or SIGTERM)"}
     return {"code": 70, "kind": "internal", "message": f"{type(e).__name__}: {str(e)[:500]}"}

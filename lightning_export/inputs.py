@@ -109,7 +109,7 @@ def from_specs(specs: list[InputSpec], seed: int, int_high: int | None = None) -
             t = torch.randn(spec.shape, generator=g).to(dtype)
         elif dtype == torch.bool:
             t = torch.randint(0, 2, spec.shape, generator=g).bool()
-        elif spec.low is not None:
+        elif spec.low is not None and spec.high is not None:
             t = torch.randint(spec.low, spec.high + 1, spec.shape, generator=g, dtype=torch.int64).to(dtype)
         else:
             t = torch.randint(0, int_high or 10, spec.shape, generator=g, dtype=torch.int64).to(dtype)

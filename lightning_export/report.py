@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .compare import Verification
+from .errors import LexportError, error_json
 
 
 @dataclass
@@ -18,7 +19,7 @@ class ArtifactResult:
     verification: Verification | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    error: dict[str, Any] | None = None  # {"code", "kind", "message"} when this format failed
+    error: LexportError | None = None  # why this format failed (JSON: {"code", "kind", "message"})
     companions: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -42,7 +43,7 @@ class ArtifactResult:
         if self.info:
             out["info"] = self.info
         if self.error:
-            out["error"] = self.error
+            out["error"] = error_json(self.error)
         return out
 
 
@@ -55,7 +56,7 @@ class Report:
     versions: dict[str, str | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    error: dict[str, Any] | None = None
+    error: LexportError | None = None  # why the run failed
     data: dict[str, Any] | None = None  # --data: the source and the batches used (pipeline.data.read_data)
 
     @property
@@ -76,7 +77,7 @@ class Report:
         if self.data is not None:
             out["data"] = self.data
         if self.error:
-            out["error"] = self.error
+            out["error"] = error_json(self.error)
         return out
 
 

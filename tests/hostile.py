@@ -1,4 +1,4 @@
-"""The hostile corpus of issue 7, made in code (no binary blobs in the repository).
+"""The hostile corpus, made in code (no binary blobs in the repository).
 
 Every generator writes its file(s) the way an attacker would: with ``torch.save`` of a Lightning-style checkpoint
 dict, then by hand where torch would refuse or recurse (pickle opcodes written one by one, zip records rewritten or

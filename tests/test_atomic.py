@@ -1,4 +1,4 @@
-"""Issue 3, part 3: artifacts appear at their final path complete and verified, or not at all.
+"""Artifacts appear at their final path complete and verified, or not at all.
 
 Everything is written into a private `.lexport-tmp-<pid>-*` dir beside the destination, fsynced, verified, then
 moved into place (never replacing a file unless --force: see test_faults.py). On a failure, Ctrl-C, SIGTERM or SIGKILL nothing partial is left at the final

@@ -1,4 +1,4 @@
-"""Issue 3, part 2: a corpus of bad inputs. Each one exits with its documented code and ONE clear message on
+"""A corpus of bad inputs. Each one exits with its documented code and ONE clear message on
 stderr (no traceback), leaves no file in the output directory, and leaves the input byte-for-byte unchanged."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 7, item 3: walks over hparams and YAML are linear in the size of the input and depth-limited.
+"""Walks over hparams and YAML are linear in the size of the input and depth-limited.
 
 Each case would hang or take gigabytes with a naive walk; every assertion here runs in well under a second.
 """

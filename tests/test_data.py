@@ -1,4 +1,4 @@
-"""--data's pieces (files and LightningDataModules), the batch rule and agreement (issue 17). Static int8 through
+"""--data's pieces (files and LightningDataModules), the batch rule and agreement. Static int8 through
 the CLI, calibrated and verified end to end, is in test_int8.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 9, item 3: DeepSpeed checkpoint folders, written by a real pl.Trainer with Lightning's DeepSpeedStrategy.
+"""DeepSpeed checkpoint folders, written by a real pl.Trainer with Lightning's DeepSpeedStrategy.
 
 The folders are real: fixtures/make_deepspeed.py trains MyClassifierModule for 2 steps on CPU (DeepSpeed's CPU
 accelerator, gloo) with ZeRO-2 on 2 ranks and ZeRO-3 on 1 rank, then calls trainer.save_checkpoint. Beside each

@@ -1,4 +1,4 @@
-"""Issue 2 end to end: real checkpoints → every format → each artifact loaded by its own runtime and compared
+"""End to end: real checkpoints → every format → each artifact loaded by its own runtime and compared
 with a reference module that the test builds itself (independently of lexport's builder)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ALL = ["state-dict", "safetensors", *GRAPH]
 
 
 def reference(ckpts, name: str, attr: str | None = None):
-    """The trained module rebuilt by hand, as the seed articles do: make, load_state_dict, eval."""
+    """The trained module rebuilt by hand, as the tutorials do: make, load_state_dict, eval."""
     from fixtures.make_checkpoints import FIXTURES
 
     m = FIXTURES[name].make_module()
@@ -211,10 +211,10 @@ def test_data_dependent_onnx_falls_back_and_is_still_caught(ckpts, tmp_path):
     assert onnx.exporter == "torch.onnx.torchscript"  # dynamo refused the data-dependent guard
     assert onnx.verification.passed is False
     assert any("only the branch the example input takes" in n for n in onnx.notes)
-    assert ep.error["code"] == 5 and "GuardOnDataDependent" in ep.error["message"]
+    assert ep.error.exit_code == 5 and "GuardOnDataDependent" in str(ep.error)
     # What the other format of the run did, and what can export such a forward.
-    assert "In this run: onnx failed verification (torch.onnx.torchscript traced one branch)" in ep.error["message"]
-    assert "--torchscript-mode script" in ep.error["message"]
+    assert "In this run: onnx failed verification (torch.onnx.torchscript traced one branch)" in str(ep.error)
+    assert "--torchscript-mode script" in str(ep.error)
     assert info.value.exit_code == 1  # the first failing artifact decides
 
 

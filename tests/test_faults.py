@@ -1,4 +1,4 @@
-"""Issue 7, item 5: faults while writing and publishing.
+"""Faults while writing and publishing.
 
 - A full disk, a file size limit or an I/O error from any writer (torch's C++ zip writers included) ends in exit 6
   with one JSON object on stdout, the temp dir removed, nothing at the output path and the input unchanged; a

@@ -1,4 +1,4 @@
-"""Issue 3, part 5: property-based fuzzing of the checkpoint reader.
+"""Property-based fuzzing of the checkpoint reader.
 
 Real checkpoints are truncated, bit-flipped and spliced; for every mutation lexport must end cleanly: an exit code
 from the documented set (a flipped byte inside tensor data is still a valid checkpoint, so 0 is fine), never 70,
@@ -164,7 +164,7 @@ def test_truncation_points(sources: list[Source], cut: int) -> None:
 
 
 # ===================================================================================================================
-# Issue 7, part 6: fuzzing pickle *structures*, not only bytes.
+# Fuzzing pickle *structures*, not only bytes.
 #
 # Each example is a checkpoint whose data.pkl is written opcode by opcode from a hypothesis strategy (tests/hostile.py
 # Ops): shared and self references, depth up to 10**5, declared storage sizes vs record sizes, tensor sizes, strides

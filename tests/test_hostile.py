@@ -1,4 +1,4 @@
-"""Issue 7, part 6: the hostile corpus through the real CLI, under a memory limit and a timeout.
+"""The hostile corpus through the real CLI, under a memory limit and a timeout.
 
 Every case is made in code by tests/hostile.py and run as a release pipeline would run lexport: a subprocess
 (`python -m lightning_export ... --json`) with RLIMIT_AS and a wall-clock timeout. For every case:
@@ -320,7 +320,7 @@ CASES: dict[str, Case] = {
     "hparams-deep-100000-module": Case(_hparams(H.hparams_deep, True), _c(0, 3, 4),
                                        on_success=_published("hp.pt"), human=True),
     # 3. bounded work: claimed sizes
-    # Issue 15: the size bound covers what the unpickler builds, not only tensors (3.1 GB peak RSS, exit 0 before).
+    # The size bound covers what the unpickler builds, not only tensors (3.1 GB peak RSS, exit 0 before).
     **{f"hparams-{what}-{n}{'-module' if module else ''}": Case(
         _hparams(lambda p, base, what=what: H.hparams_allocation(p, base, what), module), _c(3),
         needles=("memory",), max_rss=500 << 20, human=not module, unlimited=True)
@@ -369,7 +369,7 @@ def _common_checks(name: str, case: Case, run: Run, tmp: Path, out: Path, before
     assert run.code >= 0, f"{name}: killed by signal {-run.code}: {run}"
     assert run.code in case.codes, f"{name}: exit {run.code}, expected one of {sorted(case.codes)}: {run}"
     assert "Traceback" not in run.stdout + run.stderr, run
-    # A tighter bound is the case's (issue 15: 500 MB for the bytearray bomb, measured with the CPU build of torch),
+    # A tighter bound is the case's (500 MB for the bytearray bomb, measured with the CPU build of torch),
     # raised by however much more than that build's 450 MB importing the dependencies keeps resident here (430 MB
     # with torch 2.13+cpu; 711 MB with 2.14.1+cu130).
     bound = case.max_rss + max(0, baseline_rss() - (450 << 20)) if case.max_rss else MAX_RSS

@@ -1,4 +1,4 @@
-"""Real data in, static int8 out, through the CLI (issue 17): calibrated on --data (a .pt file, or the datamodule
+"""Real data in, static int8 out, through the CLI: calibrated on --data (a .pt file, or the datamodule
 of a LightningCLI config), verified by lexport on held-out batches with top-1 agreement, then re-run here on a draw
 of the task neither calibration nor verification saw. One run per data source covers every int8 format."""
 

@@ -1,4 +1,4 @@
-"""Issue 7, items 1-3 (the checkpoint side): the weights exported are the bytes in the file, or the run is refused.
+"""The weights exported are the bytes in the file, or the run is refused.
 
 - storage records are memory-mapped only when stored uncompressed; every storage behind a state_dict tensor is
   checked against its record's CRC-32 (bit-rot, a bad CRC, a repacked file);

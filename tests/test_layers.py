@@ -26,12 +26,12 @@ LAYERS: dict[str, int] = {
     "lightning_export.userpath": 1,
     "lightning_export.report": 1,
     "lightning_export.compare": 1,
-    "lightning_export.agreement": 1,  # top-1 agreement and accuracies between runs (issue 17)
+    "lightning_export.agreement": 1,  # top-1 agreement and accuracies between runs
     "lightning_export.inputs": 1,
     "lightning_export.outputs": 1,
     "lightning_export.safeload": 2,
     "lightning_export.sources": 3,
-    "lightning_export.data": 4,  # issue 17's package: example inputs, --data batches (files, LightningDataModules)
+    "lightning_export.data": 4,  # example inputs, --data batches (files, LightningDataModules)
     "lightning_export.build": 5,
     "lightning_export.formats": 6,
     "lightning_export.pipeline": 7,

@@ -1,4 +1,4 @@
-"""Issue 16, item 4: modules trained with Trainer(precision="16-true"/"bf16-true") export as they are.
+"""Modules trained with Trainer(precision="16-true"/"bf16-true") export as they are.
 
 The checkpoints hold fp16/bf16 tensors; the modules' constructors make float32 parameters and a float32
 example_input_array. Graph formats compute what load_from_checkpoint gives (the stored tensors cast into the

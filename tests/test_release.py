@@ -1,4 +1,4 @@
-"""Issue 10: release-grade outputs. A real LightningCLI run exported with --config to every format twice in
+"""Release-grade outputs. A real LightningCLI run exported with --config to every format twice in
 separate processes gives identical bytes, equal to the manifest's; inspect reports the run; verify passes on each
 artifact and exits 1 when a weight (safetensors) or an initializer (ONNX) was changed."""
 

@@ -1,4 +1,4 @@
-"""Issue 15, item 6: a module whose __init__ draws example_input_array from the global RNG (Lightning's own examples
+"""A module whose __init__ draws example_input_array from the global RNG (Lightning's own examples
 do) exports to the same bytes twice, in every format: lexport seeds the generators from --seed before building."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 3, part 1: loading never runs code from the checkpoint unless --trust-checkpoint says so.
+"""Loading never runs code from the checkpoint unless --trust-checkpoint says so.
 
 - torch.load is always called with weights_only=True (explicitly, so an inherited
   TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off) and never retried with weights_only=False;
@@ -97,7 +97,7 @@ def test_malicious_checkpoint_runs_with_trust(tmp_path: Path) -> None:
 def test_blocked_global_is_never_offered_as_allow_global(tmp_path: Path) -> None:
     """os/posix/sys functions cannot be allowed by the safe loader; the hint must not pretend otherwise."""
     path, marker = _malicious(tmp_path)
-    # Issue 7: --allow-global itself refuses a function from os (exit 2) before anything is read.
+    # --allow-global itself refuses a function from os (exit 2) before anything is read.
     res = invoke(path, "--to", "state-dict", "--output-dir", tmp_path / "out", "--allow-global", "os.mkdir")
     assert res.code == 2, res
     assert "never allowed" in _flat(res.stderr)

@@ -1,4 +1,4 @@
-"""Issue 9: Lightning sharded (torch.distributed.checkpoint) folders, read tensor by tensor, weights only.
+"""Lightning sharded (torch.distributed.checkpoint) folders, read tensor by tensor, weights only.
 
 The folders are real: 2 gloo ranks on CPU (fixtures/make_sharded.py), either DTensors sharded on dim 0 saved with
 torch.distributed.checkpoint.save({"model": ..., "optimizer_0": ...}) plus meta.pt, as FSDPStrategy does, or a real

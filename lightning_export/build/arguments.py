@@ -50,7 +50,7 @@ def constructor_arguments(
     `explicit` are names the user typed (--init-arg): one the constructor does not take is an error, since it is
     almost always a typo; names from files (--config, --init-args) it does not take are only a warning.
     """
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
     names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     has_varkw = any(p.kind == p.VAR_KEYWORD for p in params)
     loaded = _saved_arguments(hparams, raw, names)

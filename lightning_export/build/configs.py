@@ -137,7 +137,7 @@ def _jsonargparse(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         raise UsageError("jsonargparse is not installed: pip install 'jsonargparse[signatures]'") from None
     import inspect
 
-    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]  # type: ignore[misc]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -24,7 +24,7 @@ class BuiltModule:
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def _parameters_on_meta() -> Iterator[None]:
     """Create parameters on the meta device while building; buffers and other tensors stay real.
 
     Parameters are the bulk and come from the checkpoint anyway; buffers (often non-persistent, e.g. caches)
@@ -125,7 +125,7 @@ def build_module(
     return BuiltModule(obj, target, attr, sd, notes, built_on_meta)
 
 
-def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_only: bool = False) -> dict[str, Any]:
+def load_strict(module: Any, state_dict: Mapping[str, Any], *, what: str, check_only: bool = False) -> dict[str, Any]:
     """Strict loading that collects every missing, unexpected and mis-shaped key before failing once. Floating
     tensors stored in another dtype than the module's (a Trainer(precision="16-true") checkpoint into the float32
     parameters the constructor makes) are cast into the module's dtype, as load_from_checkpoint's copy does;
@@ -237,7 +237,7 @@ def select_attr(module: Any, attr: str | None) -> Any:
     if not attr:
         return module
     obj = module
-    walked = []
+    walked: list[str] = []
     for part in attr.split("."):
         children = _child_names(obj)
         nxt = None

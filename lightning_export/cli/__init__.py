@@ -1,4 +1,4 @@
-"""The `lexport` command line. `lexport CKPT --to ...` exports (the mission's invocation, unchanged);
+"""The `lexport` command line. `lexport CKPT --to ...` exports;
 `lexport inspect CKPT` and `lexport verify ARTIFACT CKPT` are subcommands, chosen by the first argument (a
 checkpoint literally named `inspect` is reached as `./inspect`). No torch at import time."""
 
@@ -30,7 +30,7 @@ def _subcommand(name: str) -> Any:
 
 def main() -> None:
     # typer may vendor click: find its exception base through a public name, not a private import.
-    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    click_exception: type[Any] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     args = sys.argv[1:]
     TerminateOnSignal().__enter__()  # SIGTERM/SIGINT → exit 130 from the first instant, parsing included
     error: dict[str, Any] | None = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import LexportError, error_json
 
@@ -44,8 +45,7 @@ def execute(
     code = 0
     with _stdout_to_stderr(json_out) as real_stdout:
         try:
-            with Steps(stderr if show else None) as steps:
-                report = work(steps)
+            report = work(Steps(stderr if show else None))
         except LexportError as e:
             report, code = e.report, e.exit_code
             error = error_json(e)
@@ -113,7 +113,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[Any]:
         with contextlib.redirect_stdout(sys.stderr):
             yield real
     finally:
-        if saved_fd is not None:
+        if saved_fd is not None and fd is not None:
             sys.stderr.flush()
             os.dup2(saved_fd, fd)
             os.close(saved_fd)
@@ -122,7 +122,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[Any]:
 def print_error(stderr: Console, e: LexportError) -> None:
     stderr.print(f"[bold red]error[/bold red] ({e.kind}, exit {e.exit_code}): ", end="")
     stderr.print(e.message, markup=False)
-    for line in (e.hint or "").splitlines():
+    for line in e.full_hint().splitlines():
         # A flag line is never wrapped by rich: pasted back, it must be the one line it was printed as.
         stderr.print(line, markup=False, style="dim", soft_wrap=line.lstrip().startswith("--"))
 
@@ -132,12 +132,6 @@ class Steps:
 
     def __init__(self, console: Console | None) -> None:
         self.console = console
-
-    def __enter__(self) -> Steps:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[StepStatus]:
@@ -149,7 +143,7 @@ class Steps:
         started = time.perf_counter()
         try:
             if self.console.is_terminal:
-                with self.console.status(f"{label} …") as status:
+                with self.console.status(Text(f"{label} …")) as status:
                     with _ticker(status, label, started):
                         yield status_obj
             else:
@@ -158,8 +152,9 @@ class Steps:
             status_obj.failed = True
             raise
         finally:
-            mark = "[red]✗[/red]" if status_obj.failed else "[green]✓[/green]"
-            self.console.print(f"{mark} {label} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+            mark = ("✗", "red") if status_obj.failed else ("✓", "green")
+            done = Text.assemble(mark, f" {label} ", (f"({time.perf_counter() - started:.1f} s)", "dim"))
+            self.console.print(done, highlight=False)
 
 
 @dataclass
@@ -175,7 +170,7 @@ def _ticker(status: Any, label: str, started: float) -> Iterator[None]:
 
     def tick() -> None:
         while not done.wait(0.5):
-            status.update(f"{label} … {time.perf_counter() - started:.0f} s")
+            status.update(Text(f"{label} … {time.perf_counter() - started:.0f} s"))
 
     t = threading.Thread(target=tick, daemon=True)
     t.start()

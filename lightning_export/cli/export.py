@@ -36,7 +36,7 @@ Exit codes:
 
 Set LEXPORT_DEBUG=1 for full tracebacks."""
 
-app = typer.Typer(add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(add_completion=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
 
 def _version(value: bool) -> None:
@@ -53,7 +53,7 @@ def _version(value: bool) -> None:
 )
 def lexport(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Lightning .ckpt file, or a file holding a plain state dict.", show_default=False)],
-    to: Annotated[list[str], typer.Option("--to", "-t", metavar="FORMAT", help=f"Format to write (repeatable, or comma-separated): {', '.join(REGISTRY)}.")] = [],  # noqa: B006
+    to: Annotated[list[str], typer.Option("--to", "-t", metavar="FORMAT", help=f"Format to write (repeatable, or comma-separated): {', '.join(REGISTRY)}.", rich_help_panel=o.OUTPUT)] = [],  # noqa: B006
     module: o.Module = None,
     attr: o.Attr = None,
     config: o.Config = None,
@@ -62,36 +62,36 @@ def lexport(
     input_spec: o.InputSpecs = [],
     example_inputs: o.ExampleInputs = None,
     dynamic_batch: o.DynamicBatch = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Output file (one format only).")] = None,
-    output_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Output directory; files are named <checkpoint stem><suffix>. Default: beside the checkpoint.")] = None,  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Output file (one format only).", rich_help_panel=o.OUTPUT)] = None,
+    output_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Output directory; files are named <checkpoint stem><suffix>. Default: beside the checkpoint.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
     force: o.Force = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify every artifact against the eager module.")] = True,  # noqa: E501
-    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep an artifact that failed verification, as NAME.FAILED.<suffix>.")] = False,  # noqa: E501
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify every artifact against the eager module.", rich_help_panel=o.VERIFICATION)] = True,  # noqa: E501
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep an artifact that failed verification, as NAME.FAILED.<suffix>.", rich_help_panel=o.OUTPUT)] = False,  # noqa: E501
     atol: o.Atol = None,
     rtol: o.Rtol = None,
     seed: o.Seed = 0,
     random_inputs: o.RandomInputs = 5,
-    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset version (default: the dynamo exporter's; below 18 the TorchScript-based exporter writes it).")] = None,
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset version (default: the dynamo exporter's; below 18 the TorchScript-based exporter writes it).", rich_help_panel=o.OUTPUT)] = None,
     input_names: o.InputNames = [],  # noqa: B006
     output_names: o.OutputNames = [],  # noqa: B006
-    torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="trace or script.")] = "trace",
+    torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="trace or script.", rich_help_panel=o.OUTPUT)] = "trace",
     precision: o.Precision = None,
     quantize: o.Quantize = None,
     data: o.Data = None,
     data_batches: o.DataBatches = None,
     data_input: o.DataInput = None,
     min_agreement: o.MinAgreement = None,
-    executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).")] = "xnnpack",  # noqa: E501
-    max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).")] = None,  # noqa: E501
-    tokenizer: Annotated[Path | None, typer.Option(metavar="DIR", help="huggingface: a tokenizer saved with save_pretrained, checked (AutoTokenizer loads it) and copied into the folder.")] = None,  # noqa: E501
+    executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).", rich_help_panel=o.OUTPUT)] = "xnnpack",  # noqa: E501
+    max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
+    tokenizer: Annotated[Path | None, typer.Option(metavar="DIR", help="huggingface: a tokenizer saved with save_pretrained, checked (AutoTokenizer loads it) and copied into the folder.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
     strict_finite: o.StrictFinite = False,
-    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the --json record plus every option that shaped the bytes to FILE, atomically (for lexport verify --manifest and as a build artifact).")] = None,  # noqa: E501
+    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the --json record plus every option that shaped the bytes to FILE, atomically (for lexport verify --manifest and as a build artifact).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", rich_help_panel=o.OUTPUT)] = False,  # noqa: E501
 ) -> None:
     def options() -> Any:
         from ..build.argfiles import parse_init_arg
@@ -126,7 +126,7 @@ def lexport(
             data=data,
             data_batches=data_batches,
             data_input=data_input,
-            **({"min_agreement": min_agreement} if min_agreement is not None else {}),
+            min_agreement=min_agreement if min_agreement is not None else ExportOptions.min_agreement,
             executorch_backend=executorch_backend,
             max_shard_size=max_shard_size,
             tokenizer=tokenizer,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..safeload.archive import DEFAULT_MAX_GROWTH
 from ..text import fmt_bytes
@@ -64,13 +65,16 @@ def _render(stderr: Console, s: dict[str, Any], depth: int) -> None:
     for col in ("path", "tensors", "elements", "size", "dtypes"):
         table.add_column(col, justify="right" if col in ("tensors", "elements", "size") else "left")
     w = s["weights"]
-    table.add_row("(all)", str(w["tensors"]), f"{w['elements']:,}", fmt_bytes(w["bytes"]), _dtypes(w["dtypes"]))
+    table.add_row(*map(Text, ("(all)", str(w["tensors"]), f"{w['elements']:,}", fmt_bytes(w["bytes"]),
+                              _dtypes(w["dtypes"]))))
     hidden = 0
     for n in s["submodules"]:
         if n["path"].count(".") >= depth:
             hidden += 1
             continue
-        table.add_row(n["path"], str(n["tensors"]), f"{n['elements']:,}", fmt_bytes(n["bytes"]), _dtypes(n["dtypes"]))
+        # Key names come from the checkpoint: Text, never markup.
+        table.add_row(*map(Text, (n["path"], str(n["tensors"]), f"{n['elements']:,}", fmt_bytes(n["bytes"]),
+                                  _dtypes(n["dtypes"]))))
     stderr.print(table)
     if hidden:
         stderr.print(f"[dim]{hidden} deeper submodules not shown (--depth N, or --json for all)[/dim]")

@@ -1,4 +1,7 @@
-"""Human output of an export report: the artifact table, the per-output table, notes and warnings (stderr)."""
+"""Human output of an export report: the artifact table, the per-output table, notes and warnings (stderr).
+
+Everything a report holds may come from the user's files (output keys, class names, paths, hparams, an exporter's
+message): it is printed as `Text`, never parsed as rich markup; only lexport's own styling is markup."""
 
 from __future__ import annotations
 
@@ -6,15 +9,33 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from ..report import Report
 from ..text import fmt_bytes
+
+
+def plain(value: object, style: str = "") -> Text:
+    """Untrusted text as it is: `[/x]` or `[bold]` in it are characters, not markup."""
+    return Text(str(value), style=style)
+
+
+def line(*parts: tuple[object, str] | object) -> Text:
+    """A line of (text, style) and plain parts, none of them parsed as markup."""
+    out = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            out.append(str(part[0]), style=part[1])
+        else:
+            out.append(str(part))
+    return out
 
 
 def _fmt_diff(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
-def render_report(stderr: Console, report: Any) -> None:
+def render_report(stderr: Console, report: Report) -> None:
     if not report.artifacts:
         return
     table = Table(title="lexport", title_justify="left")
@@ -23,19 +44,19 @@ def render_report(stderr: Console, report: Any) -> None:
     for a in report.artifacts:
         v = a.verification
         if a.error:
-            verdict = f"[red]✗ {a.error['kind']} error[/red]"
+            verdict = plain(f"✗ {a.error.kind} error", "red")
         elif v is None:
-            verdict = "[yellow]not verified[/yellow]"
+            verdict = plain("not verified", "yellow")
         elif v.passed:
-            verdict = f"[green]✓ {v.inputs_checked} inputs[/green]" if v.atol is not None else "[green]✓ bit-exact[/green]"
+            verdict = plain(f"✓ {v.inputs_checked} inputs" if v.atol is not None else "✓ bit-exact", "green")
         else:
-            verdict = "[red]✗ FAILED[/red]"
+            verdict = plain("✗ FAILED", "red")
         table.add_row(
-            a.format,
-            a.path or "[dim](not written)[/dim]",
-            fmt_bytes(a.bytes) + _reduction(a.info),
-            a.exporter or "-",
-            _fmt_diff(v.max_abs_diff) if v and v.atol is not None else "-",
+            plain(a.format),
+            plain(a.path) if a.path else plain("(not written)", "dim"),
+            plain(fmt_bytes(a.bytes) + _reduction(a.info)),
+            plain(a.exporter or "-"),
+            plain(_fmt_diff(v.max_abs_diff) if v and v.atol is not None else "-"),
             verdict,
         )
     stderr.print(table)
@@ -50,30 +71,30 @@ def render_report(stderr: Console, report: Any) -> None:
         for o in v.outputs:
             rows += 1
             details.add_row(
-                a.format,
-                o.name,
-                str(list(o.shape)),
-                _fmt_diff(o.max_abs_diff),
-                _fmt_diff(o.max_rel_diff),
-                f"{v.atol:g} / {v.rtol:g}",
-                "[green]✓[/green]" if o.passed else f"[red]✗[/red] {o.problem or ''}",
+                plain(a.format),
+                plain(o.name),
+                plain(list(o.shape)),
+                plain(_fmt_diff(o.max_abs_diff)),
+                plain(_fmt_diff(o.max_rel_diff)),
+                plain(f"{v.atol:g} / {v.rtol:g}"),
+                plain("✓", "green") if o.passed else line(("✗", "red"), f" {o.problem or ''}"),
             )
     if rows:
         stderr.print(details)
     for a in report.artifacts:
         if a.error:
-            stderr.print(f"[red]{a.format}[/red]: {a.error['message']}", markup=True, highlight=False)
+            stderr.print(line((a.format, "red"), f": {a.error}"), highlight=False)
         if a.verification:
             if a.verification.agreement_text:
-                stderr.print(f"{a.format}: {a.verification.agreement_text}", markup=False, highlight=False)
+                stderr.print(plain(f"{a.format}: {a.verification.agreement_text}"), highlight=False)
             for p in a.verification.problems:
-                stderr.print(f"[red]{a.format}[/red]: {p}")
+                stderr.print(line((a.format, "red"), f": {p}"), highlight=False)
         for n in a.notes:
-            stderr.print(f"[dim]{a.format}: {n}[/dim]")
+            stderr.print(plain(f"{a.format}: {n}", "dim"), highlight=False)
     for n in report.notes:
-        stderr.print(f"[dim]note: {n}[/dim]")
+        stderr.print(plain(f"note: {n}", "dim"), highlight=False)
     for w in report.warnings:
-        stderr.print(f"[yellow]warning[/yellow]: {w}")
+        stderr.print(line(("warning", "yellow"), f": {w}"), highlight=False)
 
 
 def _reduction(info: dict[str, Any]) -> str:

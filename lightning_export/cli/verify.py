@@ -13,7 +13,7 @@ from . import options as o
 from .common import Steps, execute
 from .render import render_report
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
 
 @app.command(
@@ -27,9 +27,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 )
 def verify(
     paths: Annotated[list[Path], typer.Argument(metavar="[ARTIFACT... CHECKPOINT]", help="Artifacts, then the checkpoint they came from (with --manifest: no artifact; the checkpoint, to use instead of the manifest's path).", show_default=False)] = [],  # noqa: B006,E501
-    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="A manifest written by lexport --manifest: the artifacts, the checkpoint (unless named) and the options come from it. Untrusted: its paths must stay inside its folder, and it may name no code to run.")] = None,  # noqa: E501
-    allow_outside: Annotated[bool, typer.Option("--allow-outside", help="With --manifest: its paths may leave its folder (absolute, '..', symlinks out). Only for a manifest you trust.")] = False,  # noqa: E501
-    trust_manifest: Annotated[bool, typer.Option("--trust-manifest", help="With --manifest: it is your own; honour its module file paths, the classes its config and init arguments name, and paths outside its folder. Never turns on --trust-checkpoint or --allow-global.")] = False,  # noqa: E501
+    manifest: Annotated[Path | None, typer.Option(metavar="FILE", rich_help_panel=o.INPUTS, help="A manifest written by lexport --manifest: the artifacts, the checkpoint (unless named) and the options come from it. Untrusted: its paths must stay inside its folder, and it may name no code to run.")] = None,  # noqa: E501
+    allow_outside: Annotated[bool, typer.Option("--allow-outside", rich_help_panel=o.SAFETY, help="With --manifest: its paths may leave its folder (absolute, '..', symlinks out). Only for a manifest you trust.")] = False,  # noqa: E501
+    trust_manifest: Annotated[bool, typer.Option("--trust-manifest", rich_help_panel=o.SAFETY, help="With --manifest: it is your own; honour its module file paths, the classes its config and init arguments name, and paths outside its folder. Never turns on --trust-checkpoint or --allow-global.")] = False,  # noqa: E501
     module: o.Module = None,
     attr: o.Attr = None,
     config: o.Config = None,
@@ -40,11 +40,11 @@ def verify(
     dynamic_batch: o.DynamicBatch = False,
     atol: o.Atol = None,
     rtol: o.Rtol = None,
-    seed: Annotated[int | None, typer.Option(metavar="INT", help="Seed of the random verification inputs (default: the manifest's, else 0).")] = None,  # noqa: E501
-    random_inputs: Annotated[int | None, typer.Option(metavar="N", min=0, help="Random inputs checked besides the example (default: the manifest's, else 5).")] = None,  # noqa: E501
+    seed: Annotated[int | None, typer.Option(metavar="INT", help="Seed of the random verification inputs (default: the manifest's, else 0).", rich_help_panel=o.VERIFICATION)] = None,  # noqa: E501
+    random_inputs: Annotated[int | None, typer.Option(metavar="N", min=0, help="Random inputs checked besides the example (default: the manifest's, else 5).", rich_help_panel=o.VERIFICATION)] = None,  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],  # noqa: B006
-    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).")] = None,  # noqa: E501
+    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).", rich_help_panel=o.SAFETY)] = None,  # noqa: E501
     precision: o.Precision = None,
     quantize: o.Quantize = None,
     data: o.Data = None,
@@ -54,7 +54,7 @@ def verify(
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
 ) -> None:
-    given = {
+    given: dict[str, Any] = {
         "module": module, "attr": attr, "config": config, "init_args_file": init_args,
         "inputs": tuple(input_spec), "example_inputs": example_inputs, "dynamic_batch": dynamic_batch,
         "atol": atol, "rtol": rtol, "seed": seed, "random_inputs": random_inputs,

@@ -1,4 +1,4 @@
-"""`--data`: real batches for calibration and verification (issue 17).
+"""`--data`: real batches for calibration and verification.
 
 Building blocks, each usable on its own; the pipeline wires them together (pipeline.data.read_data):
 

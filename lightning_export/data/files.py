@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, UsageError
+from ..errors import Advice, CheckpointError, UsageError
 
 FILE_HINT = (
     "Save a list of batches with torch.save, e.g. torch.save([x for x, _ in loader][:10], 'data.pt') or "
@@ -69,9 +69,10 @@ def load_tensor_file(path: Path, flag: str, hint: str, *, max_growth: float | No
         # The checkpoint loader's words ("checkpoint not found", "not a checkpoint file") read as this file.
         text = e.message.replace("checkpoint file", "torch.save file").replace("checkpoint", "file")
         # --allow-global and --trust-checkpoint are the checkpoint's flags: a data file never needs them.
-        said = e.hint if e.hint and "--max-growth" in e.hint else hint
         message = f"{flag} {p}{text[len(str(p)):]}" if text.startswith(str(p)) else f"{flag} {p}: {text}"
-        raise UsageError(message, hint=said) from e
+        if e.advice is Advice.MAX_GROWTH:
+            raise UsageError(message, advice=e.advice) from e
+        raise UsageError(message, hint=hint) from e
 
 
 def _tensors(obj: Any) -> dict[str, Any]:

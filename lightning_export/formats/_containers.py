@@ -72,8 +72,9 @@ def to_plain(value: Any, found: list[Converted], where: str = "output") -> Any:
     if t in _PLAIN or not isinstance(value, (tuple, list, dict)) and not _is_dataclass_instance(value):
         if isinstance(value, dict):
             items = {k: to_plain(v, found, f"{where}[{k!r}]") for k, v in value.items()}
-            return value if all(items[k] is value[k] for k in value) else t(items) if t is not defaultdict else \
-                defaultdict(value.default_factory, items)
+            if all(items[k] is value[k] for k in value):
+                return value
+            return defaultdict(value.default_factory, items) if isinstance(value, defaultdict) else t(items)
         if isinstance(value, (tuple, list)):
             items_l = [to_plain(v, found, f"{where}[{i}]") for i, v in enumerate(value)]
             return value if all(a is b for a, b in zip(items_l, value)) else t(items_l)
@@ -81,7 +82,8 @@ def to_plain(value: Any, found: list[Converted], where: str = "output") -> Any:
     if _serializable(t):
         return value  # torch.export saves it by its registered name
     if isinstance(value, tuple) and is_namedtuple_instance(value):
-        found.append(Converted(where, _type_name(t), "namedtuple", "tuple", tuple(value._fields), _importable(t)))
+        fields = tuple(value._fields)  # type: ignore[attr-defined]
+        found.append(Converted(where, _type_name(t), "namedtuple", "tuple", fields, _importable(t)))
         return tuple(to_plain(v, found, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, dict):
         found.append(Converted(where, _type_name(t), "dict subclass", "dict", tuple(map(str, value))))

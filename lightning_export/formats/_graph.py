@@ -49,7 +49,7 @@ def exporting(ctx: ExportContext) -> Iterator[list[str]]:
     """Eval mode, no_grad, no MHA fast path, Lightning's trainer check off, exporter chatter captured."""
     import torch
 
-    module = ctx.target
+    module = ctx.module()
     was_training = module.training
     module.eval()
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -61,7 +61,7 @@ def exporting(ctx: ExportContext) -> Iterator[list[str]]:
     lm_cls = lightning_base(type(module))
     scripting = getattr(lm_cls, "_jit_is_scripting", None) if lm_cls else None
     if lm_cls is not None:
-        lm_cls._jit_is_scripting = True
+        lm_cls._jit_is_scripting = True  # type: ignore[attr-defined]
     err = io.StringIO()
     try:
         with warnings.catch_warnings(), torch.no_grad(), quiet_torch_logs(), captured_stdout() as chatter:
@@ -73,7 +73,7 @@ def exporting(ctx: ExportContext) -> Iterator[list[str]]:
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         if lm_cls is not None:
-            lm_cls._jit_is_scripting = scripting
+            lm_cls._jit_is_scripting = scripting  # type: ignore[attr-defined]
         module.train(was_training)
 
 

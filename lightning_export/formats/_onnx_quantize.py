@@ -79,7 +79,7 @@ def write_static_int8(fp32_write: Writer, ctx: ExportContext, path: Path) -> Wri
         names, all_names = _input_names(fp32)
         feeds = [_feed(b, names, all_names) for b in calibration]
 
-        class Reader(CalibrationDataReader):  # type: ignore[misc]
+        class Reader(CalibrationDataReader):
             def __init__(self) -> None:
                 self.it: Iterator[dict[str, Any]] = iter(feeds)
 

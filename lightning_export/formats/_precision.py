@@ -140,7 +140,7 @@ def reduced(ctx: ExportContext, precision: str) -> Iterator[ExportContext]:
     from torch.utils._pytree import tree_map
 
     dtype = torch_dtype(precision)
-    module = ctx.target
+    module = ctx.module()
     cast: dict[int, Any] = {}  # id(original) -> replacement, so a tensor shared by two modules stays shared
     swapped: list[tuple[Any, str, str, Any]] = []  # (submodule, "_parameters"/"_buffers", name, original)
 
@@ -205,7 +205,7 @@ def precision_info(ctx: ExportContext, precision: str) -> dict[str, Any]:
     dtype = torch_dtype(precision)
     seen: set[int] = set()
     fp32_bytes = reduced_bytes = 0
-    for t in [*ctx.target.parameters(), *ctx.target.buffers()]:
+    for t in [*ctx.module().parameters(), *ctx.module().buffers()]:
         if id(t) in seen:
             continue
         seen.add(id(t))
@@ -233,7 +233,7 @@ def with_fp32(fmt: Format) -> Format:
     def write(ctx: ExportContext, path: Path) -> Written:
         import torch
 
-        others = sorted({str(t.dtype).removeprefix("torch.") for t in [*ctx.target.parameters(), *ctx.target.buffers()]
+        others = sorted({str(t.dtype).removeprefix("torch.") for t in [*ctx.module().parameters(), *ctx.module().buffers()]
                          if t.is_floating_point() and t.dtype != torch.float32})
         with reduced(ctx, "fp32") as rctx:
             written = fmt.write(rctx, path)

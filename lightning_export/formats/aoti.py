@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import DEBUG_HINT, ExportError
+from ..errors import ExportError
 from . import PRECISIONS, ExportContext, Format, Written, module_bytes, register
 from ._containers import plain_outputs, report
 from ._graph import dynamic_shapes_for, exporting, tail
@@ -65,11 +65,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
             "--to aoti compiles C++: no C++ compiler found (CXX, g++, c++, clang++)",
             hint="Install one (e.g. apt-get install g++) or set CXX.",
         )
-    ex = ctx.example
+    ex = ctx.inputs()
     with exporting(ctx) as chatter:
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
         with plain_outputs(ctx.target) as converted:
-            program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         started = time.perf_counter()
         try:
             with _fresh_inductor_cache():
@@ -83,7 +83,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
             detail = tail(chatter)
             raise ExportError(
                 f"AOTInductor compilation failed: {type(e).__name__}: {str(e)[:2000]}",
-                hint=(f"Compiler output:\n{detail}\n" if detail else "") + DEBUG_HINT,
+                hint=f"Compiler output:\n{detail}" if detail else None,
+                debug=True,
             ) from e
         compile_seconds = time.perf_counter() - started
     meta = _metadata(path)
@@ -118,7 +119,8 @@ def _metadata(path: Path) -> dict[str, str]:
     import torch
 
     try:
-        return dict(torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model"))
+        return dict(torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(  # type: ignore[attr-defined]
+            str(path), "model"))
     except Exception:  # noqa: BLE001 - metadata is for the report only
         return {}
 

@@ -43,7 +43,7 @@ def _require_executorch() -> str:
     try:
         with captured_stdout(stderr=True):  # its import logs native-library probing (torchao) on fd 2
             import executorch.exir  # noqa: F401
-            from executorch import version  # type: ignore[attr-defined]
+            from executorch import version
     except ImportError as e:
         raise ExportError(
             f"--to executorch needs the executorch package, which is not installed ({e.msg})", hint=INSTALL_HINT
@@ -70,10 +70,10 @@ def write(ctx: ExportContext, path: Path) -> Written:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioners = [XnnpackPartitioner()]
-    ex = ctx.example
+    ex = ctx.inputs()
     with exporting(ctx):
         with plain_outputs(ctx.target) as converted:
-            program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, strict=False)
+            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, strict=False)
         edge = to_edge_transform_and_lower(
             program, partitioner=partitioners, compile_config=EdgeCompileConfig(_check_ir_validity=False)
         )

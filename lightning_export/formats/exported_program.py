@@ -14,13 +14,13 @@ from ._io import sink
 def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
-    ex = ctx.example
+    ex = ctx.inputs()
     with exporting(ctx), plain_outputs(ctx.target) as converted:
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
-        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+        program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         # Through a Python file that never fails a write: torch's writer aborts the process when one does.
         with sink(path) as f:
-            torch.export.save(program, f)
+            torch.export.save(program, f)  # type: ignore[arg-type]  # a file-like Sink
     return Written("torch.export", *report(converted))
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import (
-    DEBUG_HINT,
     ExportError,
     UsageError,
-    data_dependent_hint,
+    data_dependent_advice,
     describe_exception,
     is_data_dependent,
     is_data_dependent_size,
@@ -138,7 +137,7 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     opts = ctx.options_as(OnnxOptions)
     dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
     program = torch.onnx.export(
-        ctx.target,
+        ctx.module(),
         _positional(ex),
         kwargs=ex.kwargs or None,
         dynamo=True,
@@ -168,7 +167,7 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
         kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
     if opts.output_names:
         kwargs["output_names"] = list(opts.output_names)
-    torch.onnx.export(ctx.target, args, str(path), input_names=names, dynamo=False, **kwargs)
+    torch.onnx.export(ctx.module(), args, str(path), input_names=names, dynamo=False, **kwargs)
 
 
 # The dynamo exporter writes opset >= 18 whatever is asked; older opsets come from the TorchScript-based one.
@@ -212,12 +211,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 errors += [f"  at {p}" for p in source_pointers(e2) if f"  at {p}" not in errors]
                 detail = tail(chatter)
                 hints = [f"Exporter output:\n{detail}"] if detail else []
-                advice = data_dependent_hint(e) or data_dependent_hint(e2)
-                if advice:
-                    hints.append(advice)
                 raise ExportError(
                     "ONNX export failed with both exporters:\n  " + "\n  ".join(errors),
-                    hint="\n".join([*hints, DEBUG_HINT]),
+                    hint="\n".join(hints) or None,
+                    advice=data_dependent_advice(e) or data_dependent_advice(e2),
+                    debug=True,
                 ) from e2
     if external:
         notes.append("weights are over 1.8 GB: stored as ONNX external data beside the .onnx file")

@@ -67,11 +67,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
     import openvino as ov
 
     precision = ctx.precision
-    ex = ctx.example
+    ex = ctx.inputs()
     tensors = list(ex.tensors())
     with exporting(ctx):
         dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
-        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+        program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
         try:
             model = ov.convert_model(program)
         except Exception as e:  # noqa: BLE001 - OpenVINO's frontend refused an op: its reason, exit 5

@@ -20,7 +20,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
         if is_lazy(ctx.state_dict):
             save_streaming(ctx.state_dict, f)
         else:
-            torch.save(dict(ctx.state_dict), f)
+            torch.save(dict(ctx.state_dict), f)  # type: ignore[arg-type]  # a file-like Sink
     return Written("torch.save")
 
 

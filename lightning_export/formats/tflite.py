@@ -87,7 +87,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     litert_torch = _import_converter()
 
     precision = ctx.precision
-    ex = ctx.example
+    ex = ctx.inputs()
     with exporting(ctx), captured_stdout(stderr=True):  # the converter logs progress on fds 1 and 2
         try:
             model = litert_torch.convert(ctx.target, tuple(ex.args), ex.kwargs or None)

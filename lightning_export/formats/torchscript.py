@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import TRACE_OUTPUT_HINT, ExportError, UsageError, describe_exception, export_failure
+from ..errors import Advice, ExportError, UsageError, describe_exception, export_failure
 from . import PRECISIONS, ExportContext, Format, Written, option, register
 from ._graph import exporting, graph_estimate
 from ._io import save_isolated
@@ -30,10 +30,10 @@ def write(ctx: ExportContext, path: Path) -> Written:
             scripted = torch.jit.script(ctx.target)
             exporter = "torch.jit.script"
         else:
-            ex = ctx.example
+            ex = ctx.inputs()
             try:
                 scripted = torch.jit.trace(
-                    ctx.target,
+                    ctx.module(),
                     example_inputs=ex.args if ex.args else None,
                     example_kwarg_inputs=ex.kwargs or None,
                     check_trace=False,  # lexport's own verification runs on more inputs than the trace check
@@ -42,11 +42,13 @@ def write(ctx: ExportContext, path: Path) -> Written:
             except RuntimeError as e:
                 if "can be output from traced functions" not in str(e):
                     raise
-                plain = export_failure("torchscript export failed", e)  # the user's source line, the debug hint
+                plain = export_failure("torchscript export failed", e)  # the user's source line
                 raise ExportError(
                     "torchscript export failed: torch.jit.trace cannot return forward's output "
                     f"({describe_exception(e)})",
-                    hint=f"{TRACE_OUTPUT_HINT}\n{plain.hint}",
+                    hint=plain.hint,
+                    advice=Advice.TRACE_OUTPUT,
+                    debug=True,
                 ) from e
             exporter = "torch.jit.trace"
         # torch.jit.save aborts the process when a write fails: it runs in a child process (see _io).

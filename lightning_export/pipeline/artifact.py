@@ -9,8 +9,11 @@ from typing import Any
 from ..agreement import gate, measure
 from ..compare import Verification, compare_outputs, compare_tensor_maps
 from ..errors import describe_exception
+from ..formats import ExportContext, Format
 from ..inputs import batch_size
+from .data import HeldOut
 from .options import ExportOptions
+from .prepare import References
 
 # Artifacts gated on top-1 agreement over the held-out --data batches (their elementwise drift is expected).
 GATED_QUANTIZE = ("int8", "int8-dynamic")
@@ -27,20 +30,21 @@ def is_gated(opts: ExportOptions) -> bool:
     return (opts.quantize or "").lower() in GATED_QUANTIZE or (opts.precision or "").lower() in GATED_PRECISION
 
 
-def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: Any) -> Verification:
+def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOptions,
+                   refs: References | None) -> Verification:
     """Load the artifact with its own runtime and compare: weights bit for bit, graphs on every reference input
     and, with --data, on the held-out batches too (top-1 agreement, gated for quantized and reduced precision)."""
     try:
         loaded = fmt.load(path)
     except Exception as e:  # noqa: BLE001 - an artifact its own runtime cannot load has failed verification
         return failed(f"{fmt.name} runtime cannot load the artifact: {describe_exception(e)}")
-    if fmt.kind == "weights":
+    if fmt.kind == "weights" or refs is None:  # references are computed whenever a graph format runs
         return compare_tensor_maps(ctx.state_dict, loaded)
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
     dynamic = opts.dynamic_batch and fmt.dynamic_batch
     runs = refs.runs(dynamic=dynamic)
-    program_batch = None if dynamic else batch_size(ctx.example)
+    program_batch = None if dynamic else batch_size(ctx.inputs())
     if refs.held_out is not None:
         _require_held_out(fmt, opts, refs.held_out, program_batch)
     held = _held_out_runs(refs.held_out, program_batch)
@@ -58,7 +62,7 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     v.problems[:0] = problems
     v.inputs_checked = len(runs) + len(held)
     v.passed = v.passed and not problems
-    if held and not problems:
+    if held and not problems and refs.held_out is not None:
         _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held])
         read, ran = refs.held_out.prepared.verification_samples, refs.held_out.ran(program_batch)
         v.agreement["samples_read"] = read
@@ -68,7 +72,7 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     return v
 
 
-def _require_held_out(fmt: Any, opts: ExportOptions, held_out: Any, program_batch: int | None) -> None:
+def _require_held_out(fmt: Format, opts: ExportOptions, held_out: HeldOut, program_batch: int | None) -> None:
     """With --data, held-out samples must run in this artifact: none at all, or fewer than a gate needs, is exit
     2 naming what was read and what ran (a gate that did not run is never a pass)."""
     from ..data.batches import MIN_GATE_SAMPLES
@@ -90,7 +94,7 @@ def _require_held_out(fmt: Any, opts: ExportOptions, held_out: Any, program_batc
     )
 
 
-def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any, Any]]:
+def _held_out_runs(held_out: HeldOut | None, batch: int | None) -> list[tuple[str, Any, Any, Any]]:
     """(label, inputs, eager outputs, labels) per held-out --data batch, at the program's batch size."""
     if held_out is None:
         return []
@@ -98,7 +102,7 @@ def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any
     return [(f"held-out batch {i}", b.inputs, ref, b.labels) for i, (b, ref) in enumerate(zip(batches, eager))]
 
 
-def _agreement(v: Verification, fmt: Any, opts: ExportOptions, held_out: Any, expected: list[Any],
+def _agreement(v: Verification, fmt: Format, opts: ExportOptions, held_out: HeldOut, expected: list[Any],
                actual: list[Any], labels: list[Any]) -> None:
     """Top-1 agreement (and accuracies) on the held-out batches into the verification; below --min-agreement a
     quantized or reduced-precision artifact fails with the figures."""
@@ -110,5 +114,6 @@ def _agreement(v: Verification, fmt: Any, opts: ExportOptions, held_out: Any, ex
         problem = gate(result, opts.min_agreement, what=f"{fmt.name} {opts.quantize or opts.precision}")
         if problem is not None:
             v.problems.append(problem)
+            v.gate_problem = problem
             v.passed = False
     v.agreement_text = result.describe()

@@ -5,31 +5,26 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from .. import outputs
-from ..errors import (
-    DATA_DEPENDENT_SIZE_HINT,
-    DEBUG_HINT,
-    TRACE_OUTPUT_HINT,
-    LexportError,
-    OutputError,
-    UsageError,
-    error_json,
-    export_failure,
-)
-from ..formats import REGISTRY, get_format, parse_format_list, quiet_torch_logs, submodule_flags
+from ..errors import Advice, LexportError, OutputError, UsageError, export_failure
+from ..formats import REGISTRY, ExportContext, Format, get_format, parse_format_list, quiet_torch_logs, submodule_flags
 from ..hashing import file_sha256, folder_bytes_and_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact
-from .options import ExportOptions, options_from
-from .prepare import check_flags, check_input_flags, check_manifest_path, prepare, with_format_options
-from .run import Step, artifact_step, reported, say_what_else_worked
+from .options import ExportOptions, OptionsKwargs, options_from
+from .prepare import Prepared
+from .run import Step, reported
+from .steps import Run, run_steps
 
 
-def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None, **options: Any) -> Report:
+def export(checkpoint: str | os.PathLike[str], *, progress: Step | None = None,
+           **options: Unpack[OptionsKwargs]) -> Report:
     """Export a Lightning checkpoint; returns the Report, raises a LexportError (with `.report`) on failure.
 
     Options are the fields of ExportOptions, e.g. ``export("m.ckpt", module="pkg:M", attr="model",
@@ -44,29 +39,20 @@ def run(opts: ExportOptions, *, progress: Step | None = None) -> Report:
 
 
 def _export(opts: ExportOptions, report: Report, step: Step) -> None:
-    given = check_flags(opts)
+    run_steps(Run("exporting", _formats, _destinations, _export_one), opts, report, step)
+
+
+def _formats(opts: ExportOptions) -> list[Format]:
     if not opts.formats:
         raise UsageError(f"nothing to do: pass --to FORMAT ({', '.join(list(REGISTRY)[:4])}, ...)")
     formats = [get_format(name) for name in parse_format_list(opts.formats)]
     outputs.validate_output_flags(opts.output, [f.name for f in formats])
-    formats = with_format_options(formats, opts)
-    specs = check_input_flags(opts)
-    destinations = _destinations(opts, formats)
-    check_manifest_path(opts, destinations)
-    opts = replace(opts, formats=tuple(f.name for f in formats))
-    prepared = prepare(opts, report, step, formats, given, specs)
-    for d in {dest.parent for dest in destinations.values()}:
-        outputs.remove_stale_temp_dirs(d)
-    for fmt in formats:
-        with artifact_step(fmt, report, step, "exporting") as result:
-            _export_one(fmt, prepared.context_for(fmt), destinations[fmt.name], opts, prepared.refs, result)
-    say_what_else_worked(report)
-    if opts.hash_checkpoint:
-        report.checkpoint["sha256"] = prepared.ckpt.sha256
+    return formats
 
 
-def _destinations(opts: ExportOptions, formats: list[Any]) -> dict[str, Path]:
-    """Where each format goes; every refusal (exists without --force, is the input, not writable) at once."""
+def _destinations(opts: ExportOptions, formats: list[Format]) -> dict[str, Path]:
+    """Where each format goes; every refusal (exists without --force, is the input, not writable) at once; stale
+    temp dirs of runs that died there removed."""
     if opts.output_dir is not None and not opts.output_dir.exists():
         try:
             opts.output_dir.mkdir(parents=True)
@@ -86,10 +72,14 @@ def _destinations(opts: ExportOptions, formats: list[Any]) -> dict[str, Path]:
         raise refused[0]
     if refused:
         raise OutputError("\n".join(e.message for e in refused), hint=refused[0].hint)
+    for d in {dest.parent for dest in destinations.values()}:
+        outputs.remove_stale_temp_dirs(d)
     return destinations
 
 
-def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, result: ArtifactResult) -> None:
+def _export_one(fmt: Format, ctx: ExportContext, dest: Path, opts: ExportOptions, prepared: Prepared,
+                result: ArtifactResult) -> None:
+    refs = prepared.refs
     started = time.perf_counter()
     staging = None
     try:
@@ -144,25 +134,24 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
             result.notes.append("not verified (--no-verify)")
     except LexportError as e:
         _name_the_parts(e, ctx, opts)
-        result.error = error_json(e)
+        result.error = e
     finally:
         if staging is not None:
             staging.discard()
         result.seconds = time.perf_counter() - started
 
 
-def _name_the_parts(e: LexportError, ctx: Any, opts: ExportOptions) -> None:
+def _name_the_parts(e: LexportError, ctx: ExportContext, opts: ExportOptions) -> None:
     """An export refused for sizes that depend on the values, or for an output tracing cannot return: its hint
     names the submodules that can be exported instead (a detector's backbone and heads)."""
-    if not e.hint or not any(h in e.hint for h in (DATA_DEPENDENT_SIZE_HINT, TRACE_OUTPUT_HINT)):
+    if e.advice not in (Advice.DATA_DEPENDENT_SIZE, Advice.TRACE_OUTPUT):
         return
     flags = submodule_flags(ctx.target, opts.attr)
     if flags:
-        said = f"Submodules to export instead: {', '.join(flags)}."
-        e.hint = e.hint.replace(DEBUG_HINT, f"{said}\n{DEBUG_HINT}") if DEBUG_HINT in e.hint else f"{e.hint}\n{said}"
+        e.said.append(f"Submodules to export instead: {', '.join(flags)}.")
 
 
-def _fsync_and_hash(staging: Any) -> tuple[int, str]:
+def _fsync_and_hash(staging: outputs.Staging) -> tuple[int, str]:
     staging.fsync()  # a delayed ENOSPC/EIO (delayed allocation, NFS) surfaces here as OutputError
     files = staging.files()
     try:

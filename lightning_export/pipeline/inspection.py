@@ -8,6 +8,7 @@ of the file (optimizer states, callbacks, loops) is measured by the bytes of the
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ class Node:
         }
 
 
-def submodule_tree(state_dict: dict[str, Any]) -> list[Node]:
+def submodule_tree(state_dict: Mapping[str, Any]) -> list[Node]:
     """One Node per key prefix that names a submodule (every key minus its last part, and their parents), in
     key order; the candidates for --attr."""
     nodes: dict[str, Node] = {}

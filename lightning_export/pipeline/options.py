@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ..agreement import DEFAULT_MIN_AGREEMENT, check_min_agreement
 from ..errors import UsageError
@@ -62,7 +63,7 @@ class ExportOptions:
     max_growth: float = DEFAULT_MAX_GROWTH
     # sha256 of the whole checkpoint (mostly optimizer state): a full read, so the CLI asks for it with --json.
     hash_checkpoint: bool = True
-    # Real batches (issue 17): a .pt file of batches, or "config" (the data: section of --config builds the
+    # Real batches: a .pt file of batches, or "config" (the data: section of --config builds the
     # LightningDataModule). Calibration for --quantize int8, held-out verification with top-1 agreement for all.
     data: str | None = None
     data_batches: int | None = None  # batches read (default: about DEFAULT_SAMPLES samples)
@@ -101,8 +102,55 @@ def manifest_options() -> dict[str, bool]:
 MANIFEST_OPTIONS = manifest_options()  # the built-in formats'
 
 
-def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) -> ExportOptions:
+PathArg = str | os.PathLike[str]
+
+
+class OptionsKwargs(TypedDict, total=False):
+    """The keyword arguments of export() and verify(): ExportOptions' fields (but the checkpoint), in the types a
+    caller passes (sequences for tuples, str or PathLike for paths); tests/test_api.py keeps the two in step."""
+
+    formats: str | Sequence[str]
+    module: str | None
+    attr: str | None
+    config: PathArg | None
+    init_args: Mapping[str, Any] | Sequence[tuple[str, Any]]
+    init_args_file: PathArg | None
+    inputs: Sequence[str]
+    example_inputs: PathArg | None
+    dynamic_batch: bool
+    output: PathArg | None
+    output_dir: PathArg | None
+    force: bool
+    verify: bool
+    keep_failed: bool
+    atol: float | None
+    rtol: float | None
+    seed: int
+    random_inputs: int
+    opset: int | None
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    torchscript_mode: str
+    precision: str | None
+    quantize: str | None
+    executorch_backend: str
+    trust_checkpoint: bool
+    allow_globals: Sequence[str]
+    strict_finite: bool
+    meta_build: bool
+    max_growth: float
+    hash_checkpoint: bool
+    data: PathArg | None
+    data_batches: int | None
+    data_input: str | int | None
+    min_agreement: float
+    data_sha256: str | None
+    manifest: PathArg | None
+
+
+def options_from(checkpoint: str | os.PathLike[str], options: Mapping[str, Any]) -> ExportOptions:
     """ExportOptions from the keyword arguments of export()/verify(): sequences as tuples, paths as Paths."""
+    options = dict(options)
     if isinstance(options.get("formats"), str):
         options["formats"] = (options["formats"],)
     for key in ("formats", "inputs", "allow_globals", "input_names", "output_names"):

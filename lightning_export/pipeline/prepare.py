@@ -13,17 +13,18 @@ from ..build.argfiles import load_args_file
 from ..build.arguments import constructor_arguments
 from ..build.configs import read_model_section
 from ..build.importing import resolve_class
-from ..build.module import build_module, seeded, select_attr
+from ..build.module import BuiltModule, build_module, seeded, select_attr
 from ..build.pretrained import merged_copy, without_cache
 from ..data.files import load_tensor_file
 from ..errors import CheckpointError, UsageError, UserModuleError
 from ..formats import REGISTRY, ExportContext, Format, check_quantize_request, for_run
+from ..inputs import Inputs, InputSpec
 from ..report import Report
 from ..safeload.placeholders import UnloadedArgumentsError, unloaded_by_key
 from ..sources import Checkpoint, load_checkpoint
 from ..statedict import strip_prefix
 from ..text import printable
-from .data import read_held_out
+from .data import HeldOut, read_held_out
 from .finite import check_finite_outputs, check_finite_weights
 from .options import ExportOptions, check_ranges
 from .run import Step, phase
@@ -54,7 +55,7 @@ def read_supplied(opts: ExportOptions) -> Supplied:
     return Supplied(class_path, args)
 
 
-def _build(opts: ExportOptions, ckpt: Any, report: Report, given: Supplied) -> Any:
+def _build(opts: ExportOptions, ckpt: Checkpoint, report: Report, given: Supplied) -> BuiltModule:
 
     class_path, supplied = given.class_path, given.args
     if class_path is None:
@@ -91,7 +92,8 @@ def _build(opts: ExportOptions, ckpt: Any, report: Report, given: Supplied) -> A
     return built
 
 
-def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightning_module: Any) -> tuple[Any, str]:
+def _example_inputs(opts: ExportOptions, specs: list[InputSpec], target: Any,
+                    lightning_module: Any) -> tuple[Inputs, str]:
 
     if specs:
         vocab = inputs.embedding_vocabulary(target) if target is not None else None
@@ -114,25 +116,25 @@ def _example_inputs(opts: ExportOptions, specs: list[Any], target: Any, lightnin
 class References:
     """Input sets for verification and the eager outputs on each, computed once and shared by all formats."""
 
-    def __init__(self, target: Any, example: Any, opts: ExportOptions) -> None:
+    def __init__(self, target: Any, example: Inputs, opts: ExportOptions) -> None:
 
         self.target = target
         self.sets = [example] + [inputs.random_like(example, opts.seed + i) for i in range(1, opts.random_inputs + 1)]
         self.labels = ["example input"] + [f"random input {i}" for i in range(1, opts.random_inputs + 1)]
-        self.dynamic_set: Any = None
+        self.dynamic_set: Inputs | None = None
         b = inputs.batch_size(example)
         if opts.dynamic_batch and b is not None:
             self.dynamic_set = inputs.random_like(example, opts.seed + 1000, batch=b + 1)
         self._cache: dict[int, Any] = {}
-        self.held_out: Any = None  # pipeline.data.HeldOut with --data: real batches, checked with agreement
+        self.held_out: HeldOut | None = None  # pipeline.data.HeldOut with --data: real batches, checked with agreement
 
     def get(self, i: int) -> Any:
         if i not in self._cache:
-            data = self.sets[i] if i >= 0 else self.dynamic_set
+            data = self.sets[i] if i >= 0 or self.dynamic_set is None else self.dynamic_set
             self._cache[i] = inputs.detached(inputs.run_forward(self.target, data))
         return self._cache[i]
 
-    def runs(self, dynamic: bool) -> list[tuple[str, Any, Any]]:
+    def runs(self, dynamic: bool) -> list[tuple[str, Inputs, Any]]:
         out = [(label, data, self.get(i)) for i, (label, data) in enumerate(zip(self.labels, self.sets))]
         if dynamic and self.dynamic_set is not None:
             out.append((f"batch of {self.dynamic_set.tensors()[0].shape[0]}", self.dynamic_set, self.get(-1)))
@@ -167,7 +169,7 @@ def with_format_options(formats: list[Format], opts: ExportOptions) -> list[Form
     return formats
 
 
-def check_input_flags(opts: ExportOptions) -> list[Any]:
+def check_input_flags(opts: ExportOptions) -> list[InputSpec]:
     """--input specs parsed, --input and --example-inputs exclusive, --attr a dotted path."""
     specs = [inputs.parse_input_spec(s) for s in opts.inputs]
     if specs and opts.example_inputs:
@@ -199,8 +201,8 @@ class Prepared:
         return replace(self.ctx, options=self.options.get(fmt.name, fmt.options()))
 
 
-def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any], given: Supplied,
-            specs: list[Any]) -> Prepared:
+def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Format], given: Supplied,
+            specs: list[InputSpec]) -> Prepared:
     """Load once, build once (when a format needs the module), check the weights, run the module on the example
     inputs and keep its outputs: the ExportContext every format of the run gets."""
     with step("loading checkpoint"), phase(CheckpointError, f"reading {opts.checkpoint}"):
@@ -238,7 +240,7 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
     return Prepared(ckpt, ctx, refs, own)
 
 
-def _select_for_formats(built: Any, opts: ExportOptions, formats: list[Any], report: Report) -> None:
+def _select_for_formats(built: BuiltModule, opts: ExportOptions, formats: list[Format], report: Report) -> None:
     """A format that exports one kind of submodule (huggingface: a PreTrainedModel) picks it when --attr does not,
     or refuses the one --attr selects (exit 2)."""
     for fmt in formats:
@@ -253,8 +255,8 @@ def _select_for_formats(built: Any, opts: ExportOptions, formats: list[Any], rep
             report.notes.append(note)
 
 
-def _build_unless_only_weights(opts: ExportOptions, ckpt: Any, report: Report, given: Supplied,
-                               formats: list[Any]) -> Any:
+def _build_unless_only_weights(opts: ExportOptions, ckpt: Checkpoint, report: Report, given: Supplied,
+                               formats: list[Format]) -> BuiltModule | None:
     """The built module; None when every format is a weights format and the constructor needs arguments the safe
     loader left unloaded: the weights never needed the constructor, so they are exported as without --module."""
     try:
@@ -299,20 +301,20 @@ def _weights_under_attr(ckpt: Checkpoint, attr: str | None) -> Mapping[str, Any]
     return state_dict
 
 
-def _references(opts: ExportOptions, report: Report, step: Step, graph: list[Format], specs: list[Any],
+def _references(opts: ExportOptions, report: Report, step: Step, graph: list[Format], specs: list[InputSpec],
                 ctx: ExportContext, lightning_module: Any, own: dict[str, object]) -> tuple[ExportContext, References]:
     """The example inputs (into the context), the eager outputs on them and on the random inputs, and what each
     graph format needs prepared from them (ONNX names, into its options)."""
     with step("running the module on the example inputs"), phase(UserModuleError, "running the module"):
         example, source = _example_inputs(opts, specs, ctx.target, lightning_module)
         ctx = replace(ctx, example=example)
-        if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(ctx.example) == 1:
+        if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(example) == 1:
             raise UsageError(
                 "--dynamic-batch needs example inputs with a batch of 2 or more: torch.export "
                 "specializes dimensions of size 1",
                 hint="Pass --input with a batch >= 2, e.g. --input float32[2,...].",
             )
-        refs = References(ctx.target, ctx.example, opts)
+        refs = References(ctx.target, example, opts)
         try:
             reference = refs.get(0)
         except UserModuleError as e:

@@ -8,16 +8,7 @@ from typing import Any
 
 from .. import outputs
 from ..bounded import short_repr
-from ..errors import (
-    ADVISED_FAILURES,
-    DATA_DEPENDENT_SIZE_HINT,
-    DEBUG_HINT,
-    ExportError,
-    LexportError,
-    VerificationError,
-    describe_exception,
-    error_json,
-)
+from ..errors import Advice, LexportError, VerificationError, describe_exception
 from ..report import ArtifactResult, Report, versions
 from .manifest import write_manifest
 from .options import ExportOptions
@@ -42,7 +33,7 @@ def reported(opts: ExportOptions, progress: Step | None, work: Callable[[ExportO
         _raise_first_failure(report)
     except LexportError as e:
         e.report = report
-        report.error = error_json(e)
+        report.error = e
         try:
             write_manifest(opts, report)  # the record of a failed run is worth keeping too
         except LexportError as m:
@@ -52,7 +43,7 @@ def reported(opts: ExportOptions, progress: Step | None, work: Callable[[ExportO
         write_manifest(opts, report)
     except LexportError as e:
         e.report = report
-        report.error = error_json(e)
+        report.error = e
         raise
     return report
 
@@ -63,13 +54,11 @@ def _raise_first_failure(report: Report) -> None:
     if failed:
         first = failed[0]
         if first.error:
-            err: LexportError = ExportError(first.error["message"])
-            err.exit_code = first.error["code"]
-            err.kind = first.error["kind"]
+            raise first.error
         else:
             failed_export = [a.format for a in failed if a.error]
-            gated = [p for a in failed if a.verification is not None for p in a.verification.problems
-                     if "--min-agreement" in p]
+            gated = [a.verification.gate_problem for a in failed
+                     if a.verification is not None and a.verification.gate_problem]
             err = VerificationError(
                 "verification failed for "
                 + ", ".join(a.format for a in failed if a.error is None)
@@ -113,10 +102,11 @@ def artifact_step(fmt: Any, report: Report, step: Step, verb: str) -> Iterator[A
 def say_what_else_worked(report: Report) -> None:
     """A format that failed on data-dependent control flow or sizes, or on an output tracing cannot return: its
     error says what the other formats of this run did."""
-    failed = [a for a in report.artifacts if a.error and any(h in a.error["message"] for h in ADVISED_FAILURES)]
+    advised = (Advice.DATA_DEPENDENT_BRANCH, Advice.DATA_DEPENDENT_SIZE, Advice.TRACE_OUTPUT)
+    failed = [a for a in report.artifacts if a.error is not None and a.error.advice in advised]
     if not failed or len(report.artifacts) < 2:
         return
-    sizes = any(DATA_DEPENDENT_SIZE_HINT in a.error["message"] for a in failed)
+    sizes = any(a.error is not None and a.error.advice is Advice.DATA_DEPENDENT_SIZE for a in failed)
 
     def outcome(a: ArtifactResult) -> str:
         if a.error:
@@ -129,5 +119,5 @@ def say_what_else_worked(report: Report) -> None:
 
     for a in failed:
         others = [o for o in report.artifacts if o is not a]
-        said = "In this run: " + "; ".join(f"{o.format} {outcome(o)}" for o in others) + "."
-        a.error["message"] = a.error["message"].replace(DEBUG_HINT, f"{said}\n{DEBUG_HINT}")
+        if a.error is not None:
+            a.error.said.append("In this run: " + "; ".join(f"{o.format} {outcome(o)}" for o in others) + ".")

@@ -5,19 +5,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError, VerificationError, error_json
-from ..formats import detect_format, quiet_torch_logs
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+from ..errors import UsageError, VerificationError
+from ..formats import ExportContext, Format, detect_format, quiet_torch_logs
 from ..hashing import file_sha256, folder_bytes_and_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact, failed
 from .manifest_input import Expected, targets_from_manifest
-from .options import ExportOptions, options_from
-from .prepare import check_flags, check_input_flags, check_manifest_path, prepare, with_format_options
-from .run import Step, artifact_step, reported, say_what_else_worked
+from .options import ExportOptions, OptionsKwargs, options_from
+from .prepare import Prepared, References
+from .run import Step, reported
+from .steps import Run, run_steps
 
 
 def verify(
@@ -29,7 +32,7 @@ def verify(
     trust_manifest: bool = False,
     progress: Step | None = None,
     checkpoint_sha256: str | None = None,
-    **options: Any,
+    **kwargs: Unpack[OptionsKwargs],
 ) -> Report:
     """Re-verify existing artifacts against their checkpoint (the format comes from each file). With a dict,
     the values are the sha256 each file must still have (None: any) or an `Expected`; with `checkpoint_sha256`,
@@ -39,6 +42,7 @@ def verify(
     options given here win; `checkpoint` may name the checkpoint instead of the manifest's path). A manifest is
     untrusted: its paths must stay inside its folder (unless `allow_outside`) and it may not make lexport run code
     (unless `trust_manifest`); it never turns on trust_checkpoint or allow_globals."""
+    options: dict[str, Any] = dict(kwargs)
     notes: list[str] = []
     if manifest is not None:
         if artifacts:
@@ -62,7 +66,7 @@ def verify(
             f"{checkpoint_sha256[:16]}…"
         )
         err.report = report
-        report.error = error_json(err)
+        report.error = err
         raise err
     return report
 
@@ -70,30 +74,26 @@ def verify(
 def _verify(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, Expected],
             notes: list[str]) -> None:
     report.warnings.extend(notes)
-    given = check_flags(opts)
-    if not existing:
-        raise UsageError("nothing to verify: name an artifact")
-    detected = [(detect_format(p), p) for p in existing]
-    if len({f.name for f, _ in detected}) < len(detected):
-        raise UsageError("one artifact per format: verify the others in another run")
-    formats = with_format_options([f for f, _ in detected], opts)
-    specs = check_input_flags(opts)
-    paths = {f.name: p for f, p in detected}
-    check_manifest_path(opts, paths)
-    opts = replace(opts, formats=tuple(f.name for f in formats))
-    prepared = prepare(opts, report, step, formats, given, specs)
-    for fmt in formats:
-        with artifact_step(fmt, report, step, "verifying") as result:
-            path = paths[fmt.name]
-            _check_existing(fmt, prepared.context_for(fmt), path, existing[path], opts, prepared.refs, result)
-    say_what_else_worked(report)
-    if opts.hash_checkpoint:
-        report.checkpoint["sha256"] = prepared.ckpt.sha256
+    paths: dict[str, Path] = {}
+
+    def detected(opts: ExportOptions) -> list[Format]:
+        if not existing:
+            raise UsageError("nothing to verify: name an artifact")
+        found = [(detect_format(p), p) for p in existing]
+        if len({f.name for f, _ in found}) < len(found):
+            raise UsageError("one artifact per format: verify the others in another run")
+        paths.update({f.name: p for f, p in found})
+        return [f for f, _ in found]
+
+    def check_existing(fmt: Format, ctx: ExportContext, path: Path, opts: ExportOptions, prepared: Prepared,
+                       result: ArtifactResult) -> None:
+        _check_existing(fmt, ctx, path, existing[path], opts, prepared.refs, result)
+
+    run_steps(Run("verifying", detected, lambda opts, formats: paths, check_existing), opts, report, step)
 
 
-def _check_existing(
-    fmt: Any, ctx: Any, path: Path, expected: Expected, opts: ExportOptions, refs: Any, result: ArtifactResult
-) -> None:
+def _check_existing(fmt: Format, ctx: ExportContext, path: Path, expected: Expected, opts: ExportOptions,
+                    refs: References | None, result: ArtifactResult) -> None:
     """`lexport verify`: the same verification as after an export, on a file that exists; with a manifest, the
     file must also still have the sha256 and the format recorded there, and its companions must be inside the
     manifest's folder. Those are checked before the artifact is loaded."""
@@ -123,7 +123,7 @@ def _check_existing(
                     f"{path.name} looks exported with {flag}: verify it with that flag (a manifest records it)"
                 )
     except OSError as e:
-        result.error = error_json(UsageError(f"cannot read {path}: {e.strerror or e}"))
+        result.error = UsageError(f"cannot read {path}: {e.strerror or e}")
     finally:
         result.seconds = time.perf_counter() - started
 

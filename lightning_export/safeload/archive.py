@@ -10,12 +10,13 @@ import os
 import stat
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..bounded import iter_containers
-from ..errors import CheckpointError
+from ..errors import Advice, CheckpointError
 from ..text import fmt_bytes, printable
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -28,7 +29,6 @@ GROWTH_SLACK = 64 << 20
 _CRC_CHUNK = 16 << 20
 
 
-GROWTH_HINT = "Raise the limit with --max-growth N if this is intended."
 
 
 # Records torch reads besides the storages; small, so their CRC-32 is checked before torch.load.
@@ -167,7 +167,7 @@ def read_archive(path: Path, file_size: int, max_growth: float) -> Archive:
             raise CheckpointError(
                 f"{path}: its compressed records declare {fmt_bytes(inflated)} once inflated, more than {max_growth:g}x "
                 f"the file ({fmt_bytes(file_size)}) + {fmt_bytes(GROWTH_SLACK)}; refusing to inflate it (a zip bomb?)",
-                hint=GROWTH_HINT,
+                advice=Advice.MAX_GROWTH,
             )
         byteorder = _check_metadata_records(zf, prefix, names)
     return Archive(storages, byteorder)
@@ -201,7 +201,7 @@ class Storage:
     key: str  # the first state_dict key that uses it (for messages)
 
 
-def check_tensors(path: Path, state_dict: dict[str, Any], *, file_size: int, max_growth: float,
+def check_tensors(path: Path, state_dict: Mapping[str, Any], *, file_size: int, max_growth: float,
                    archive: Archive | None) -> list[Storage]:
     """Metadata only, no pass over data: every tensor is a CPU strided tensor whose extent fits its storage, and the
     dense bytes of the state dict are bounded by the bytes of the storages behind it. Returns the storages."""
@@ -253,7 +253,7 @@ def check_tensors(path: Path, state_dict: dict[str, Any], *, file_size: int, max
         raise CheckpointError(
             f"{path}: its state dict expands to {fmt_bytes(dense)} from {fmt_bytes(backed)} of stored weights (tensors that "
             f"repeat one value, e.g. expand() or stride 0), more than {max_growth:g}x + {fmt_bytes(GROWTH_SLACK)}",
-            hint=GROWTH_HINT,
+            advice=Advice.MAX_GROWTH,
         )
     return list(storages.values())
 
@@ -346,7 +346,7 @@ def _crc_storage(s: Storage, swap: bool) -> int:
     if swap and s.element_size > 1:
         import torch
 
-        whole = torch.empty(0, dtype=torch.uint8).set_(s.storage, 0, (s.nbytes,))
+        whole = torch.empty(0, dtype=torch.uint8).set_(s.storage, 0, (s.nbytes,))  # type: ignore[call-overload]
         step = _CRC_CHUNK - _CRC_CHUNK % s.element_size
         for i in range(0, s.nbytes, step):
             part = whole[i:i + step].view(-1, s.element_size).flip(1).contiguous()
@@ -418,7 +418,8 @@ def check_declared_sizes(path: Path) -> None:
     tensors = [v for c in containers for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, torch.Tensor)]
     for t in tensors:
         st = t.untyped_storage()
-        record = by_offset.get(getattr(st, "_checkpoint_offset", None))
+        offset = getattr(st, "_checkpoint_offset", None)
+        record = by_offset.get(offset) if isinstance(offset, int) else None
         if record is None or record.size != st.nbytes():
             raise CheckpointError(
                 f"{path}: a storage declares {st.nbytes():,} bytes but its record holds "

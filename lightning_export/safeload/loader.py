@@ -7,17 +7,16 @@ import contextlib
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..address_space import bounded, is_allocation_failure
 from ..bounded import MAX_DEPTH
-from ..errors import CheckpointError
+from ..errors import Advice, CheckpointError
 from ..userpath import ensure_cwd_importable
 from .archive import (
     DEFAULT_MAX_GROWTH,
-    GROWTH_HINT,
     ZIP_MAGIC,
     check_file,
     check_tensors,
@@ -43,7 +42,7 @@ def _torch_version(text: str) -> tuple[int, int]:
 
 def load_verified(
     path: Path,
-    select: Callable[[Any], tuple[Any, dict[str, Any]]],
+    select: Callable[[Any], tuple[Any, Mapping[str, Any]]],
     *,
     trust: bool,
     allow_globals: tuple[str, ...],
@@ -159,7 +158,7 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
         if is_allocation_failure(e):
             raise CheckpointError(
                 f"{path}: unpickling it asks for more memory than {max_growth:g}x its size allows: an object in it "
-                "(in hyper_parameters or elsewhere) is built with a huge size", hint=GROWTH_HINT) from e
+                "(in hyper_parameters or elsewhere) is built with a huge size", advice=Advice.MAX_GROWTH) from e
         raise CheckpointError(explain_load_failure(path, e)) from e
 
 

@@ -30,6 +30,8 @@ class Unloaded:
 
     __slots__ = ("args", "state")
     name = "?"
+    args: tuple[Any, ...]
+    state: Any
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Unloaded:
         self = object.__new__(cls)

@@ -12,7 +12,7 @@ from . import dcp, deepspeed, torch_file
 from .base import Checkpoint, OpenOptions, Source
 
 # In order: folders first (a DCP folder's .metadata, DeepSpeed's latest), then a file.
-SOURCES: tuple[Source, ...] = (dcp, deepspeed, torch_file)  # type: ignore[assignment]
+SOURCES: tuple[Source, ...] = (dcp, deepspeed, torch_file)
 
 
 def load_checkpoint(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,9 @@ class ShardedCheckpoint:
         except ImportError:  # pragma: no cover - the public API does the same, with a warning
             from torch.distributed.checkpoint import load as _public_load
 
-            def _load_state_dict(state_dict: Any, storage_reader: Any, planner: Any, no_dist: bool) -> None:
+            def _load_state_dict(  # type: ignore[misc]
+                state_dict: Any, storage_reader: Any, planner: Any, no_dist: bool
+            ) -> None:
                 _public_load(state_dict, storage_reader=storage_reader, planner=planner, no_dist=no_dist)
 
         for entry in entries:
@@ -327,7 +329,7 @@ def load_sharded(
     return meta, LazyStateDict(sharded) if lazy else sharded.state_dict()
 
 
-def as_lightning_checkpoint(meta: dict[str, Any], state_dict: dict[str, Any]) -> dict[str, Any]:
+def as_lightning_checkpoint(meta: dict[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The dict a .ckpt would have held (without optimizer states): what base.as_checkpoint expects."""
     obj = {k: v for k, v in meta.items() if k not in ("state_dict", "optimizer_states")}
     obj["state_dict"] = state_dict

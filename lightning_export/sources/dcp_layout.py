@@ -11,7 +11,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import CheckpointError
 from .folder import existing, inside
@@ -264,7 +264,7 @@ def _chunk(c: Any, fqn: str, name: str, shape: tuple[int, ...], dtype: Any, stor
     info = storage.get(MetadataIndex(fqn, torch.Size(offsets)))
     rel = getattr(info, "relative_path", None)
     off, length = getattr(info, "offset", None), getattr(info, "length", None)
-    if info is None or not isinstance(rel, str) or not all(
+    if info is None or not isinstance(rel, str) or not _is_count(off) or not _is_count(length) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, length)
     ):
         raise CheckpointError(f"{where} is corrupt: the chunk of {name!r} at {list(offsets)} has no storage")
@@ -368,3 +368,7 @@ def check_record(root: Path, chunk: Chunk, entry: TensorEntry, verify_crc: bool 
                                 pass
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
         raise CheckpointError(f"{where} is corrupt ({short(e)})") from e
+
+
+def _is_count(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

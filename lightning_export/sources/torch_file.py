@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ def detect(path: Path) -> bool:
 def open(path: Path, options: OpenOptions) -> Checkpoint:  # noqa: A001 - the verb every source module has
     hasher = Hasher(path)
 
-    def select(obj: Any) -> tuple[Checkpoint, dict[str, Any]]:
+    def select(obj: Any) -> tuple[Checkpoint, Mapping[str, Any]]:
         ckpt = as_checkpoint(path, obj, hasher, file_bytes=path.stat().st_size)
         return ckpt, ckpt.state_dict
 

@@ -1,4 +1,4 @@
-"""Real projects, round 3 (issue 18): each pattern trained by a real pl.Trainer (fixtures/projects3.py), then exported.
+"""Patterns of real projects: each pattern trained by a real pl.Trainer (fixtures/real_projects.py), then exported.
 
 - `--module` with only weights formats, when the constructor needs objects the safe loader left unloaded;
 - a torchmetrics Metric in hyper_parameters, loaded after one `--allow-global` line (its reduction functions);
@@ -23,7 +23,7 @@ from conftest import invoke
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-MOD = "fixtures.projects3"
+MOD = "fixtures.real_projects"
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,10 @@ def p3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fixtures import projects3 as P
+    from fixtures import real_projects as P
     from fixtures.make_checkpoints import _TRAINER_KWARGS, _quiet
 
-    out = tmp_path_factory.mktemp("projects3")
+    out = tmp_path_factory.mktemp("real_projects")
     g = torch.Generator().manual_seed(0)
     xy = (torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g))
     images = (torch.randn(8, 3, 8, 8, generator=g),)
@@ -125,7 +125,7 @@ def test_torchmetrics_metric_in_hparams_exports_to_onnx_after_exactly_one_allow_
 
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
     x = torch.randn(2, 6)  # the example's shape (static)
-    from fixtures.projects3 import MetricLossModel
+    from fixtures.real_projects import MetricLossModel
 
     model = MetricLossModel.load_from_checkpoint(p3["metric"], map_location="cpu", weights_only=False).eval()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
@@ -193,7 +193,7 @@ def test_reducers_pass_the_allow_global_rule_and_other_functions_still_do_not() 
 
 # ------------------------------------------------------------------ 3. outputs torch.export cannot save
 def _eager(ckpt: Path, cls_name: str):
-    import fixtures.projects3 as P
+    import fixtures.real_projects as P
 
     return getattr(P, cls_name).load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
 
@@ -284,7 +284,7 @@ def _errors(report: dict) -> dict[str, str]:
 def test_detector_gets_messages_that_name_what_happened_and_what_works(p3, tmp_path) -> None:
     """A list of dicts whose sizes depend on the values (threshold, nonzero, NMS in a loop): no artifact that
     differs is published, each message names what happened, and the advice names submodules that export."""
-    from fixtures.projects3 import TinyDetector
+    from fixtures.real_projects import TinyDetector
 
     eager = TinyDetector.load_from_checkpoint(p3["detector"], map_location="cpu").eval()
     with torch.no_grad():
@@ -334,9 +334,9 @@ def test_detector_backbone_and_heads_export_with_attr(p3, tmp_path) -> None:
 
 def test_data_dependent_sizes_are_told_apart_from_value_branches() -> None:
     from lightning_export.errors import (
-        DATA_DEPENDENT_HINT,
         DATA_DEPENDENT_SIZE_HINT,
-        data_dependent_hint,
+        Advice,
+        data_dependent_advice,
         is_data_dependent_size,
     )
 
@@ -356,7 +356,7 @@ def test_data_dependent_sizes_are_told_apart_from_value_branches() -> None:
         with pytest.raises(Exception) as info:
             torch.export.export(cls(), (x,), strict=False)
         caught[cls.__name__] = info.value
-    assert not is_data_dependent_size(caught["Branch"]) and data_dependent_hint(caught["Branch"]) == DATA_DEPENDENT_HINT
-    assert is_data_dependent_size(caught["Mask"]) and data_dependent_hint(caught["Mask"]) == DATA_DEPENDENT_SIZE_HINT
-    assert data_dependent_hint(RuntimeError("something else")) is None
+    assert not is_data_dependent_size(caught["Branch"]) and data_dependent_advice(caught["Branch"]) is Advice.DATA_DEPENDENT_BRANCH
+    assert is_data_dependent_size(caught["Mask"]) and data_dependent_advice(caught["Mask"]) is Advice.DATA_DEPENDENT_SIZE
+    assert data_dependent_advice(RuntimeError("something else")) is None
     pickle.dumps(DATA_DEPENDENT_SIZE_HINT)  # plain text, usable in JSON
