@@ -56,7 +56,8 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     v.inputs_checked = len(runs) + len(held)
     v.passed = v.passed and not problems
     if held and not problems:
-        _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held])
+        _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held],
+                   [r[1].kwargs.get("attention_mask") for r in held])
     return v
 
 
@@ -69,10 +70,10 @@ def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any
 
 
 def _agreement(v: Verification, fmt: Any, opts: ExportOptions, held_out: Any, expected: list[Any],
-               actual: list[Any], labels: list[Any]) -> None:
+               actual: list[Any], labels: list[Any], masks: list[Any] | None = None) -> None:
     """Top-1 agreement (and accuracies) on the held-out batches into the verification; below --min-agreement a
     quantized or reduced-precision artifact fails with the figures."""
-    result = measure(expected, actual, labels if all(x is not None for x in labels) else None)
+    result = measure(expected, actual, labels if all(x is not None for x in labels) else None, masks)
     gated = is_gated(opts)
     v.agreement = {**result.to_json(), "min_agreement": opts.min_agreement if gated else None, "gated": gated,
                    "source": held_out.record.get("source")}
