@@ -48,6 +48,7 @@ class Batch:
     labels: Any = None
     samples: int = 1
     index: int = 0  # its position among the batches read
+    mask: Any = None  # a dict batch's attention_mask (whether forward takes it or not): token-level agreement
 
 
 @dataclass
@@ -311,7 +312,8 @@ def prepare(
     for i, batch in enumerate(raw):
         inputs, labels, r = to_inputs(batch, sig, pick)
         rule = rule or r
-        mapped.append(Batch(inputs, labels, batch_samples(inputs), i))
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        mapped.append(Batch(inputs, labels, batch_samples(inputs), i, mask))
     warnings: list[str] = []
     if calibrate:
         if len(mapped) < 2:
@@ -351,6 +353,7 @@ def rebatch(batches: list[Batch], size: int) -> list[Batch]:
     _, spec = tree_flatten((batches[0].inputs.args, batches[0].inputs.kwargs))
     columns: list[list[Any]] = []
     labels: list[Any] = []
+    masks: list[Any] = []
     for b in batches:
         leaves, s = tree_flatten((b.inputs.args, b.inputs.kwargs))
         if s != spec:
@@ -360,14 +363,17 @@ def rebatch(batches: list[Batch], size: int) -> list[Batch]:
         for col, leaf in zip(columns, leaves):
             col.append(leaf)
         labels.append(b.labels)
+        masks.append(b.mask)
     joined = [torch.cat(col) if isinstance(col[0], torch.Tensor) and col[0].dim() >= 1 else col[0]
               for col in columns]
     all_labels = torch.cat(labels) if all(lab is not None for lab in labels) else None
+    all_masks = torch.cat(masks) if all(isinstance(m, torch.Tensor) for m in masks) else None
     total = next((int(t.shape[0]) for t in joined if isinstance(t, torch.Tensor) and t.dim() >= 1), 0)
     out: list[Batch] = []
     for start in range(0, total - size + 1, size):
         leaves = [t[start:start + size] if isinstance(t, torch.Tensor) and t.dim() >= 1 else t for t in joined]
         args, kwargs = tree_unflatten(leaves, spec)
         lab = all_labels[start:start + size] if all_labels is not None else None
-        out.append(Batch(Inputs(tuple(args), dict(kwargs)), lab, size, len(out)))
+        mask = all_masks[start:start + size] if all_masks is not None else None
+        out.append(Batch(Inputs(tuple(args), dict(kwargs)), lab, size, len(out), mask))
     return out

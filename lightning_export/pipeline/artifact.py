@@ -57,16 +57,17 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     v.passed = v.passed and not problems
     if held and not problems:
         _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held],
-                   [r[1].kwargs.get("attention_mask") for r in held])
+                   [r[4] for r in held])
     return v
 
 
-def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any, Any]]:
-    """(label, inputs, eager outputs, labels) per held-out --data batch, at the program's batch size."""
+def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any, Any, Any]]:
+    """(label, inputs, eager outputs, labels, attention mask) per held-out --data batch, at the program's batch
+    size."""
     if held_out is None:
         return []
     batches, eager = held_out.runs(batch)
-    return [(f"held-out batch {i}", b.inputs, ref, b.labels) for i, (b, ref) in enumerate(zip(batches, eager))]
+    return [(f"held-out batch {i}", b.inputs, ref, b.labels, b.mask) for i, (b, ref) in enumerate(zip(batches, eager))]
 
 
 def _agreement(v: Verification, fmt: Any, opts: ExportOptions, held_out: Any, expected: list[Any],
