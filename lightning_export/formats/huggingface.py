@@ -15,13 +15,14 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..build.pretrained import cache_was_on, is_pretrained, select_pretrained, unwrap_peft
 from ..errors import ExportError, UsageError
 from ..statedict import LazyTensors, tensor_specs
-from . import ExportContext, Format, Written, register, storage_bytes
+from . import ExportContext, Format, Written, option, register, storage_bytes
 from .safetensors import write_safetensors
 
 SUFFIX = "-hf"
@@ -30,6 +31,12 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class HuggingfaceOptions:
+    max_shard_size: str | None = option(None)  # transformers' notation (5GB = 5*10**9 bytes, 5GiB = 5*2**30)
+    tokenizer: Path | None = option(None)  # a tokenizer.save_pretrained folder copied into the artifact
 
 
 def parse_size(text: str) -> int:
@@ -41,7 +48,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def _check(opts: Any, requested: bool) -> None:
+def _check(opts: HuggingfaceOptions, requested: bool) -> None:
     if not requested:
         if opts.max_shard_size is not None or opts.tokenizer is not None:
             raise UsageError("--max-shard-size and --tokenizer are options of --to huggingface")
@@ -151,7 +158,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
     module_sd = model.state_dict()
     tied = _tied_copies(model, module_sd)
     picked = _Picked([k for k in module_sd if k not in tied], ctx.state_dict, module_sd)
-    limit = parse_size(ctx.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    own = ctx.options_as(HuggingfaceOptions)
+    limit = parse_size(own.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     plan = split_torch_state_dict_into_shards(picked.specs(), filename_pattern="model{suffix}.safetensors",
                                               max_shard_size=limit)
     _save_configs(model, path)
@@ -164,9 +172,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
     notes = []
     if tied:
         notes.append(f"tied weights stored once ({', '.join(sorted(tied))} retied on load)")
-    if ctx.tokenizer is not None:
-        _copy_tokenizer(Path(ctx.tokenizer), path)
-        notes.append(f"tokenizer from {ctx.tokenizer} copied in")
+    if own.tokenizer is not None:
+        _copy_tokenizer(Path(own.tokenizer), path)
+        notes.append(f"tokenizer from {own.tokenizer} copied in")
     info = {"files": sorted(p.name for p in path.iterdir()), "shards": len(plan.filename_to_tensors),
             "architecture": type(model).__name__, "tied_keys": sorted(tied)}
     return Written("transformers config.save_pretrained + huggingface_hub shard plan + lexport.safetensors", notes,
@@ -231,7 +239,7 @@ register(
         rtol=1e-4,
         size_estimate=size_estimate,
         sniff=_sniff,
-        options=("max_shard_size", "tokenizer"),
+        options=HuggingfaceOptions,
         check=_check,
         folder=True,
         select=select_pretrained,

@@ -20,8 +20,7 @@ from ..errors import (
     error_json,
     export_failure,
 )
-from ..formats import REGISTRY, get_format, parse_format_list
-from ..formats._graph import quiet_torch_logs, submodule_flags
+from ..formats import REGISTRY, get_format, parse_format_list, quiet_torch_logs, submodule_flags
 from ..hashing import file_sha256, folder_bytes_and_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact
@@ -60,7 +59,7 @@ def _export(opts: ExportOptions, report: Report, step: Step) -> None:
         outputs.remove_stale_temp_dirs(d)
     for fmt in formats:
         with artifact_step(fmt, report, step, "exporting") as result:
-            _export_one(fmt, prepared.ctx, destinations[fmt.name], opts, prepared.refs, result)
+            _export_one(fmt, prepared.context_for(fmt), destinations[fmt.name], opts, prepared.refs, result)
     say_what_else_worked(report)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = prepared.ckpt.sha256

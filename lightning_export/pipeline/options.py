@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 from ..agreement import DEFAULT_MIN_AGREEMENT, check_min_agreement
 from ..errors import UsageError
+from ..formats import REGISTRY
 from ..safeload.archive import DEFAULT_MAX_GROWTH
 
 DEFAULT_RANDOM_INPUTS = 5
@@ -75,16 +77,28 @@ class ExportOptions:
 
 
 # Options recorded in a manifest (everything that shapes the artifacts' bytes or their verification) -> whether
-# `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already).
-MANIFEST_OPTIONS: dict[str, bool] = {
+# `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already; or a
+# trust flag, which a manifest never turns on: pipeline/manifest_input.py).
+# Each format's own options are declared on its Format (formats.option) and added below.
+RUN_MANIFEST_OPTIONS: dict[str, bool] = {
     "formats": False, "module": True, "attr": True, "config": True, "init_args": True, "init_args_file": True,
-    "inputs": True, "example_inputs": True, "dynamic_batch": True, "opset": False, "input_names": False,
-    "output_names": False, "torchscript_mode": False, "seed": True, "random_inputs": True, "atol": True,
-    "rtol": True, "strict_finite": False, "trust_checkpoint": True, "allow_globals": True, "max_growth": True,
-    "meta_build": False, "precision": True, "quantize": True, "executorch_backend": False, "data": True,
+    "inputs": True, "example_inputs": True, "dynamic_batch": True, "seed": True, "random_inputs": True,
+    "atol": True, "rtol": True, "strict_finite": False, "trust_checkpoint": False, "allow_globals": False,
+    "max_growth": True, "meta_build": False, "precision": True, "quantize": True, "data": True,
     "data_batches": True, "data_input": True, "min_agreement": True,
-    "max_shard_size": False, "tokenizer": False,
 }
+
+
+def manifest_options() -> dict[str, bool]:
+    """The run's options and every registered format's own (those that are run options too)."""
+    return {
+        **RUN_MANIFEST_OPTIONS,
+        **{f.name: bool(f.metadata.get("verify_takes", False)) for fmt in REGISTRY.values()
+           for f in dataclasses.fields(fmt.options) if hasattr(ExportOptions, f.name)},
+    }
+
+
+MANIFEST_OPTIONS = manifest_options()  # the built-in formats'
 
 
 def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) -> ExportOptions:
