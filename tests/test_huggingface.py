@@ -10,8 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import invoke
+from conftest import available_formats, invoke
 
 pytest.importorskip("transformers", reason="needs the huggingface extra (transformers)")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -37,8 +36,8 @@ def exported(hf_ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("hf_out")
     runs = {
         "whole": (hf_ckpts["gpt2"], ["--attr", "model"]),
-        "sharded": (hf_ckpts["gpt2"], ["--max-shard-size", "40KB", "-o", out / "sharded"]),
-        "dcp": (hf_ckpts["gpt2_dcp"], ["--max-shard-size", "40KB", "-o", out / "dcp"]),
+        "sharded": (hf_ckpts["gpt2"], ["--max-shard-size", "40KB", "-o", out / "sharded", "--random-inputs", "1"]),
+        "dcp": (hf_ckpts["gpt2_dcp"], ["--max-shard-size", "40KB", "-o", out / "dcp", "--random-inputs", "1"]),
     }
     made = {}
     for name, (ckpt, extra) in runs.items():
@@ -323,3 +322,49 @@ def test_int8_dynamic_bert_onnx_gated_on_text_batches(bert_ckpt, tmp_path):
         res = invoke(bert_ckpt, "--module", BERT, "--to", "onnx", "--quantize", "int8-dynamic", "--dynamic-batch",
                      "--data", tmp_path / "text.pt", "-o", tmp_path / "strict.onnx", "--min-agreement", "1")
         assert res.code == 1, res
+
+
+def _has_dynamic_flag() -> bool:
+    import dataclasses
+
+    from lightning_export.pipeline.options import ExportOptions
+
+    return any(f.name == "dynamic" for f in dataclasses.fields(ExportOptions))
+
+
+@pytest.mark.skipif(not _has_dynamic_flag(), reason="needs --dynamic (branch dynamic, issue 23 item 1)")
+def test_bert_with_dynamic_batch_and_length(bert_ckpt, tmp_path):
+    """--dynamic 0,1: the BERT-style classifier verified by lexport at several (batch, length) pairs, then run in
+    each runtime here at a length the verification did not use."""
+    import torch
+
+    from fixtures.transformers_modules import text_batch
+
+    formats = available_formats(["onnx", "exported-program", "openvino"])
+    res = invoke(bert_ckpt, "--module", BERT, "--to", ",".join(formats), "--dynamic", "0,1:1..64",
+                 "--output-dir", tmp_path, "--json", "--random-inputs", "1")
+    assert res.code == 0, res
+    arts = {a["format"]: a for a in res.json()["artifacts"]}
+    checked = {tuple(map(tuple, c["shapes"])) for a in arts.values() for c in a["verification"]["shapes_checked"]}
+    assert len({s[0] for s in checked}) >= 3, checked  # several (batch, length) pairs
+    ids, mask, _ = text_batch(3, seed=44, seq=23)
+    from fixtures.transformers_modules import TinyBertClassifier
+
+    module = TinyBertClassifier.load_from_checkpoint(bert_ckpt, map_location="cpu", weights_only=False).eval()
+    with torch.no_grad():
+        want = module(ids, mask)
+    if "onnx" in arts:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(arts["onnx"]["path"], providers=["CPUExecutionProvider"])
+        (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-4)
+    if "exported-program" in arts:
+        program = torch.export.load(arts["exported-program"]["path"]).module()
+        torch.testing.assert_close(program(ids, mask), want, rtol=1e-5, atol=1e-5)
+    if "openvino" in arts:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(arts["openvino"]["path"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = compiled([ids.numpy(), mask.numpy()])[0]
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-4)
