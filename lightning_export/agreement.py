@@ -125,10 +125,13 @@ def is_class_scores(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2 and t.shape[-1] >= 2
 
 
-def measure(expected_runs: list[Any], actual_runs: list[Any], labels: list[Any] | None = None) -> Agreement:
+def measure(expected_runs: list[Any], actual_runs: list[Any], labels: list[Any] | None = None,
+            masks: list[Any] | None = None) -> Agreement:
     """Top-1 agreement (and accuracies) over paired runs: `expected_runs[i]` is the eager output on batch i,
-    `actual_runs[i]` the artifact's, `labels[i]` the batch's integer labels or None. Output trees are flattened as
-    verify.flatten_outputs does (an artifact runner's flat list lines up with the module's tree)."""
+    `actual_runs[i]` the artifact's, `labels[i]` the batch's integer labels or None, `masks[i]` its attention mask
+    or None: token-level scores ([B, S, V] logits) are compared at the positions the mask keeps only (padding
+    decides nothing). Output trees are flattened as verify.flatten_outputs does (an artifact runner's flat list
+    lines up with the module's tree)."""
     import torch
 
     from .compare import flatten_outputs
@@ -144,6 +147,7 @@ def measure(expected_runs: list[Any], actual_runs: list[Any], labels: list[Any] 
                                    f"{len(exp_leaves)}")
             continue
         lab = labels[i] if labels is not None and i < len(labels) else None
+        mask = masks[i] if masks is not None and i < len(masks) else None
         counted = False
         for (name, e), a in zip(exp_leaves, act_leaves):
             if not is_class_scores(e):
@@ -161,11 +165,13 @@ def measure(expected_runs: list[Any], actual_runs: list[Any], labels: list[Any] 
                 o.max_abs_diff = max(o.max_abs_diff, float(diff.max()))
                 o.sum_abs_diff += float(diff.sum())
                 o.scores += diff.numel()
-            o.compared += e_top.numel()
-            o.agreed += int((e_top == a_top).sum())
+            kept = (torch.as_tensor(mask) != 0 if mask is not None and tuple(mask.shape) == tuple(e_top.shape)
+                    else torch.ones_like(e_top, dtype=torch.bool))
+            o.compared += int(kept.sum())
+            o.agreed += int(((e_top == a_top) & kept).sum())
             if lab is not None and tuple(lab.shape) == tuple(e_top.shape):
                 lab64 = lab.to(torch.int64)
-                valid = lab64 >= 0
+                valid = (lab64 >= 0) & kept
                 o.labelled += int(valid.sum())
                 o.eager_correct += int(((e_top == lab64) & valid).sum())
                 o.artifact_correct += int(((a_top == lab64) & valid).sum())

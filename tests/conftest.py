@@ -132,10 +132,17 @@ def installed(module: str) -> bool:
         return False
 
 
+# Formats that export one kind of model only (huggingface: a transformers PreTrainedModel; tests/test_huggingface.py):
+# never part of an "every format" run over the plain test modules.
+MODEL_SPECIFIC_FORMATS = ("huggingface",)
+
+
 def available_formats(names: str | list[str]) -> list[str]:
-    """`names` without the formats whose optional extra is missing here (all of them where `make test` installed)."""
+    """`names` without the formats whose optional extra is missing here (all of them where `make test` installed)
+    and without the model-specific ones."""
     wanted = names.split(",") if isinstance(names, str) else list(names)
-    return [n for n in wanted if all(installed(m) for m in EXTRA_MODULES.get(n, ()))]
+    return [n for n in wanted if n not in MODEL_SPECIFIC_FORMATS
+            and all(installed(m) for m in EXTRA_MODULES.get(n, ()))]
 
 
 # Children that run lexport under RLIMIT_AS: one BLAS thread (OpenBLAS sizes a buffer per thread at import and

@@ -10,8 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import invoke
+from conftest import available_formats, invoke
 
 pytest.importorskip("transformers", reason="needs the huggingface extra (transformers)")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -37,8 +36,8 @@ def exported(hf_ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("hf_out")
     runs = {
         "whole": (hf_ckpts["gpt2"], ["--attr", "model"]),
-        "sharded": (hf_ckpts["gpt2"], ["--max-shard-size", "40KB", "-o", out / "sharded"]),
-        "dcp": (hf_ckpts["gpt2_dcp"], ["--max-shard-size", "40KB", "-o", out / "dcp"]),
+        "sharded": (hf_ckpts["gpt2"], ["--max-shard-size", "40KB", "-o", out / "sharded", "--random-inputs", "1"]),
+        "dcp": (hf_ckpts["gpt2_dcp"], ["--max-shard-size", "40KB", "-o", out / "dcp", "--random-inputs", "1"]),
     }
     made = {}
     for name, (ckpt, extra) in runs.items():
@@ -239,9 +238,133 @@ def test_lora_is_merged_and_verified_against_the_unmerged_module(hf_ckpts, tmp_p
 
 
 def test_gpt2_lm_exports_to_onnx_and_exported_program_without_a_cache(hf_ckpts, tmp_path):
+    """Without use_cache=False both exits 5 ("DynamicCache ... register a pytree"). With token-level --data: the
+    [B, S, V] logits agree per token, counted over the positions the attention mask keeps."""
+    import torch
+
+    from fixtures.transformers_modules import text_dicts
+
+    batches = text_dicts(48, seed=31, batch=8)
+    for b in batches:
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    torch.save(batches, tmp_path / "lm.pt")
     res = invoke(hf_ckpts["gpt2"], "--module", GPT2, "--attr", "model", "--to", "onnx,exported-program",
-                 "--output-dir", tmp_path, "--json", "--random-inputs", "2")
+                 "--output-dir", tmp_path, "--json", "--random-inputs", "2", "--data", tmp_path / "lm.pt",
+                 "--data-input", "input_ids")  # the graph takes input_ids only; the mask still counts positions
     assert res.code == 0, res
     report = res.json()
     assert all(a["verification"]["passed"] for a in report["artifacts"])
     assert any("use_cache=False" in n for n in report["notes"])
+    kept = int(sum(b["attention_mask"].sum() for b in batches))
+    assert kept < 48 * 8  # some padding, which must not count
+    for art in report["artifacts"]:
+        (out,) = art["verification"]["agreement"]["outputs"]
+        assert out["classes"] == 96 and out["compared"] == kept and out["labelled"] == kept
+        assert out["agreement"] == 1.0
+
+
+def test_token_level_agreement_counts_unmasked_positions_only():
+    import torch
+
+    from lightning_export.agreement import measure
+
+    e = torch.zeros(1, 4, 3)
+    e[..., 0] = 1
+    a = e.clone()
+    a[0, 3, 2] = 5  # disagrees at a padded position only
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert measure([e], [a], None, [mask]).agreement == 1.0
+    assert measure([e], [a]).agreement == 0.75
+
+
+def test_data_input_takes_several_keys():
+    import torch
+
+    from lightning_export.data.batches import forward_signature, parse_pick, to_inputs
+
+    def forward(input_ids, attention_mask=None, labels=None):
+        return input_ids
+
+    batch = {"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3), "labels": torch.tensor([0, 1]),
+             "token_type_ids": torch.zeros(2, 3)}
+    sig = forward_signature(forward)
+    inputs, labels, _ = to_inputs(batch, sig)
+    assert sorted(inputs.kwargs) == ["attention_mask", "input_ids"] and labels.tolist() == [0, 1]  # labels not passed
+    pick = parse_pick("input_ids, attention_mask")
+    assert pick == ("input_ids", "attention_mask")
+    inputs, labels, rule = to_inputs(batch, sig, pick)
+    assert list(inputs.kwargs) == ["input_ids", "attention_mask"] and labels.tolist() == [0, 1]
+
+
+@pytest.fixture(scope="session")
+def bert_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fixtures.transformers_modules import make_transformer_checkpoints
+
+    return make_transformer_checkpoints(tmp_path_factory.mktemp("bert"), names=("bert",))["bert"]
+
+
+def test_int8_dynamic_bert_onnx_gated_on_text_batches(bert_ckpt, tmp_path):
+    import torch
+
+    from fixtures.transformers_modules import text_dicts
+
+    torch.save(text_dicts(320, seed=21, batch=32), tmp_path / "text.pt")
+    res = invoke(bert_ckpt, "--module", BERT, "--to", "onnx", "--quantize", "int8-dynamic", "--dynamic-batch",
+                 "--data", tmp_path / "text.pt", "--output-dir", tmp_path, "--json", "--random-inputs", "2")
+    assert res.code == 0, res
+    (art,) = res.json()["artifacts"]
+    agreement = art["verification"]["agreement"]
+    assert agreement["gated"] and agreement["samples"] == 320 and agreement["agreement"] >= 0.99
+    assert agreement["eager_accuracy"] >= 0.8  # the classifier learned the task
+    assert art["info"]["size_ratio"] < 0.3 and art["info"]["inputs"] == ["input_ids", "attention_mask"]
+    # The gate can fail: a --min-agreement above what int8 reaches here is exit 1.
+    if agreement["agreement"] < 1.0:
+        res = invoke(bert_ckpt, "--module", BERT, "--to", "onnx", "--quantize", "int8-dynamic", "--dynamic-batch",
+                     "--data", tmp_path / "text.pt", "-o", tmp_path / "strict.onnx", "--min-agreement", "1")
+        assert res.code == 1, res
+
+
+def _has_dynamic_flag() -> bool:
+    import dataclasses
+
+    from lightning_export.pipeline.options import ExportOptions
+
+    return any(f.name == "dynamic" for f in dataclasses.fields(ExportOptions))
+
+
+@pytest.mark.skipif(not _has_dynamic_flag(), reason="needs --dynamic (branch dynamic, issue 23 item 1)")
+def test_bert_with_dynamic_batch_and_length(bert_ckpt, tmp_path):
+    """--dynamic 0,1: the BERT-style classifier verified by lexport at several (batch, length) pairs, then run in
+    each runtime here at a length the verification did not use."""
+    import torch
+
+    from fixtures.transformers_modules import text_batch
+
+    formats = available_formats(["onnx", "exported-program", "openvino"])
+    res = invoke(bert_ckpt, "--module", BERT, "--to", ",".join(formats), "--dynamic", "0,1:1..64",
+                 "--output-dir", tmp_path, "--json", "--random-inputs", "1")
+    assert res.code == 0, res
+    arts = {a["format"]: a for a in res.json()["artifacts"]}
+    checked = {tuple(map(tuple, c["shapes"])) for a in arts.values() for c in a["verification"]["shapes_checked"]}
+    assert len({s[0] for s in checked}) >= 3, checked  # several (batch, length) pairs
+    ids, mask, _ = text_batch(3, seed=44, seq=23)
+    from fixtures.transformers_modules import TinyBertClassifier
+
+    module = TinyBertClassifier.load_from_checkpoint(bert_ckpt, map_location="cpu", weights_only=False).eval()
+    with torch.no_grad():
+        want = module(ids, mask)
+    if "onnx" in arts:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(arts["onnx"]["path"], providers=["CPUExecutionProvider"])
+        (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-4)
+    if "exported-program" in arts:
+        program = torch.export.load(arts["exported-program"]["path"]).module()
+        torch.testing.assert_close(program(ids, mask), want, rtol=1e-5, atol=1e-5)
+    if "openvino" in arts:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(arts["openvino"]["path"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = compiled([ids.numpy(), mask.numpy()])[0]
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-4)

@@ -54,6 +54,7 @@ class Batch:
     labels: Any = None
     samples: int = 1
     index: int = 0  # its position among the batches read
+    mask: Any = None  # a dict batch's attention_mask (whether forward takes it or not): token-level agreement
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Signature:
     names: tuple[str, ...]
     var_positional: bool
     var_keyword: bool
+    optional: tuple[str, ...] = ()  # parameters with a default (a transformers model's labels=None)
 
 
 def forward_signature(module: Any) -> Signature:
@@ -122,14 +124,22 @@ def forward_signature(module: Any) -> Signature:
         required_positional=required,
         names=tuple(p.name for p in params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)),
         var_positional=any(p.kind == kinds.VAR_POSITIONAL for p in params),
+        optional=tuple(p.name for p in params if p.default is not kinds.empty),
         var_keyword=any(p.kind == kinds.VAR_KEYWORD for p in params),
     )
 
 
-def parse_pick(value: str | int | None) -> int | str | None:
-    """`--data-input` as given on the command line: an integer index, or a dict key."""
+def parse_pick(value: str | int | None) -> int | str | tuple[int | str, ...] | None:
+    """`--data-input` as given on the command line: an integer index, or a dict key; several, comma-separated
+    (`input_ids,attention_mask`), pick several elements: a dict's keys as keyword arguments, a tuple's indices as
+    positional arguments."""
     if value is None or isinstance(value, int):
         return value
+    if "," in value:
+        parts = tuple(parse_pick(p) for p in value.split(",") if p.strip())
+        if len(parts) > 1:
+            return parts  # type: ignore[return-value]
+        value = str(parts[0]) if parts else ""
     text = value.strip()
     if not text:
         raise UsageError("--data-input is empty: give the index of the batch element (0, 1, ...) or the dict key")
@@ -174,13 +184,18 @@ def to_inputs(batch: Any, sig: Signature, pick: int | str | None = None) -> tupl
             labels,
             f"element 0 of each {kind} batch of {n} (Lightning's (x, y)); --data-input picks another",
         )
+    if isinstance(pick, tuple):
+        return _pick_several(batch, pick)
     if isinstance(batch, dict):
         if pick is not None:
             if pick not in batch:
                 keys = ", ".join(map(str, list(batch)[:10]))
                 raise UsageError(f"--data-input {pick!r}: the batches are dicts with keys {keys}")
             return _element(batch[pick], sig), _dict_labels(batch, {pick}), f"key {pick!r} of each dict (--data-input)"
-        kwargs = {k: v for k, v in batch.items() if sig.var_keyword or k in sig.names}
+        # A label key is never an input when forward's parameter of that name is optional (transformers models take
+        # labels=None and would compute a loss): the labels of a tokenized batch are the batch's, not forward's.
+        kwargs = {k: v for k, v in batch.items() if (sig.var_keyword or k in sig.names)
+                  and not (k in LABEL_KEYS and (k in sig.optional or k not in sig.names))}
         if not kwargs:
             keys = ", ".join(map(str, list(batch)[:10]))
             raise UsageError(
@@ -192,6 +207,24 @@ def to_inputs(batch: Any, sig: Signature, pick: int | str | None = None) -> tupl
         rule = "each dict batch as keyword arguments" + (f" (left out: {', '.join(map(str, left))})" if left else "")
         return Inputs((), kwargs), _dict_labels(batch, set(kwargs)), rule
     raise UsageError(f"--data: a batch is a {type(batch).__name__}; expected a tensor, a tuple/list or a dict")
+
+
+def _pick_several(batch: Any, pick: tuple[int | str, ...]) -> tuple[Inputs, Any, str]:
+    """`--data-input input_ids,attention_mask`: those keys of a dict batch as keyword arguments (indices of a
+    tuple/list batch as positional arguments)."""
+    if isinstance(batch, dict):
+        missing = [k for k in pick if k not in batch]
+        if missing:
+            raise UsageError(f"--data-input {','.join(map(str, pick))}: the batches are dicts with keys "
+                             f"{', '.join(map(str, list(batch)[:10]))}")
+        return (Inputs((), {k: batch[k] for k in pick}), _dict_labels(batch, set(pick)),
+                f"keys {', '.join(map(str, pick))} of each dict as keyword arguments (--data-input)")
+    if isinstance(batch, (tuple, list)) and all(isinstance(i, int) and -len(batch) <= i < len(batch) for i in pick):
+        return (Inputs(tuple(batch[i] for i in pick), {}), None,
+                f"elements {', '.join(map(str, pick))} of each {type(batch).__name__} as positional arguments "
+                "(--data-input)")
+    raise UsageError(f"--data-input {','.join(map(str, pick))}: the batches are {type(batch).__name__}s; give keys "
+                     "of dict batches or indices of tuple batches")
 
 
 def _element(value: Any, sig: Signature) -> Inputs:
@@ -315,7 +348,8 @@ def prepare(
                 "element that is forward's input.",
             )
         rule = rule or r
-        b = Batch(inputs, labels, batch_samples(inputs), i)
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        b = Batch(inputs, labels, batch_samples(inputs), i, mask)
         (mapped if b.samples else empty).append(b)
     warnings: list[str] = []
     if empty:
@@ -445,6 +479,7 @@ def _rebatch_one_shape(batches: list[Batch], size: int, first_index: int) -> lis
     _, spec = tree_flatten((batches[0].inputs.args, batches[0].inputs.kwargs))
     columns: list[list[Any]] = []
     labels: list[Any] = []
+    masks: list[Any] = []
     for b in batches:
         leaves, s = tree_flatten((b.inputs.args, b.inputs.kwargs))
         if s != spec:
@@ -454,16 +489,21 @@ def _rebatch_one_shape(batches: list[Batch], size: int, first_index: int) -> lis
         for col, leaf in zip(columns, leaves):
             col.append(leaf)
         labels.append(b.labels)
+        masks.append(b.mask)
     joined = [torch.cat(col) if isinstance(col[0], torch.Tensor) and col[0].dim() >= 1 else col[0]
               for col in columns]
     all_labels = None
     if all(lab is not None for lab in labels) and len({tuple(lab.shape[1:]) for lab in labels}) == 1:
         all_labels = torch.cat(labels)
+    all_masks = None
+    if all(isinstance(m, torch.Tensor) for m in masks) and len({tuple(m.shape[1:]) for m in masks}) == 1:
+        all_masks = torch.cat(masks)
     total = next((int(t.shape[0]) for t in joined if isinstance(t, torch.Tensor) and t.dim() >= 1), 0)
     out: list[Batch] = []
     for start in range(0, total - size + 1, size):
         leaves = [t[start:start + size] if isinstance(t, torch.Tensor) and t.dim() >= 1 else t for t in joined]
         args, kwargs = tree_unflatten(leaves, spec)
         lab = all_labels[start:start + size] if all_labels is not None else None
-        out.append(Batch(Inputs(tuple(args), dict(kwargs)), lab, size, first_index + len(out)))
+        mask = all_masks[start:start + size] if all_masks is not None else None
+        out.append(Batch(Inputs(tuple(args), dict(kwargs)), lab, size, first_index + len(out), mask))
     return out

@@ -63,7 +63,8 @@ def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOpti
     v.inputs_checked = len(runs) + len(held)
     v.passed = v.passed and not problems
     if held and not problems and refs.held_out is not None:
-        _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held])
+        _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held],
+                   [r[4] for r in held])
         read, ran = refs.held_out.prepared.verification_samples, refs.held_out.ran(program_batch)
         v.agreement["samples_read"] = read
         if ran < read:
@@ -94,19 +95,20 @@ def _require_held_out(fmt: Format, opts: ExportOptions, held_out: HeldOut, progr
     )
 
 
-def _held_out_runs(held_out: HeldOut | None, batch: int | None) -> list[tuple[str, Any, Any, Any]]:
-    """(label, inputs, eager outputs, labels) per held-out --data batch, at the program's batch size."""
+def _held_out_runs(held_out: HeldOut | None, batch: int | None) -> list[tuple[str, Any, Any, Any, Any]]:
+    """(label, inputs, eager outputs, labels, attention mask) per held-out --data batch, at the program's batch
+    size."""
     if held_out is None:
         return []
     batches, eager = held_out.runs(batch)
-    return [(f"held-out batch {i}", b.inputs, ref, b.labels) for i, (b, ref) in enumerate(zip(batches, eager))]
+    return [(f"held-out batch {i}", b.inputs, ref, b.labels, b.mask) for i, (b, ref) in enumerate(zip(batches, eager))]
 
 
 def _agreement(v: Verification, fmt: Format, opts: ExportOptions, held_out: HeldOut, expected: list[Any],
-               actual: list[Any], labels: list[Any]) -> None:
+               actual: list[Any], labels: list[Any], masks: list[Any] | None = None) -> None:
     """Top-1 agreement (and accuracies) on the held-out batches into the verification; below --min-agreement a
     quantized or reduced-precision artifact fails with the figures."""
-    result = measure(expected, actual, labels if all(x is not None for x in labels) else None)
+    result = measure(expected, actual, labels if all(x is not None for x in labels) else None, masks)
     gated = is_gated(opts)
     v.agreement = {**result.to_json(), "min_agreement": opts.min_agreement if gated else None, "gated": gated,
                    "source": held_out.record.get("source")}
