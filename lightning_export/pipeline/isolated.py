@@ -62,6 +62,9 @@ def _run_here(fmt: Any, path: Path, inputs: list[Any]) -> Ran:
 
 def _child(fmt: Any, path: Path, inputs: list[Any], w: int, log: int) -> None:
     """The child: never returns, never runs the parent's cleanup (os._exit)."""
+    import gc
+
+    gc.disable()  # a collection in the child walks (and so copies) the parent's whole heap: 3 s here
     code = 0
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # die at once; the parent reports the interruption
@@ -72,12 +75,9 @@ def _child(fmt: Any, path: Path, inputs: list[Any], w: int, log: int) -> None:
         import torch
 
         torch.set_num_threads(1)
-        ran = _run_here(fmt, path, inputs)
-        payload = _encode(ran)
-        del ran
-        import gc
-
-        gc.collect()  # runtimes' destructors (an AOTInductor package's extracted library) before os._exit
+        # The loaded runtime is released when _run_here returns (its destructors run: an AOTInductor package's
+        # extracted library is removed), before os._exit.
+        payload = _encode(_run_here(fmt, path, inputs))
         view = memoryview(payload)
         while view:
             view = view[os.write(w, view):]
