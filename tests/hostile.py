@@ -643,3 +643,30 @@ def noisy_module(dirpath: Path) -> tuple[Path, Path]:
     sd = {"net.weight": torch.randn(2, 4, generator=g), "net.bias": torch.randn(2, generator=g)}
     ckpt = save(lightning_dict(sd, {"n_in": 4, "n_out": 2}), dirpath / "noisy.ckpt")
     return mod, ckpt
+
+
+# ------------------------------------------------------------------------------------------ artifacts (issue 21)
+def pt2_with_pickle(src: Path, dst: Path, marker: Path, member: str = "data/sample_inputs/model.pt",
+                    name: str = "os.system") -> Path:
+    """A copy of a torch.export archive (.pt2) whose pickle record `member` (a torch.save zip: the sample inputs by
+    default) calls `name` to create `marker` when a full unpickler reads it."""
+    module, qual, args = payloads(marker)[name]
+    pkl = b"\x80\x02" + call(module, qual, *args) + b"."
+    inner = dst.with_name(dst.name + ".inner")
+    write_torch_zip(inner, [("data.pkl", pkl), ("byteorder", b"little"), ("version", b"3\n")], prefix="model")
+    payload = inner.read_bytes()
+    inner.unlink()
+    prefix, records = read_records(src)
+    assert any(n == member for n, _ in records), f"{member} not in {src}"
+    return write_torch_zip(dst, [(n, payload if n == member else d) for n, d in records], prefix=prefix)
+
+
+def mutated(data: bytes, rng: Any, *, truncate: bool) -> tuple[str, bytes]:
+    """(label, bytes): one random bit flipped, or the file cut at a random point."""
+    if truncate:
+        cut = rng.randrange(len(data))
+        return f"cut@{cut}", data[:cut]
+    pos, bit = rng.randrange(len(data)), rng.randrange(8)
+    out = bytearray(data)
+    out[pos] ^= 1 << bit
+    return f"flip@{pos}.{bit}", bytes(out)

@@ -142,6 +142,9 @@ class Format:
     atol: float = 0.0
     rtol: float = 0.0
     needs_module: bool = True
+    # Its runtime is native code that can crash (SIGSEGV, SIGABRT) on a malformed file: verification loads and runs
+    # the artifact in a child process, and a crash there is a failed verification (pipeline/isolated.py).
+    isolate: bool = False
     dynamic_batch: bool = False  # honours --dynamic-batch (then verified at another batch size too)
     # About how many bytes write() will put in its directory (companions included), checked against the free
     # space before writing: an over-estimate by a margin, never an under-estimate for ordinary modules.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError
+from ..safeload.pt2 import check_pickles, weights_only_forced
 from . import PRECISIONS, ExportContext, Format, Written, module_bytes, register
 from ._containers import plain_outputs, report
 from ._graph import dynamic_shapes_for, exporting, tail
@@ -134,7 +135,11 @@ class AotiRunner:
 
         # Read by the compiled library when it first runs (a static, per library); it only adds checks.
         os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
-        self.model = torch._inductor.aoti_load_package(str(path))
+        # The package's own pickles (an exported program's sample inputs, pickled weights) weights-only, as for a
+        # .pt2; its shared library is code, which loading runs (README: "Artifacts given to verify").
+        check_pickles(path)
+        with weights_only_forced():
+            self.model = torch._inductor.aoti_load_package(str(path))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -162,6 +167,7 @@ register(
         rtol=1e-5,
         dynamic_batch=True,
         precisions=PRECISIONS,
+        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
         size_estimate=size_estimate,
         sniff=lambda s: s.has_dir("aotinductor/"),
         sniff_order=10,

@@ -240,6 +240,7 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
+        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
         size_estimate=size_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:6] == b"ET",  # the flatbuffer's file identifier
         options=ExecuTorchOptions,

@@ -24,12 +24,25 @@ def write(ctx: ExportContext, path: Path) -> Written:
     return Written("torch.export", *report(converted))
 
 
+def load_program(path: Path) -> Any:
+    """torch.export.load with nothing in the archive unpickled beyond tensors and containers: every pickle record is
+    read weights-only first (a record naming anything else is refused, see safeload.pt2) and torch's own loads are
+    forced weights-only."""
+    import torch
+
+    from ..safeload.pt2 import check_pickles, weights_only_forced
+
+    check_pickles(path)
+    with weights_only_forced():
+        return torch.export.load(str(path))
+
+
 def made_with(path: Path) -> str | None:
     """--precision fp16/bf16 when the program takes float16/bfloat16 inputs; None when unsure."""
     import torch
 
     try:
-        program = torch.export.load(str(path))
+        program = load_program(path)
     except Exception:  # noqa: BLE001 - only a hint: a file that cannot be read has failed verification already
         return None
     types = {getattr(n.meta.get("val"), "dtype", None) for n in program.graph.nodes if n.op == "placeholder"}
@@ -38,9 +51,7 @@ def made_with(path: Path) -> str | None:
 
 
 def load(path: Path) -> Any:
-    import torch
-
-    return torch.export.load(str(path)).module()
+    return load_program(path).module()
 
 
 register(

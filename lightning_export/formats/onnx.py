@@ -419,6 +419,7 @@ register(
         atol=1e-4,
         rtol=1e-3,
         dynamic_batch=True,
+        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
         size_estimate=graph_estimate,
         sniff=_sniff,
         options=OnnxOptions,

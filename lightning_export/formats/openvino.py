@@ -271,6 +271,7 @@ register(
         atol=1e-4,
         rtol=1e-4,
         dynamic_batch=True,
+        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
         size_estimate=graph_estimate,  # the .bin holds the weights (float32 by default), the .xml a few kB per op
         sniff=_sniff,
         companions=companions,

@@ -12,6 +12,7 @@ from ..errors import describe_exception
 from ..formats import ExportContext, Format
 from ..inputs import batch_size
 from .data import HeldOut
+from .isolated import run_artifact
 from .options import ExportOptions
 from .prepare import References
 
@@ -34,11 +35,11 @@ def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOpti
                    refs: References | None) -> Verification:
     """Load the artifact with its own runtime and compare: weights bit for bit, graphs on every reference input
     and, with --data, on the held-out batches too (top-1 agreement, gated for quantized and reduced precision)."""
-    try:
-        loaded = fmt.load(path)
-    except Exception as e:  # noqa: BLE001 - an artifact its own runtime cannot load has failed verification
-        return failed(f"{fmt.name} runtime cannot load the artifact: {describe_exception(e)}")
     if fmt.kind == "weights" or refs is None:  # references are computed whenever a graph format runs
+        try:
+            loaded = fmt.load(path)
+        except Exception as e:  # noqa: BLE001 - an artifact its own runtime cannot load has failed verification
+            return failed(f"{fmt.name} runtime cannot load the artifact: {describe_exception(e)}")
         return compare_tensor_maps(ctx.state_dict, loaded)
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
@@ -48,12 +49,17 @@ def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOpti
     if refs.held_out is not None:
         _require_held_out(fmt, opts, refs.held_out, program_batch)
     held = _held_out_runs(refs.held_out, program_batch)
+    everything = runs + [h[:3] for h in held]
+    # In a child process when the runtime can crash natively on a malformed file (Format.isolate).
+    ran = run_artifact(fmt, path, [data for _, data, _ in everything])
+    if ran.crashed:
+        return failed(ran.crashed)
+    if ran.load_error is not None:
+        return failed(f"{fmt.name} runtime cannot load the artifact: {ran.load_error}")
     expected, actual, labels, problems = [], [], [], []
-    for label, data, ref in runs + [h[:3] for h in held]:
-        try:
-            out = loaded(*data.args, **data.kwargs)
-        except Exception as e:  # noqa: BLE001 - the artifact fails where the module does not
-            problems.append(f"{label} ({data.describe()}): the artifact failed: {describe_exception(e)}")
+    for (label, data, ref), (out, error) in zip(everything, ran.results):
+        if error is not None:
+            problems.append(f"{label} ({data.describe()}): the artifact failed: {error}")
             continue
         expected.append(ref)
         actual.append(out)
