@@ -32,6 +32,9 @@ class Verification:
     # gate), and the same in words for the human report.
     agreement: dict[str, Any] | None = None
     agreement_text: str | None = None
+    # What works instead, when the failure has a known cause (a graph traced at the example's data-dependent
+    # sizes): the hint of the run's exit-1 error.
+    advice: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,6 +59,8 @@ class Verification:
         }
         if self.agreement is not None:
             out["agreement"] = self.agreement
+        if self.advice:
+            out["advice"] = self.advice
         return out
 
 

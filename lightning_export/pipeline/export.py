@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import outputs
 from ..errors import (
+    DATA_DEPENDENT_HINT,
     DATA_DEPENDENT_SIZE_HINT,
     DEBUG_HINT,
     TRACE_OUTPUT_HINT,
@@ -127,6 +128,7 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
                 with quiet_torch_logs():
                     result.verification = check_artifact(fmt, staging.path, ctx, opts, refs)
             result.bytes, result.sha256 = synced.result()
+        _advise_traced(result, ctx, opts)
         passed = result.verification is None or result.verification.passed
         if passed:
             # Exclusive unless --force: a file another run published meanwhile is never replaced (exit 6).
@@ -149,6 +151,18 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
         if staging is not None:
             staging.discard()
         result.seconds = time.perf_counter() - started
+
+
+def _advise_traced(result: ArtifactResult, ctx: Any, opts: ExportOptions) -> None:
+    """An artifact whose graph was traced at the example's data-dependent sizes (or branch), as its writer records
+    in `info`, and that then failed verification: the advice the export-time refusals give, with the submodules to
+    export instead."""
+    v, traced = result.verification, result.info.get("traced_data_dependent")
+    if v is None or v.passed or traced not in ("sizes", "branch"):
+        return
+    advice = DATA_DEPENDENT_SIZE_HINT if traced == "sizes" else DATA_DEPENDENT_HINT
+    flags = submodule_flags(ctx.target, opts.attr)
+    v.advice = advice + (f"\nSubmodules to export instead: {', '.join(flags)}." if flags else "")
 
 
 def _name_the_parts(e: LexportError, ctx: Any, opts: ExportOptions) -> None:

@@ -70,11 +70,14 @@ def _raise_first_failure(report: Report) -> None:
             failed_export = [a.format for a in failed if a.error]
             gated = [p for a in failed if a.verification is not None for p in a.verification.problems
                      if "--min-agreement" in p]
+            advice = next((a.verification.advice for a in failed
+                           if a.verification is not None and a.verification.advice), None)
             err = VerificationError(
                 "verification failed for "
                 + ", ".join(a.format for a in failed if a.error is None)
                 + (f"; export failed for {', '.join(failed_export)}" if failed_export else "")
                 + "".join(f"\n{p}" for p in gated),  # the agreement figures, where the gate failed
+                hint=advice,
             )
         raise err
 
