@@ -216,6 +216,7 @@ def _data_files(d: Path) -> dict[str, Path]:
         "nan": [_images(8, fill=float("nan")) for _ in range(4)],
         "inf": [_images(8, fill=float("inf")) for _ in range(4)],
         "mixed": [_images(8), _images(8, side=20), _images(8), _images(8, side=20)],
+        "mixed-calibration": [_images(8), _images(8), _images(8, side=20), _images(8, side=20)],  # 0, 2 calibrate
         "odd": [_images(5), _images(5), _images(5)],  # 15 samples: one batch of 8 runs
         "huge": [_images(5000)],  # one batch: the default cuts it to about 600 samples
         "small": [_images(8) for _ in range(8)],  # 64 samples: fewer than a gate needs
@@ -242,7 +243,7 @@ CASES = [
     ("int8-calibrated-on-nan", "nan", ("--quantize", "int8"), 2, ("calibration batches 0, 2", "NaN or Inf")),
     ("int8-calibrated-on-inf", "inf", ("--quantize", "int8"), 2, ("NaN or Inf", "cannot be calibrated")),
     ("fp32-on-mixed-shapes", "mixed", (), 2, ("the module itself fails on held-out data", "20, 20")),
-    ("int8-on-mixed-shapes", "mixed", ("--quantize", "int8"), 2, ("2 shapes", "1x16x16", "1x20x20")),
+    ("int8-on-mixed-shapes", "mixed-calibration", ("--quantize", "int8"), 2, ("2 shapes", "1x16x16", "1x20x20")),
 ]
 
 
