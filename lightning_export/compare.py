@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import Advice
 
 
 @dataclass
@@ -33,6 +36,10 @@ class Verification:
     agreement: dict[str, Any] | None = None
     agreement_text: str | None = None
     gate_problem: str | None = None  # the --min-agreement gate's failure (also among `problems`)
+    # What works instead, when the failure has a known cause (a graph traced at the example's data-dependent
+    # sizes): the advice of the run's exit-1 error, and what the pipeline adds to it (the submodules to export).
+    advice: Advice | None = None
+    advice_said: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,6 +64,8 @@ class Verification:
         }
         if self.agreement is not None:
             out["agreement"] = self.agreement
+        if self.advice:
+            out["advice"] = self.advice.value
         return out
 
 

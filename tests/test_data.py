@@ -196,3 +196,165 @@ def test_hydra_data_section(tmp_path: Path) -> None:
     assert section.style == "hydra" and section.args["batch_size"] == 8
     got = take_batches(build_datamodule(section))
     assert got.loader == "val_dataloader" and [b[0].shape[0] for b in got.batches] == [8, 8, 8]
+
+
+# ---- issue 21: a gate that did not run is a failure; data that cannot run is said -----------------------------
+MODULE = "fixtures.int8_data:PatternClassifier"
+
+
+def _images(n: int, side: int = 16, fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n * 31 + side)
+    x = torch.randn(n, 1, side, side, generator=g) if fill is None else torch.full((n, 1, side, side), fill)
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def _data_files(d: Path) -> dict[str, Path]:
+    """Tiny --data files, one per case."""
+    files = {
+        "empty": [_images(0), _images(0)],  # batches of 0 samples
+        "two-single": [_images(1), _images(1)],  # the held-out sample fills no batch of 8
+        "nan": [_images(8, fill=float("nan")) for _ in range(4)],
+        "inf": [_images(8, fill=float("inf")) for _ in range(4)],
+        "mixed": [_images(8), _images(8, side=20), _images(8), _images(8, side=20)],
+        "mixed-calibration": [_images(8), _images(8), _images(8, side=20), _images(8, side=20)],  # 0, 2 calibrate
+        "odd": [_images(5), _images(5), _images(5)],  # 15 samples: one batch of 8 runs
+        "huge": [_images(5000)],  # one batch: the default cuts it to about 600 samples
+        "small": [_images(8) for _ in range(8)],  # 64 samples: fewer than a gate needs
+    }
+    paths = {}
+    for name, batches in files.items():
+        paths[name] = d / f"{name}.pt"
+        torch.save(batches, paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _data_files(tmp_path_factory.mktemp("data21"))
+
+
+# name, data file, extra flags, exit code, words the message must hold
+CASES = [
+    ("int8-on-empty-batches", "empty", ("--quantize", "int8"), 2, ("2 batches, all of 0 samples",)),
+    ("int8-on-one-held-out-sample", "two-single", ("--quantize", "int8"),
+     2, ("1 held-out samples", "the agreement gate needs at least 100")),
+    ("fp32-held-out-fills-no-batch", "two-single", (), 2, ("2 held-out samples", "0 fill whole batches")),
+    ("fp16-gate-on-64-samples", "small", ("--precision", "fp16"), 2, ("64 held-out samples", "at least 100")),
+    ("int8-calibrated-on-nan", "nan", ("--quantize", "int8"), 2, ("calibration batches 0, 2", "NaN or Inf")),
+    ("int8-calibrated-on-inf", "inf", ("--quantize", "int8"), 2, ("NaN or Inf", "cannot be calibrated")),
+    ("fp32-on-mixed-shapes", "mixed", (), 2, ("the module itself fails on held-out data", "20, 20")),
+    ("int8-on-mixed-shapes", "mixed-calibration", ("--quantize", "int8"), 2, ("2 shapes", "1x16x16", "1x20x20")),
+]
+
+
+@pytest.mark.parametrize("name,data,extra,code,words", CASES, ids=[c[0] for c in CASES])
+def test_data_that_cannot_run_is_refused(trained: dict, data_files: dict, tmp_path: Path, name: str, data: str,
+                                         extra: tuple, code: int, words: tuple) -> None:
+    """Each case: its exit code (never 0 with a gate that did not run, never 70), one JSON object whose error
+    names what was read, nothing published."""
+    from conftest import invoke
+
+    out = tmp_path / "out"
+    res = invoke(trained["ckpt"], "--module", MODULE, "--to", "onnx", "--data", data_files[data], "--output-dir", out,
+                 "--json", *extra)
+    report = json.loads(res.stdout)
+    assert res.code == code, res
+    message = " ".join(report["error"]["message"].split())
+    assert all(w in message for w in words), message
+    assert not any(a.get("path") for a in report["artifacts"]) and not list(out.glob("*.onnx"))
+
+
+def test_nan_data_is_a_warning_for_fp32(trained: dict, data_files: dict, tmp_path: Path) -> None:
+    """All-NaN held-out data: the fp32 artifact still verifies (its outputs are NaN where the module's are), and the
+    report says the agreement on them says nothing (it was 1.0 with no word)."""
+    from conftest import invoke
+
+    res = invoke(trained["ckpt"], "--module", MODULE, "--to", "onnx", "--data", data_files["nan"], "--output-dir",
+                 tmp_path, "--json")
+    assert res.code == 0, res
+    report = json.loads(res.stdout)
+    said = [w for w in report["warnings"] if "NaN or Inf" in w]
+    assert said and "32 of 32 samples" in said[0] and said[0] in report["data"]["warnings"], report["warnings"]
+
+
+def test_the_report_counts_only_samples_that_ran(trained: dict, data_files: dict, tmp_path: Path) -> None:
+    """3 batches of 5: re-batched to the example's 8, one batch runs; the agreement counts 8 of the 15 read."""
+    from conftest import invoke
+
+    res = invoke(trained["ckpt"], "--module", MODULE, "--to", "onnx", "--data", data_files["odd"], "--output-dir",
+                 tmp_path, "--json")
+    assert res.code == 0, res
+    agreement = json.loads(res.stdout)["artifacts"][0]["verification"]["agreement"]
+    assert agreement["samples"] == 8 and agreement["samples_read"] == 15, agreement
+
+
+def test_the_default_bounds_samples_not_batches(trained: dict, data_files: dict, tmp_path: Path) -> None:
+    """One batch of 5000 images: cut to the default's 600 samples (in batches of 60), not run whole; int8 gets
+    calibration and held-out batches from it."""
+    from conftest import invoke
+
+    batches = take(iter(torch.load(data_files["huge"])))
+    assert [len(b[0]) for b in batches] == [60] * 10 and all(len(b[1]) == 60 for b in batches)
+    res = invoke(trained["ckpt"], "--module", MODULE, "--to", "onnx", "--data", data_files["huge"], "--output-dir",
+                 tmp_path, "--json")
+    assert res.code == 0, res
+    report = json.loads(res.stdout)
+    assert report["data"]["verification_samples"] == 600 and report["data"]["batches_in_file"] == 1
+    assert report["artifacts"][0]["verification"]["agreement"]["samples"] == 600
+    assert len(take(iter(torch.load(data_files["huge"])), max_batches=1)[0][0]) == 5000  # asked for: as it is
+
+
+def test_prepare_refuses_what_would_not_run() -> None:
+    linear = nn.Linear(2, 3)
+    with pytest.raises(UsageError, match=r"gives forward no tensor \(str\)"):
+        prepare([(["a", "b"], torch.zeros(2, dtype=torch.long))], linear, source="test", calibrate=False)
+    with pytest.raises(UsageError, match="all of 0 samples"):
+        prepare([torch.zeros(0, 2)] * 3, linear, source="test", calibrate=False)
+    with pytest.raises(UsageError, match="needs at least 2 batches"):  # one usable batch left to calibrate
+        prepare([torch.zeros(0, 2), torch.ones(4, 2)], linear, source="test", calibrate=True)
+    p = prepare([torch.zeros(0, 2), torch.ones(4, 2)], linear, source="test", calibrate=False)
+    assert p.verification_samples == 4 and any("hold 0 samples and were left out" in w for w in p.warnings)
+    with pytest.raises(UsageError, match="needs at least 100"):
+        prepare([torch.ones(60, 2)] * 3, linear, source="test", calibrate=True, min_verification_samples=100)
+
+
+def test_rebatch_groups_each_shape() -> None:
+    """16x16 and 20x20 batches: re-batched per shape (torch.cat across them was exit 70)."""
+    from lightning_export.data.batches import Batch
+    from lightning_export.inputs import Inputs
+
+    def batch(n: int, side: int, i: int) -> Batch:
+        return Batch(Inputs((torch.full((n, 1, side, side), float(i)),), {}), torch.full((n,), i), n, i)
+
+    out = rebatch([batch(6, 16, 0), batch(6, 20, 1), batch(6, 16, 2), batch(2, 20, 3)], 4)
+    assert [tuple(b.inputs.args[0].shape) for b in out] == [(4, 1, 16, 16)] * 3 + [(4, 1, 20, 20)] * 2
+    assert out[1].labels.tolist() == [0, 0, 2, 2] and out[4].labels.tolist() == [1, 1, 3, 3]
+
+
+def test_strings_from_a_datamodule_are_refused(trained: dict, tmp_path: Path) -> None:
+    """A loader that yields strings: exit 2 naming them (it reported 8 held-out samples verified, none ran)."""
+    from conftest import invoke
+
+    config = tmp_path / "strings.yaml"
+    config.write_text(trained["config"].read_text().replace("SyntheticDataModule", "StringsDataModule"))
+    res = invoke(trained["ckpt"], "--config", config, "--to", "onnx", "--data", "config", "--output-dir", tmp_path,
+                 "--json")
+    assert res.code == 2, res
+    message = json.loads(res.stdout)["error"]["message"]
+    assert "val_dataloader() of fixtures.int8_data.StringsDataModule" in message and "(list)" not in message
+    assert "gives forward no tensor (str)" in message, message
+
+
+def test_a_datamodule_that_calls_os_exit_is_exit_4(trained: dict, tmp_path: Path) -> None:
+    """os._exit(0) in setup ended lexport with exit 0 and nothing on stdout; now exit 4 naming the call. A real
+    process: in-process, a failed guard would end the test run."""
+    from conftest import run_lexport
+
+    config = tmp_path / "exit.yaml"
+    config.write_text(trained["config"].read_text().replace("SyntheticDataModule", "ExitingDataModule"))
+    res = run_lexport(trained["ckpt"], "--config", config, "--to", "onnx", "--data", "config", "--output-dir",
+                      tmp_path / "out", "--json")
+    assert res.code == 4, res
+    message = res.json()["error"]["message"]
+    assert "ExitingDataModule called os._exit(0)" in message, message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -321,6 +321,22 @@ def test_detector_gets_messages_that_name_what_happened_and_what_works(p3, tmp_p
     assert not list(tmp_path.glob("detector*"))
 
 
+def test_detector_onnx_alone_fails_verification_with_what_works(p3, tmp_path) -> None:
+    """`--to onnx` alone (issue 21): the dynamo exporter refuses, the TorchScript-based fallback traces the example's
+    sizes, verification fails (exit 1), and the exit-1 message says what works, as exported-program's refusal does:
+    the advice is recorded by the writer (info.traced_data_dependent), not matched from message text."""
+    res = invoke(p3["detector"], "--module", f"{MOD}:TinyDetector", "--to", "onnx", "--output-dir", tmp_path, "--json")
+    assert res.code == 1, res
+    report = _report(res)
+    onnx = report["artifacts"][0]
+    assert onnx["info"]["traced_data_dependent"] == "sizes" and not onnx["verification"]["passed"]
+    message = " ".join(report["error"]["message"].split())
+    assert message.startswith("verification failed for onnx")
+    assert "size depends on the values" in message and "--attr model.backbone (TinyBackbone)" in message, message
+    assert onnx["verification"]["advice"] in report["error"]["message"]
+    assert not list(tmp_path.glob("*.onnx"))
+
+
 def test_detector_backbone_and_heads_export_with_attr(p3, tmp_path) -> None:
     """The advice works: the part before the post-processing exports to every format asked for, verified."""
     res = invoke(p3["detector"], "--module", f"{MOD}:TinyDetector", "--attr", "model",

@@ -8,11 +8,18 @@ Then lexport does what a Trainer does before validating: `prepare_data()`, `setu
 `val_dataloader()`; a datamodule without one (not overridden, or returning nothing) gives `test_dataloader()` after
 `setup("test")`, else `train_dataloader()`. Which one is recorded. Anything the user's code raises on the way is a
 UserModuleError (exit 4) carrying its message.
+
+The datamodule is the user's code and runs in lexport's process, as the model's does (a child process would import
+torch and Lightning again and send every batch back: seconds per run). `exits_refused` turns the ways Python code
+ends a process on purpose (`sys.exit`, `os._exit`) into exit 4 naming the call; code that kills the process another
+way (`os.kill`, `os.abort`, a native crash) still ends it, as the README's Security section says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +49,35 @@ class DataModuleBatches:
     @property
     def source(self) -> str:
         return f"{self.loader}() of {self.class_name}"
+
+
+class _ExitCalled(BaseException):
+    """os._exit called by the user's code: a BaseException, so that its `except Exception` does not swallow it."""
+
+
+@contextlib.contextmanager
+def exits_refused(what: str) -> Iterator[None]:
+    """While the user's datamodule runs: `os._exit(n)` (which skips every handler, so a CLI would end with exit n
+    and nothing printed) raises UserModuleError instead, and `sys.exit(n)` too. Only in this process: a
+    DataLoader worker forked meanwhile ends through the real `os._exit`, as multiprocessing needs."""
+    real, pid = os._exit, os.getpid()
+
+    def refused(code: int = 0) -> None:
+        if os.getpid() != pid:
+            real(code)
+        raise _ExitCalled(f"os._exit({code!r})")
+
+    os._exit = refused  # type: ignore[assignment]
+    try:
+        yield
+    except (SystemExit, _ExitCalled) as e:
+        call = f"sys.exit({e.code!r})" if isinstance(e, SystemExit) else str(e)
+        raise UserModuleError(
+            f"{what} called {call}: lexport stops here",
+            hint="A datamodule must not end the process: raise an exception to report a problem.",
+        ) from None
+    finally:
+        os._exit = real
 
 
 def read_data_section(path: str | os.PathLike[str]) -> DataSection:

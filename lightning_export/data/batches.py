@@ -292,13 +292,19 @@ def take(
 
 def _cut(batch: Any, n: int, keep: int) -> list[Any]:
     """The first `keep` samples of a batch of `n`, in batches of at most CUT_BATCH_SAMPLES: every tensor whose
-    first dimension is `n` is sliced, everything else is kept as it is."""
+    first dimension is `n` is sliced, everything else is kept as it is. A batch whose tensors cannot be reached
+    (a class the tree utilities do not open) is kept whole rather than repeated."""
     import torch
-    from torch.utils._pytree import tree_map
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    def sliceable(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() >= 1 and int(t.shape[0]) == n
+
+    if not any(sliceable(t) for t in tree_leaves(batch)):
+        return [batch]
 
     def part(start: int, stop: int) -> Any:
-        return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.dim() >= 1
-                        and int(t.shape[0]) == n else t, batch)
+        return tree_map(lambda t: t[start:stop] if sliceable(t) else t, batch)
 
     keep = min(keep, n)
     return [part(i, min(i + CUT_BATCH_SAMPLES, keep)) for i in range(0, keep, CUT_BATCH_SAMPLES)]

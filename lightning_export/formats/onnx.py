@@ -179,6 +179,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     external = module_bytes(ctx.target) > EXTERNAL_DATA_ABOVE
     notes: list[str] = []
     errors: list[str] = []
+    traced = None  # "sizes" / "branch": the dynamo exporter refused data-dependent code, the fallback traced it
     with exporting(ctx) as chatter:
         try:
             if opts.opset is not None and opts.opset < DYNAMO_MIN_OPSET:
@@ -197,6 +198,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 exporter = "torch.onnx.torchscript"
                 reason = str(e) if isinstance(e, _Skip) else f"the dynamo exporter failed ({describe_exception(e)})"
                 notes.append(f"{reason}; written by the TorchScript-based exporter")
+                if is_data_dependent(e):  # the graph holds the example's sizes or branch: what verification sees
+                    traced = "sizes" if is_data_dependent_size(e) else "branch"
                 if is_data_dependent_size(e):
                     notes.append("forward makes tensors whose size depends on the values (a boolean mask, nonzero, "
                                  "NMS-style filtering): the TorchScript-based exporter traces, so the graph holds "
@@ -232,6 +235,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
         raise ExportError(f"--opset {opts.opset} was asked for, but {exporter} wrote opset {info['opset']}")
     if _has_bfloat16(ctx.target):
         _check_cpu_kernels(path)
+    if traced:
+        info["traced_data_dependent"] = traced  # the pipeline's advice when verification then fails
     return Written(exporter, notes, info)
 
 

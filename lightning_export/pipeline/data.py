@@ -37,10 +37,11 @@ def read_data(
     if str(source) == CONFIG_SOURCE:
         if config is None:
             raise UsageError("--data config reads the data: section of --config; pass --config FILE too")
-        from ..build.datamodule import build_datamodule, read_data_section, take_batches
+        from ..build.datamodule import build_datamodule, exits_refused, read_data_section, take_batches
 
-        got = take_batches(build_datamodule(read_data_section(config)),
-                           max_batches=max_batches)
+        section = read_data_section(config)
+        with exits_refused(f"--data config: the datamodule {section.class_path or ''}".rstrip()):
+            got = take_batches(build_datamodule(section), max_batches=max_batches)
         raw, where = got.batches, got.source
         record: dict[str, Any] = {"kind": "datamodule", "class": got.class_name, "loader": got.loader,
                                   "config": str(config)}

@@ -117,6 +117,7 @@ def _export_one(fmt: Format, ctx: ExportContext, dest: Path, opts: ExportOptions
                 with quiet_torch_logs():
                     result.verification = check_artifact(fmt, staging.path, ctx, opts, refs)
             result.bytes, result.sha256 = synced.result()
+        _advise_traced(result, ctx, opts)
         passed = result.verification is None or result.verification.passed
         if passed:
             # Exclusive unless --force: a file another run published meanwhile is never replaced (exit 6).
@@ -139,6 +140,19 @@ def _export_one(fmt: Format, ctx: ExportContext, dest: Path, opts: ExportOptions
         if staging is not None:
             staging.discard()
         result.seconds = time.perf_counter() - started
+
+
+def _advise_traced(result: ArtifactResult, ctx: ExportContext, opts: ExportOptions) -> None:
+    """An artifact whose graph was traced at the example's data-dependent sizes (or branch), as its writer records
+    in `info`, and that then failed verification: the advice the export-time refusals give, with the submodules to
+    export instead."""
+    v, traced = result.verification, result.info.get("traced_data_dependent")
+    if v is None or v.passed or traced not in ("sizes", "branch"):
+        return
+    v.advice = Advice.DATA_DEPENDENT_SIZE if traced == "sizes" else Advice.DATA_DEPENDENT_BRANCH
+    flags = submodule_flags(ctx.target, opts.attr)
+    if flags:
+        v.advice_said.append(f"Submodules to export instead: {', '.join(flags)}.")
 
 
 def _name_the_parts(e: LexportError, ctx: ExportContext, opts: ExportOptions) -> None:

@@ -59,12 +59,17 @@ def _raise_first_failure(report: Report) -> None:
             failed_export = [a.format for a in failed if a.error]
             gated = [a.verification.gate_problem for a in failed
                      if a.verification is not None and a.verification.gate_problem]
+            advised = next((a.verification for a in failed
+                            if a.verification is not None and a.verification.advice), None)
             err = VerificationError(
                 "verification failed for "
                 + ", ".join(a.format for a in failed if a.error is None)
                 + (f"; export failed for {', '.join(failed_export)}" if failed_export else "")
                 + "".join(f"\n{p}" for p in gated),  # the agreement figures, where the gate failed
+                advice=advised.advice if advised else None,
             )
+            if advised:
+                err.said.extend(advised.advice_said)
         raise err
 
 
