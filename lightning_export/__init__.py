@@ -6,7 +6,7 @@ from typing import Any
 
 from .version import __version__
 
-__all__ = ["export", "verify", "ExportOptions", "Report", "LexportError", "__version__"]
+__all__ = ["export", "verify", "ExportOptions", "Report", "LexportError", "LexportCallback", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from .report import Report
 
         return Report
+    if name in ("LexportCallback", "LexportCallbackError"):  # imports Lightning (the base class)
+        from . import callback
+
+        return getattr(callback, name)
     if name == "LexportError":
         from .errors import LexportError
 
