@@ -52,6 +52,7 @@ def _version(value: bool) -> None:
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 def lexport(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Lightning .ckpt file, or a file holding a plain state dict.", show_default=False)],
     to: Annotated[list[str], typer.Option("--to", "-t", metavar="FORMAT", help=f"Format to write (repeatable, or comma-separated): {', '.join(REGISTRY)}.")] = [],  # noqa: B006
     module: o.Module = None,
@@ -87,57 +88,63 @@ def lexport(
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
     strict_finite: o.StrictFinite = False,
     manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the --json record plus every option that shaped the bytes to FILE, atomically (for lexport verify --manifest and as a build artifact).")] = None,  # noqa: E501
+    settings: Annotated[Path | None, typer.Option("--settings", metavar="FILE", help="Read defaults from FILE ([tool.lexport] of a pyproject.toml, or a TOML file of keys). Default: the nearest pyproject.toml with [tool.lexport], from the current directory up.")] = None,  # noqa: E501
+    profile: Annotated[str | None, typer.Option("--profile", metavar="NAME", help="Also apply [tool.lexport.profiles.NAME] of the settings.")] = None,  # noqa: E501
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
-    def options() -> Any:
+    def options(eff: Any) -> Any:
         from ..build.argfiles import parse_init_arg
         from ..pipeline.options import ExportOptions
 
+        v = eff.values
         return ExportOptions(
-            checkpoint=checkpoint,
-            formats=tuple(to),
-            module=module,
-            attr=attr,
-            config=config,
-            init_args=tuple(parse_init_arg(item) for item in init_arg),
-            init_args_file=init_args,
-            inputs=tuple(input_spec),
-            example_inputs=example_inputs,
-            dynamic_batch=dynamic_batch,
-            output=output,
-            output_dir=output_dir,
-            force=force,
-            verify=verify,
-            keep_failed=keep_failed,
-            atol=atol,
-            rtol=rtol,
-            seed=seed,
-            random_inputs=random_inputs,
-            opset=opset,
-            input_names=tuple(input_names),
-            output_names=tuple(output_names),
-            torchscript_mode=torchscript_mode,
-            precision=precision,
-            quantize=quantize,
-            data=data,
-            data_batches=data_batches,
-            data_input=data_input,
-            **({"min_agreement": min_agreement} if min_agreement is not None else {}),
-            executorch_backend=executorch_backend,
-            trust_checkpoint=trust_checkpoint,
-            allow_globals=tuple(allow_global),
-            strict_finite=strict_finite,
-            max_growth=max_growth,
-            hash_checkpoint=json_out or manifest is not None,
-            manifest=manifest,
+            checkpoint=v["checkpoint"],
+            formats=tuple(v["to"]),
+            module=v["module"],
+            attr=v["attr"],
+            config=v["config"],
+            init_args=tuple(parse_init_arg(item) for item in v["init_arg"]),
+            init_args_file=v["init_args"],
+            inputs=tuple(v["input_spec"]),
+            example_inputs=v["example_inputs"],
+            dynamic_batch=v["dynamic_batch"],
+            output=v["output"],
+            output_dir=v["output_dir"],
+            force=v["force"],
+            verify=v["verify"],
+            keep_failed=v["keep_failed"],
+            atol=v["atol"],
+            rtol=v["rtol"],
+            seed=v["seed"],
+            random_inputs=v["random_inputs"],
+            opset=v["opset"],
+            input_names=tuple(v["input_names"]),
+            output_names=tuple(v["output_names"]),
+            torchscript_mode=v["torchscript_mode"],
+            precision=v["precision"],
+            quantize=v["quantize"],
+            data=v["data"],
+            data_batches=v["data_batches"],
+            data_input=v["data_input"],
+            **({"min_agreement": v["min_agreement"]} if v["min_agreement"] is not None else {}),
+            executorch_backend=v["executorch_backend"],
+            trust_checkpoint=v["trust_checkpoint"],
+            allow_globals=tuple(v["allow_global"]),
+            strict_finite=v["strict_finite"],
+            max_growth=v["max_growth"],
+            hash_checkpoint=json_out or v["manifest"] is not None,
+            manifest=v["manifest"],
+            settings=eff.record(),
         )
 
     def export(steps: Steps) -> Any:
         from ..pipeline.export import run
+        from .settings import effective
 
-        return run(options(), progress=steps.step)
+        eff = effective(ctx, lexport, ctx.params, settings, profile)
+        return run(options(eff), progress=steps.step)
 
     execute(export, json_out=json_out, quiet=quiet, render=render_report)
 
