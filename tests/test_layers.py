@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "lightning_export.statedict": 1,
     "lightning_export.userpath": 1,
     "lightning_export.report": 1,
+    "lightning_export.summary": 1,  # the report as markdown for $GITHUB_STEP_SUMMARY (issue 24)
     "lightning_export.compare": 1,
     "lightning_export.agreement": 1,  # top-1 agreement and accuracies between runs (issue 17)
     "lightning_export.inputs": 1,

@@ -28,10 +28,12 @@ def console() -> Console:
 
 
 def execute(
-    work: Callable[[Steps], Any], *, json_out: bool, quiet: bool, render: Callable[[Console, Any], None]
+    work: Callable[[Steps], Any], *, json_out: bool, quiet: bool, render: Callable[[Console, Any], None],
+    after: Callable[[Any, dict[str, Any] | None], None] | None = None,
 ) -> None:
     """Run one command's work and end the process the documented way: the table or the error on stderr, the
     exit code, and with --json exactly one strict JSON object on stdout, whatever happened (70 included).
+    `after(report, error)` runs last either way (error: {code, kind, message, hint} or None), e.g. the CI summary.
 
     While the work runs, stdout is pointed at stderr (file descriptor 1 too): a user's module that prints at
     import or in forward cannot put text before the JSON.
@@ -41,6 +43,7 @@ def execute(
     show = not quiet and not json_out
     report: Any = None
     error: dict[str, Any] | None = None
+    hint: str | None = None
     code = 0
     with _stdout_to_stderr(json_out) as real_stdout:
         try:
@@ -49,6 +52,7 @@ def execute(
         except LexportError as e:
             report, code = e.report, e.exit_code
             error = error_json(e)
+            hint = e.hint
             if debug:
                 import traceback
 
@@ -72,6 +76,8 @@ def execute(
         else:
             if show:
                 render(stderr, report)
+        if after is not None:
+            after(report, None if error is None else {**error, "message": _first(error, hint), "hint": hint})
     if json_out:
         payload = report.to_json() if report is not None else {"ok": False}
         if error is not None:
@@ -80,6 +86,12 @@ def execute(
         with contextlib.suppress(BrokenPipeError):  # `lexport ... --json | head`
             print(dumps_strict(payload), file=real_stdout, flush=True)
     raise typer.Exit(code)
+
+
+def _first(error: dict[str, Any], hint: str | None) -> str:
+    """The error's message without its hint (error_json's message has both)."""
+    message = error["message"]
+    return message[: -len(hint) - 1] if hint and message.endswith(f"\n{hint}") else message
 
 
 json_printed = threading.Event()  # main() prints the JSON itself for what ends before a command runs

@@ -90,6 +90,7 @@ def lexport(
     manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the --json record plus every option that shaped the bytes to FILE, atomically (for lexport verify --manifest and as a build artifact).")] = None,  # noqa: E501
     settings: Annotated[Path | None, typer.Option("--settings", metavar="FILE", help="Read defaults from FILE ([tool.lexport] of a pyproject.toml, or a TOML file of keys). Default: the nearest pyproject.toml with [tool.lexport], from the current directory up.")] = None,  # noqa: E501
     profile: Annotated[str | None, typer.Option("--profile", metavar="NAME", help="Also apply [tool.lexport.profiles.NAME] of the settings.")] = None,  # noqa: E501
+    summary: Annotated[Path | None, typer.Option("--summary", metavar="FILE.md", help="Append a markdown report (artifacts, sizes, drift, agreement; a failure's message and hint) to FILE.md. Default: $GITHUB_STEP_SUMMARY when it is set (GitHub Actions shows it on the run's page).")] = None,  # noqa: E501
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
@@ -146,6 +147,28 @@ def lexport(
         eff = effective(ctx, lexport, ctx.params, settings, profile)
         return run(options(eff), progress=steps.step)
 
-    execute(export, json_out=json_out, quiet=quiet, render=render_report)
+    execute(export, json_out=json_out, quiet=quiet, render=render_report,
+            after=lambda report, error: append_summary(summary, report, error))
+
+
+def append_summary(path: Path | None, report: Any, error: dict[str, Any] | None) -> None:
+    """The run's markdown summary appended to --summary FILE, else to $GITHUB_STEP_SUMMARY when set; a file that
+    cannot be written is a warning (the artifacts are published already; the exit code stays the run's)."""
+    import os
+
+    from ..summary import markdown
+    from .common import console
+
+    target = path or (Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
+    if target is None:
+        return
+    text = markdown(report.to_json() if report is not None else {}, error)
+    try:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        stderr = console()
+        stderr.print("[yellow]warning[/yellow]: ", end="")
+        stderr.print(f"the summary was not written to {target}: {e.strerror or e}", markup=False, highlight=False)
 
 

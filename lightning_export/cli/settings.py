@@ -24,7 +24,7 @@ else:  # pragma: no cover - Python 3.10: the tomli backport (a dependency there)
 
 MAX_SETTINGS_BYTES = 1 << 20  # a pyproject.toml is kilobytes; more is not a settings file
 # Flags that shape one invocation, not a project's exports: never read from a settings file.
-NOT_SETTINGS = frozenset({"settings", "profile", "json", "quiet", "version", "help", "install-completion",
+NOT_SETTINGS = frozenset({"settings", "profile", "summary", "json", "quiet", "version", "help", "install-completion",
                           "show-completion"})
 COMMAND_LINE, DEFAULT = "command line", "default"
 
