@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "lightning_export.version": 0,
     "lightning_export.errors": 0,
     "lightning_export.text": 0,
+    "lightning_export.progress": 0,  # progress of long steps as data; the CLI draws it (issue 24)
     "lightning_export.bounded": 1,
     "lightning_export.address_space": 1,
     "lightning_export.hashing": 1,

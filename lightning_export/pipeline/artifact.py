@@ -10,6 +10,7 @@ from ..agreement import gate, measure
 from ..compare import Verification, compare_outputs, compare_tensor_maps
 from ..errors import describe_exception
 from ..inputs import batch_size
+from ..progress import track
 from .options import ExportOptions
 
 # Artifacts gated on top-1 agreement over the held-out --data batches (their elementwise drift is expected).
@@ -42,15 +43,18 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     runs = refs.runs(dynamic=dynamic)
     held = _held_out_runs(refs.held_out, None if dynamic else batch_size(ctx.example))
     expected, actual, labels, problems = [], [], [], []
-    for label, data, ref in runs + [h[:3] for h in held]:
-        try:
-            out = loaded(*data.args, **data.kwargs)
-        except Exception as e:  # noqa: BLE001 - the artifact fails where the module does not
-            problems.append(f"{label} ({data.describe()}): the artifact failed: {describe_exception(e)}")
-            continue
-        expected.append(ref)
-        actual.append(out)
-        labels.append(label)
+    todo = runs + [h[:3] for h in held]
+    with track(f"verifying {fmt.name}", len(todo), unit="inputs") as task:
+        for label, data, ref in todo:
+            task.advance()
+            try:
+                out = loaded(*data.args, **data.kwargs)
+            except Exception as e:  # noqa: BLE001 - the artifact fails where the module does not
+                problems.append(f"{label} ({data.describe()}): the artifact failed: {describe_exception(e)}")
+                continue
+            expected.append(ref)
+            actual.append(out)
+            labels.append(label)
     v = compare_outputs(expected, actual, atol=atol, rtol=rtol, labels=labels)
     v.problems[:0] = problems
     v.inputs_checked = len(runs) + len(held)
