@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, UsageError, describe_exception
+from ..progress import track
 from . import ExportContext, Written, require_installed
 
 INT8_FORMATS = ("onnx", "executorch", "openvino")
@@ -129,6 +130,13 @@ def _onnx_feed(inputs: Any, names: list[str], all_names: list[str] | None) -> di
     return {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
 
 
+def _counted(feeds: list[Any], shown: Any) -> Iterator[Any]:
+    """The feeds, each counted as done once the calibrator asks for the next."""
+    for feed in feeds:
+        yield feed
+        shown.advance()
+
+
 def write_onnx_int8(module: Any, example: Any, calibration: list[Any], path: Path, *,
                     opset: int | None = None, input_names: tuple[str, ...] = (),
                     output_names: tuple[str, ...] = ()) -> Written:
@@ -162,13 +170,13 @@ def write_onnx_int8(module: Any, example: Any, calibration: list[Any], path: Pat
 
         class Reader(CalibrationDataReader):  # type: ignore[misc]
             def __init__(self) -> None:
-                self.it: Iterator[dict[str, Any]] = iter(feeds)
+                self.it: Iterator[dict[str, Any]] = _counted(feeds, shown)
 
             def get_next(self) -> dict[str, Any] | None:
                 return next(self.it, None)
 
             def rewind(self) -> None:
-                self.it = iter(feeds)
+                self.it = _counted(feeds, shown)
 
         prepared = work / "prepared.onnx"
         notes = list(written.notes)
@@ -182,7 +190,7 @@ def write_onnx_int8(module: Any, example: Any, calibration: list[Any], path: Pat
                          "exported")
             prepared = fp32
         try:
-            with exporting(ctx):
+            with exporting(ctx), track("calibrating onnx int8", len(feeds), unit="batches") as shown:
                 quantize_static(
                     str(prepared),
                     str(path),
@@ -264,8 +272,10 @@ def write_executorch_int8(module: Any, example: Any, calibration: list[Any], pat
                                            strict=False).module()
             quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
             prepared = prepare_pt2e(captured, quantizer)
-            for b in calibration:
-                prepared(*b.args, **b.kwargs)
+            with track("calibrating executorch int8", len(calibration), unit="batches") as shown:
+                for b in calibration:
+                    prepared(*b.args, **b.kwargs)
+                    shown.advance()
             converted = convert_pt2e(prepared)
             qprogram = torch.export.export(converted, ex.args, ex.kwargs or None, strict=False)
             edge = to_edge_transform_and_lower(
@@ -334,7 +344,9 @@ def write_openvino_int8(module: Any, example: Any, calibration: list[Any], path:
             fp32 = work / "fp32.xml"
             ov.save_model(ov_model, str(fp32), compress_to_fp16=False)
             fp32_bytes = fp32.stat().st_size + fp32.with_suffix(".bin").stat().st_size
-            quantized = nncf.quantize(ov_model, nncf.Dataset(feeds), subset_size=len(feeds))
+            with track("calibrating openvino int8", len(feeds), unit="batches") as shown:
+                dataset = nncf.Dataset(feeds, lambda feed: (shown.advance(), feed)[1])
+                quantized = nncf.quantize(ov_model, dataset, subset_size=len(feeds))
             ov.save_model(quantized, str(path), compress_to_fp16=False)
         except ExportError:
             raise
