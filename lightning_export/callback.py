@@ -138,6 +138,7 @@ class LexportCallback(*_lightning_bases()):  # type: ignore[misc]
         """Rank 0 exports (if there is a checkpoint it has not exported yet); every rank learns the outcome by a
         broadcast, so all of them raise together (none waits forever on a rank that failed)."""
         failure: str | None = None
+        self._error = None
         if trainer.is_global_zero:
             path = self.chosen_checkpoint(trainer)
             if path is None and required and not self.exported:
