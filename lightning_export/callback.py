@@ -189,6 +189,7 @@ class LexportCallback(*_lightning_bases()):  # type: ignore[misc]
                 logger.info("lexport: %s", _artifact_line(a.to_json()))
             if self.log:
                 _log_report(trainer, report, path)
+        _append_summary(report, self._error)
         return None if self._error is None else str(self._error)
 
 
@@ -252,6 +253,23 @@ def report_metrics(report: Report) -> dict[str, float]:
         }
         out.update({prefix + k: float(x) for k, x in figures.items() if isinstance(x, (int, float))})
     return out
+
+
+def _append_summary(report: Report | None, error: LexportCallbackError | None) -> None:
+    """In GitHub Actions ($GITHUB_STEP_SUMMARY set), the markdown report as the CLI appends it; never fatal."""
+    import os
+
+    from .summary import markdown
+
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return
+    failure = None if error is None else {"code": error.exit_code, "kind": error.kind, "message": str(error)}
+    try:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(markdown(report.to_json() if report is not None else {}, failure, title="lexport (LexportCallback)"))
+    except OSError as e:
+        warnings.warn(f"LexportCallback: the summary was not written to {target}: {e}", stacklevel=2)
 
 
 def _log_report(trainer: Any, report: Report, checkpoint: str) -> None:

@@ -39,10 +39,12 @@ def _fit(tmp_path: Path, module_cls, callback, **kw):
     return trainer, module
 
 
-def test_fit_exports_the_best_checkpoint_verified_and_logs_the_report(tmp_path: Path) -> None:
+def test_fit_exports_the_best_checkpoint_verified_and_logs_the_report(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from fixtures.callback_modules import ValClassifier
     from lightning_export import LexportCallback
 
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "summary.md"))
     cb = LexportCallback(to=["onnx"], attr="model")
     trainer, _ = _fit(tmp_path, ValClassifier, cb)
     best = Path(trainer.checkpoint_callback.best_model_path)
@@ -61,6 +63,9 @@ def test_fit_exports_the_best_checkpoint_verified_and_logs_the_report(tmp_path: 
     assert float(logged[0]["lexport/onnx/max_abs_diff"]) < 1e-4
     hparams = yaml.safe_load((logdir / "hparams.yaml").read_text())
     assert hparams["lexport/onnx/path"] == str(onnx) and hparams["lexport/checkpoint"] == str(best)
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("### lexport \\(LexportCallback\\): ✅ 1 artifact written and verified")
+    assert "| onnx |" in summary
 
 
 def test_export_at_each_best_leaves_the_training_run_unchanged(tmp_path: Path) -> None:
