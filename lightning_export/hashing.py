@@ -39,6 +39,12 @@ def folder_sha256(tag: str, files: Iterable[tuple[str, Path]], chunk: int = CHUN
     return outer.hexdigest()
 
 
+def folder_bytes_and_sha256(folder: Path) -> tuple[int, str]:
+    """(total bytes, folder_sha256) of an artifact folder's files, by relative name in sorted order."""
+    files = sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for _, p in files), folder_sha256("artifact-folder", files)
+
+
 class Hasher(threading.Thread):
     """A checkpoint's sha256 (a file's, or a folder's files' through `digest`). Started, it hashes in the
     background: hashlib releases the GIL, and the read warms the page cache that the memory-mapped tensors are

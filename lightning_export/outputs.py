@@ -51,7 +51,7 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_destination(path: Path, checkpoint: Path, *, force: bool) -> None:
+def check_destination(path: Path, checkpoint: Path, *, force: bool, folder: bool = False) -> None:
     resolved = _resolved(path)
     if resolved is None:
         raise OutputError(f"output {path} cannot be resolved: it is a symbolic link loop")
@@ -69,8 +69,13 @@ def check_destination(path: Path, checkpoint: Path, *, force: bool) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {parent} is not writable")
     _probe_writable(parent)
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise OutputError(f"output {path} is a directory")
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} is a file; this artifact is a folder", hint="Pick another -o/--output.")
+    if folder and path.is_dir() and (_resolved(checkpoint) or checkpoint).is_relative_to(resolved):
+        raise OutputError(f"output {path} holds the input checkpoint; refusing to replace it (even with --force)",
+                          hint="Choose another name with -o/--output or another --output-dir.")
     if path.exists() and not force:
         raise OutputError(f"output {path} already exists", hint="Pass --force to replace it.")
 
@@ -202,12 +207,18 @@ class Staging:
 
     def files(self) -> list[Path]:
         main = self.path
+        if main.is_dir() and not main.is_symlink():  # a folder artifact: published whole, nothing beside it
+            return [main]
         if not main.is_file():
             raise ExportError(f"the exporter did not write {self.final.name}")
         return [main, *sorted(p for p in self.dir.iterdir() if p != main)]
 
     def fsync(self) -> None:
-        for f in self.files():
+        files = self.files()
+        if files[0].is_dir():
+            files = sorted(p for p in files[0].rglob("*") if p.is_file() and not p.is_symlink())
+            _fsync_dir(self.path)
+        for f in files:
             try:
                 fd = os.open(f, os.O_RDONLY)
                 try:
@@ -241,12 +252,18 @@ class Staging:
                 for f in files:
                     if f.is_file() and not f.is_symlink():
                         os.chmod(f, mode)
+                    elif f.is_dir():  # a folder artifact: its files too (writers may use 0600)
+                        for inner in f.rglob("*"):
+                            if inner.is_file() and not inner.is_symlink():
+                                os.chmod(inner, mode)
                 moves = [(f, final.parent / self._published_name(f, final)) for f in files[1:]] + [(main, final)]
                 for i, (src, target) in enumerate(moves):
                     ident = _inode(src)
                     backup = None
                     if force:
-                        if target != final and os.path.lexists(target):
+                        if (target != final or src.is_dir()) and os.path.lexists(target):
+                            # A folder cannot be renamed over a non-empty one: the old folder is moved into the
+                            # staging dir (removed with it) and the new one renamed in: replaced whole, never merged.
                             backup = self.dir / f".replaced-{i}-{target.name}"
                             os.replace(target, backup)
                         os.replace(src, target)
@@ -259,6 +276,8 @@ class Staging:
                         if _inode(target) != ident:  # no longer ours: leave it alone
                             continue
                         if backup is not None and backup.exists():
+                            if os.path.isdir(target) and not os.path.islink(target):
+                                os.rename(target, self.dir / f".undone-{target.name}")
                             os.replace(backup, target)
                         else:
                             os.unlink(target)

@@ -199,7 +199,7 @@ def test_verify_and_manifest(target_ckpts, tmp_path):
     assert res.code == 0, res
     recorded = {a["format"]: a for a in json.loads(manifest.read_text())["artifacts"]}
     assert recorded["openvino"]["companions"] == ["convnet.bin"]
-    res = invoke("verify", "--manifest", manifest, "--json")
+    res = invoke("verify", "--manifest", manifest, target_ckpts["convnet"], "--json")  # the checkpoint is outside
     assert res.code == 0, res
     checked = {a["format"]: a for a in res.json()["artifacts"]}
     assert checked["openvino"]["verification"]["inputs_checked"] == 7  # --dynamic-batch from the manifest

@@ -71,7 +71,8 @@ def test_custom_onnx_names_reach_the_graph_the_report_and_the_manifest(ckpts, tm
     assert (info["inputs"], info["outputs"]) == (["features", "extra"], ["score", "box"])
     options = json.loads((tmp_path / "m.json").read_text())["options"]
     assert (options["input_names"], options["output_names"]) == (["features", "extra"], ["score,box"])
-    res = run_lexport("verify", "--manifest", tmp_path / "m.json", "--json")
+    # The checkpoint lies outside the manifest's folder: named on the command line.
+    res = run_lexport("verify", "--manifest", tmp_path / "m.json", ckpts["multi_input"], "--json")
     assert res.code == 0, res
     assert res.json()["artifacts"][0]["verification"]["passed"] is True
 
@@ -98,6 +99,7 @@ def test_ort_runner_feeds_by_name_when_the_exporter_dropped_an_unused_input(tmp_
     """The TorchScript-based exporter drops inputs the graph does not use; the runner must not shift the rest."""
     from lightning_export.formats import ExportContext
     from lightning_export.formats import onnx as onnx_format
+    from lightning_export.formats.onnx import OnnxOptions
     from lightning_export.inputs import Inputs
 
     class IgnoresB(nn.Module):
@@ -105,7 +107,7 @@ def test_ort_runner_feeds_by_name_when_the_exporter_dropped_an_unused_input(tmp_
             return a * 2 + c
 
     example = Inputs((torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)), {})
-    ctx = ExportContext(target=IgnoresB(), state_dict={}, example=example, opset=17)
+    ctx = ExportContext(target=IgnoresB(), state_dict={}, example=example, options=OnnxOptions(opset=17))
     written = onnx_format.write(ctx, tmp_path / "m.onnx")
     assert written.exporter == "torch.onnx.torchscript" and written.info["inputs"] == ["a", "c"]
     assert any("dropped" in n and "b" in n for n in written.notes)

@@ -171,6 +171,33 @@ def test_no_private_names_across_modules() -> None:
     assert not bad, "\n".join(bad)
 
 
+def _private_module(module: str) -> str | None:
+    """The package holding `module` when a part of its path below that package is private (`formats._int8`)."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def test_no_private_modules_across_packages() -> None:
+    """Another package's underscore module is its implementation: import what its __init__ exposes instead."""
+    bad = []
+    for m in MODULES:
+        own = m if MODULES[m][0].name == "__init__.py" else m.rsplit(".", 1)[0]
+        for target, _, line in _imports(m):
+            owner = _private_module(target)
+            if owner is not None and own != owner and not own.startswith(owner + "."):
+                bad.append(f"{m}:{line} imports {target}, a private module of {owner}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_private_module_check_catches_a_pipeline_import() -> None:
+    assert _private_module("lightning_export.formats._int8") == "lightning_export.formats"
+    assert _private_module("lightning_export.formats.onnx") is None
+    assert _private_module("lightning_export.__main__") is None
+
+
 def _is_typer_command(node: ast.AST) -> bool:
     """A typer command: its signature is one annotated parameter per flag (typer.Option/Argument, or the aliases of
     cli/options.py), long by nature; its body still counts."""

@@ -73,6 +73,8 @@ def test_verify_passes_on_each_artifact(release: dict) -> None:
     assert sorted(a["format"] for a in report["artifacts"]) == sorted(FORMATS.split(","))
     assert all(a["verification"]["passed"] for a in report["artifacts"])
     res = invoke("verify", "--manifest", out / "manifest.json", "--json")
+    assert res.code == 2 and "--allow-outside" in res.json()["error"]["message"], res  # the checkpoint is outside
+    res = invoke("verify", "--manifest", out / "manifest.json", "--allow-outside", "--json")
     assert res.code == 0, res
 
 
@@ -114,7 +116,8 @@ def test_verify_fails_on_a_changed_onnx_initializer(release: dict, tmp_path: Pat
 
 def _staged_safetensors(release: dict, stage: Path) -> tuple[dict, Path]:
     """A later CI stage: the release's manifest naming only its safetensors artifact, which `stage` will hold beside
-    the manifest; returns (manifest, the artifact in the first run's folder)."""
+    the manifest, and the checkpoint and config where they are (outside it: verified with --allow-outside); returns
+    (manifest, the artifact in the first run's folder)."""
     out, _ = release["runs"][0]
     manifest = json.loads((out / "manifest.json").read_text())
     (st,) = [a for a in manifest["artifacts"] if a["format"] == "safetensors"]
@@ -131,7 +134,7 @@ def test_verify_with_manifest_fails_when_the_file_changed(release: dict, tmp_pat
     (n,) = struct.unpack("<Q", src.read_bytes()[:8])
     _changed_copy(src, copy_dir / src.name, 8 + n + 5)
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
-    res = run_lexport("verify", "--manifest", copy_dir / "manifest.json", "--json", cwd=tmp_path)
+    res = run_lexport("verify", "--manifest", copy_dir / "manifest.json", "--allow-outside", "--json", cwd=tmp_path)
     assert res.code == 1, res
     problems = res.json()["artifacts"][0]["verification"]["problems"]
     assert any("differs from the manifest" in p for p in problems)
@@ -146,7 +149,7 @@ def test_verify_with_manifest_never_takes_a_same_named_file_from_the_current_dir
     shutil.copyfile(src, stage / src.name)
     (stage / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / src.name).write_bytes(b"junk")  # same name, in the current directory
-    res = run_lexport("verify", "--manifest", stage / "manifest.json", "--json", cwd=tmp_path)
+    res = run_lexport("verify", "--manifest", stage / "manifest.json", "--allow-outside", "--json", cwd=tmp_path)
     assert res.code == 0, res
     assert res.json()["artifacts"][0]["path"] == str(stage / src.name)
 
@@ -168,7 +171,7 @@ def test_verify_honours_zero_tolerances_and_the_manifests_options(release: dict,
     assert not Path(manifest["checkpoint"]["path"]).is_absolute(), "paths are relative to the manifest"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    res = run_lexport("verify", "--manifest", dist / "m.json", "--json", cwd=elsewhere,
+    res = run_lexport("verify", "--manifest", dist / "m.json", "--allow-outside", "--json", cwd=elsewhere,
                       env={"PYTHONPATH": str(REPO)})  # the config's class lives in this repo's fixtures
     assert res.code == 0, res
     onnx_result = next(a for a in res.json()["artifacts"] if a["format"] == "onnx")
@@ -193,6 +196,6 @@ def test_verify_with_manifest_fails_when_the_checkpoint_changed(release: dict, t
     torch.save(raw, str(ckpt))
     manifest["checkpoint"]["path"] = ckpt.name
     (stage / "manifest.json").write_text(json.dumps(manifest))
-    res = invoke("verify", "--manifest", stage / "manifest.json", "--json")
+    res = invoke("verify", "--manifest", stage / "manifest.json", "--allow-outside", "--json")
     assert res.code == 1, res
     assert "not the checkpoint the manifest records" in res.json()["error"]["message"]

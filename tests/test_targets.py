@@ -13,12 +13,11 @@ import torch
 from fixtures.targets import fresh_input, rebuild
 from lightning_export import LexportError, export
 from lightning_export.errors import UsageError
-from lightning_export.formats import REGISTRY, Format, get_format
+from lightning_export.formats import REGISTRY, Format, for_run, get_format
+from lightning_export.formats._onnx_quantize import DYNAMIC_TOLERANCE
 from lightning_export.formats._precision import (
     PRECISION_TOLERANCE,
-    QUANTIZE_TOLERANCE,
     CastInputs,
-    apply_options,
     reduced,
 )
 
@@ -224,18 +223,19 @@ def test_cast_inputs_calls_like_the_fp32_module():
 
 def test_options_that_make_no_sense_are_usage_errors():
     with pytest.raises(UsageError, match="graph formats"):
-        apply_options(get_format("state-dict"), precision="fp16")
-    with pytest.raises(UsageError, match="onnx only"):
-        apply_options(get_format("exported-program"), quantize="int8-dynamic")
+        for_run(get_format("state-dict"), precision="fp16")
+    with pytest.raises(UsageError, match="not supported for exported-program") as e:
+        for_run(get_format("exported-program"), quantize="int8-dynamic")
+    assert e.value.hint == "--quantize int8-dynamic applies to onnx."
     with pytest.raises(UsageError, match="do not combine"):
-        apply_options(get_format("onnx"), precision="fp16", quantize="int8-dynamic")
+        for_run(get_format("onnx"), precision="fp16", quantize="int8-dynamic")
     with pytest.raises(UsageError, match="fp32, fp16, bf16"):
-        apply_options(get_format("onnx"), precision="fp8")
+        for_run(get_format("onnx"), precision="fp8")
     # --precision fp32 is never a silent no-op: a wrapper that computes in float32 and says so (tests/test_precision.py)
-    assert apply_options(get_format("onnx"), precision="fp32") is not get_format("onnx")
-    assert apply_options(get_format("onnx")) is get_format("onnx")
+    assert for_run(get_format("onnx"), precision="fp32") is not get_format("onnx")
+    assert for_run(get_format("onnx")) is get_format("onnx")
     with pytest.raises(UsageError, match="graph formats"):
-        apply_options(get_format("safetensors"), precision="fp32")
+        for_run(get_format("safetensors"), precision="fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,14 +257,14 @@ def test_int8_dynamic_onnx(monkeypatch, target_ckpts, tmp_path, name, max_ratio)
     a = lexport(monkeypatch, target_ckpts, name, "onnx", tmp_path, quantize="int8-dynamic")
     assert a.info["quantize"] == "int8-dynamic"
     assert a.info["size_ratio"] <= max_ratio and a.info["bytes"] == a.bytes
-    assert (a.verification.atol, a.verification.rtol) == QUANTIZE_TOLERANCE["int8-dynamic"]
-    assert 0 < a.verification.max_abs_diff < QUANTIZE_TOLERANCE["int8-dynamic"][0]
+    assert (a.verification.atol, a.verification.rtol) == DYNAMIC_TOLERANCE
+    assert 0 < a.verification.max_abs_diff < DYNAMIC_TOLERANCE[0]
     ops = {n.op_type for n in onnx.load(a.path).graph.node}
     assert "DynamicQuantizeLinear" in ops
     assert list(tmp_path.iterdir()) == [tmp_path / f"{name}.onnx"]
     m = rebuilt(target_ckpts, name)
     x = fresh(m)
-    close(run_onnx(a.path, x), expected(m, x), *QUANTIZE_TOLERANCE["int8-dynamic"])
+    close(run_onnx(a.path, x), expected(m, x), *DYNAMIC_TOLERANCE)
 
 
 @pytest.mark.parametrize("flag", [["--precision", "fp16"], ["--quantize", "int8-dynamic"]], ids=["fp16", "int8"])

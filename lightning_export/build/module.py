@@ -161,6 +161,7 @@ def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_onl
         k: (specs[k].dtype, t.dtype) for k, t in expected.items()
         if specs[k].dtype != t.dtype and specs[k].dtype.is_floating_point and t.dtype.is_floating_point
     }
+    tied = _tied_parameters(module)
     try:
         if specs is state_dict and not casts:
             module.load_state_dict(state_dict, strict=True, assign=True)
@@ -168,7 +169,32 @@ def load_strict(module: Any, state_dict: dict[str, Any], *, what: str, check_onl
             _load_in_groups(module, state_dict, specs, {k: to for k, (_, to) in casts.items()})
     except Exception as e:
         raise UserModuleError(f"loading the checkpoint into {what} failed: {e}") from e
+    _retie(module, tied)
     return casts
+
+
+def _tied_parameters(module: Any) -> list[list[str]]:
+    """Names of each parameter the module holds under several names (tied embeddings)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(module: Any, tied: list[list[str]]) -> None:
+    """load_state_dict(assign=True) assigns each name its own tensor, untying what the constructor tied (Lightning's
+    load_from_checkpoint copies into the tied parameter instead): the names share one parameter again when the
+    checkpoint holds equal values under them."""
+    import torch
+
+    for names in tied:
+        first = module.get_parameter(names[0])
+        for name in names[1:]:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            other = parent._parameters[leaf]
+            if other is not first and other.shape == first.shape and torch.equal(other, first):
+                parent._parameters[leaf] = first
 
 
 def _cast_note(casts: dict[str, Any], cls_name: str) -> str:

@@ -83,6 +83,8 @@ def lexport(
     data_input: o.DataInput = None,
     min_agreement: o.MinAgreement = None,
     executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).")] = "xnnpack",  # noqa: E501
+    max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).")] = None,  # noqa: E501
+    tokenizer: Annotated[Path | None, typer.Option(metavar="DIR", help="huggingface: a tokenizer saved with save_pretrained, checked (AutoTokenizer loads it) and copied into the folder.")] = None,  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
@@ -131,6 +133,8 @@ def lexport(
             data_input=v["data_input"],
             **({"min_agreement": v["min_agreement"]} if v["min_agreement"] is not None else {}),
             executorch_backend=v["executorch_backend"],
+            max_shard_size=v["max_shard_size"],
+            tokenizer=v["tokenizer"],
             trust_checkpoint=v["trust_checkpoint"],
             allow_globals=tuple(v["allow_global"]),
             strict_finite=v["strict_finite"],

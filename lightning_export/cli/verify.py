@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import UsageError
-from ..pipeline.options import MANIFEST_OPTIONS
 from ..safeload.archive import DEFAULT_MAX_GROWTH
 from . import options as o
 from .common import Steps, execute
@@ -23,12 +21,15 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
     "checkpoint's tensors, graph formats against the eager module on the same seeded inputs. The format comes from "
     "each file. Same exit codes (1 when an artifact differs), report and --json as an export. With --manifest, "
     "the artifacts, checkpoint and options come from the manifest an export wrote, and each artifact must still "
-    "have the sha256 recorded there.",
+    "have the sha256 and format recorded there. A manifest is untrusted: its paths stay inside its folder "
+    "(--allow-outside) and it runs no code (--trust-manifest).",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 def verify(
-    paths: Annotated[list[Path], typer.Argument(metavar="[ARTIFACT... CHECKPOINT]", help="Artifacts, then the checkpoint they came from (none with --manifest).", show_default=False)] = [],  # noqa: B006,E501
-    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="A manifest written by lexport --manifest.")] = None,  # noqa: E501
+    paths: Annotated[list[Path], typer.Argument(metavar="[ARTIFACT... CHECKPOINT]", help="Artifacts, then the checkpoint they came from (with --manifest: no artifact; the checkpoint, to use instead of the manifest's path).", show_default=False)] = [],  # noqa: B006,E501
+    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="A manifest written by lexport --manifest: the artifacts, the checkpoint (unless named) and the options come from it. Untrusted: its paths must stay inside its folder, and it may name no code to run.")] = None,  # noqa: E501
+    allow_outside: Annotated[bool, typer.Option("--allow-outside", help="With --manifest: its paths may leave its folder (absolute, '..', symlinks out). Only for a manifest you trust.")] = False,  # noqa: E501
+    trust_manifest: Annotated[bool, typer.Option("--trust-manifest", help="With --manifest: it is your own; honour its module file paths, the classes its config and init arguments name, and paths outside its folder. Never turns on --trust-checkpoint or --allow-global.")] = False,  # noqa: E501
     module: o.Module = None,
     attr: o.Attr = None,
     config: o.Config = None,
@@ -70,70 +71,15 @@ def verify(
         options = {k: v for k, v in given.items() if v is not None and v != () and v is not False}
         options["init_args"] = dict(parse_init_arg(item) for item in init_arg)
         options["hash_checkpoint"] = json_out  # a full read of the checkpoint: only for the JSON record
-        artifacts, checkpoint, checkpoint_sha = _targets(paths, manifest, options)
-        return verify_artifacts(artifacts, checkpoint, progress=steps.step, checkpoint_sha256=checkpoint_sha, **options)
-
-    execute(work, json_out=json_out, quiet=quiet, render=render_report)
-
-
-def _targets(paths: list[Path], manifest: Path | None, options: dict[str, Any]) -> tuple[Any, Path, str | None]:
-    """(artifacts, checkpoint, the checkpoint's recorded sha256) from the arguments, or from the manifest (whose
-    options fill `options` where the command line says nothing)."""
-    if manifest is None:
+        if manifest is not None:
+            if len(paths) > 1:
+                raise UsageError("with --manifest, the artifacts come from the manifest: name at most the checkpoint")
+            return verify_artifacts(None, paths[0] if paths else None, manifest=manifest, allow_outside=allow_outside,
+                                    trust_manifest=trust_manifest, progress=steps.step, **options)
+        if allow_outside or trust_manifest:
+            raise UsageError("--allow-outside and --trust-manifest apply to --manifest only")
         if len(paths) < 2:
             raise UsageError("lexport verify needs ARTIFACT... CHECKPOINT (or --manifest FILE)")
-        return list(paths[:-1]), paths[-1], None
-    if paths:
-        raise UsageError("with --manifest, the artifacts and the checkpoint come from the manifest: name neither")
-    record = read_manifest(manifest)
-    base = manifest.parent
-    recorded = record.get("options") or {}
-    for key, value in recorded.items():
-        if not MANIFEST_OPTIONS.get(key, False):
-            continue  # export-only options, and the inputs' hashes
-        if key == "init_args":
-            options["init_args"] = {**(value or {}), **options.get("init_args", {})}
-        elif key not in options and value is not None and value != [] and value is not False:
-            if key in ("config", "init_args_file", "example_inputs") or (key == "data" and value != "config"):
-                value = str(_locate(Path(value), base)) if key == "data" else _locate(Path(value), base)
-                if key == "data" and isinstance(recorded.get("data_sha256"), str):
-                    options["data_sha256"] = recorded["data_sha256"]  # the file must still be the one exported with
-            options[key] = tuple(value) if isinstance(value, list) else value
-    artifacts: dict[Path, str | None] = {}
-    for a in record.get("artifacts") or []:
-        if isinstance(a, dict) and a.get("path"):
-            artifacts[_locate(Path(a["path"]), base)] = a.get("sha256")
-    recorded_ckpt = (record.get("checkpoint") or {}).get("path")
-    if not recorded_ckpt:
-        raise UsageError(f"--manifest {manifest}: it records no checkpoint")
-    checkpoint = Path(str(recorded_ckpt))
-    if not artifacts:
-        raise UsageError(f"--manifest {manifest}: it records no published artifact to verify")
-    sha = (record.get("checkpoint") or {}).get("sha256")
-    return artifacts, _locate(checkpoint, base), sha if isinstance(sha, str) else None
+        return verify_artifacts(paths[:-1], paths[-1], progress=steps.step, **options)
 
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > 64 << 20:
-            raise UsageError(f"--manifest {path}: too big to be a manifest")
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--manifest {path}: file not found") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--manifest {path}: not a lexport manifest ({type(e).__name__}: {e})") from None
-    if not isinstance(record, dict) or "manifest_version" not in record:
-        raise UsageError(f"--manifest {path}: not a lexport manifest (no manifest_version)")
-    return record
-
-
-def _locate(path: Path, base: Path) -> Path:
-    """A recorded path: relative to the manifest's directory (as the manifest writes them), else beside the manifest
-    (a later CI stage downloads them together). Never a file of the same name in the current directory: that would
-    check another file than the one the manifest names."""
-    if path.is_absolute():
-        return path
-    if (base / path).exists():
-        return base / path
-    beside = base / path.name
-    return beside if beside.exists() else base / path
+    execute(work, json_out=json_out, quiet=quiet, render=render_report)

@@ -37,6 +37,12 @@ DEFAULT_SAMPLES = 600
 MIN_CALIBRATION_SAMPLES = 300
 # Upper bound on batches read without --data-batches (tiny batches of one sample): the read stays bounded.
 MAX_DEFAULT_BATCHES = 1000
+# A batch cut to the default's sample bound is split into batches of at most this many samples, so one huge batch
+# still gives calibration and held-out batches.
+CUT_BATCH_SAMPLES = DEFAULT_SAMPLES // 10
+# A gate (--quantize int8, --precision fp16/bf16, --min-agreement) needs at least this many held-out samples that
+# run: below 100 one disagreement is more than 1% and the default gate (0.99) cannot tell drift from chance.
+MIN_GATE_SAMPLES = 100
 
 
 @dataclass
@@ -232,18 +238,37 @@ def take(
     count: Callable[[Any], int] | None = None,
 ) -> list[Any]:
     """The first batches of `batches`: `max_batches` of them (`--data-batches N`) when given, else as many as make
-    `target_samples` samples (at most MAX_DEFAULT_BATCHES). Reads no further than it keeps."""
+    `target_samples` samples (at most MAX_DEFAULT_BATCHES): the default bounds samples, so a batch that would pass
+    the bound is cut to it (and split into batches of CUT_BATCH_SAMPLES). Reads no further than it keeps."""
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--data-batches {max_batches}: give a number of batches >= 1 (2 or more to calibrate)")
     out: list[Any] = []
     samples = 0
     limit = max_batches if max_batches is not None else MAX_DEFAULT_BATCHES
     for batch in batches:
+        n = (count or _raw_samples)(batch)
+        if max_batches is None and samples + n > target_samples and n > 1:
+            out.extend(_cut(batch, n, max(1, target_samples - samples)))
+            break
         out.append(batch)
-        samples += (count or _raw_samples)(batch)
+        samples += n
         if len(out) >= limit or (max_batches is None and samples >= target_samples):
             break
     return out
+
+
+def _cut(batch: Any, n: int, keep: int) -> list[Any]:
+    """The first `keep` samples of a batch of `n`, in batches of at most CUT_BATCH_SAMPLES: every tensor whose
+    first dimension is `n` is sliced, everything else is kept as it is."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    def part(start: int, stop: int) -> Any:
+        return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.dim() >= 1
+                        and int(t.shape[0]) == n else t, batch)
+
+    keep = min(keep, n)
+    return [part(i, min(i + CUT_BATCH_SAMPLES, keep)) for i in range(0, keep, CUT_BATCH_SAMPLES)]
 
 
 def _raw_samples(batch: Any) -> int:
@@ -264,58 +289,159 @@ def prepare(
     calibrate: bool,
     pick: int | str | None = None,
     min_calibration_samples: int = MIN_CALIBRATION_SAMPLES,
+    min_verification_samples: int = 1,
 ) -> Prepared:
     """Map every batch with `to_inputs` (one rule for all: the first batch's) and split them.
 
     With `calibrate`, batches alternate: even positions calibrate, odd ones verify (an unshuffled validation set
     sorted by class gives both halves every class); at least 2 batches are needed. Without it every batch
-    verifies. Warns when calibration sees fewer than `min_calibration_samples` samples, or verification fewer
-    than 100. Raises UsageError for an empty list, a pick that does not fit, or a single batch to calibrate."""
+    verifies. Batches of 0 samples are left out (said in the warnings). Warns when calibration sees fewer than
+    `min_calibration_samples` samples, or verification fewer than 100, and when held-out batches hold NaN or Inf.
+    Raises UsageError naming what was read for an empty list, a batch that gives forward no tensor, a pick that
+    does not fit, too few usable batches to calibrate, NaN/Inf or several shapes in calibration batches, and
+    fewer than `min_verification_samples` held-out samples (a gate that would not run)."""
     sig = forward_signature(module)
     if not raw:
         raise UsageError(f"--data: {source} gave no batches")
     mapped: list[Batch] = []
     rule = ""
+    empty = []
     for i, batch in enumerate(raw):
         inputs, labels, r = to_inputs(batch, sig, pick)
+        if not inputs.tensors():
+            raise UsageError(
+                f"--data: batch {i} of {source} gives forward no tensor ({_kinds(inputs)}): nothing can run on it",
+                hint="Give batches of tensors (a tensor, or tuples/lists/dicts of tensors); --data-input picks the "
+                "element that is forward's input.",
+            )
         rule = rule or r
-        mapped.append(Batch(inputs, labels, batch_samples(inputs), i))
+        b = Batch(inputs, labels, batch_samples(inputs), i)
+        (mapped if b.samples else empty).append(b)
     warnings: list[str] = []
+    if empty:
+        warnings.append(f"{len(empty)} of the {len(raw)} batches read hold 0 samples and were left out")
+    if not mapped:
+        raise UsageError(f"--data: {source} gave {len(raw)} batches, all of 0 samples: nothing to run",
+                         hint="Give batches whose first dimension (the batch) is at least 1.")
     if calibrate:
         if len(mapped) < 2:
             raise UsageError(
-                f"--data: {source} gave 1 batch; static int8 needs at least 2 (calibration and held-out "
-                "verification never share a batch)",
+                f"--data: {source} gave {_read(raw, mapped)}; static int8 needs at least 2 batches of 1 sample or "
+                "more (calibration and held-out verification never share a batch)",
                 hint="Raise --data-batches, or save more batches in the file.",
             )
         calibration, verification = mapped[0::2], mapped[1::2]
+        _check_calibration(calibration, source)
     else:
         calibration, verification = [], mapped
     prepared = Prepared(calibration, verification, source, rule, warnings)
-    if calibrate and prepared.calibration_samples < min_calibration_samples:
+    if prepared.verification_samples < min_verification_samples:
+        raise UsageError(
+            f"--data: {source} gave {_read(raw, mapped)}: {prepared.verification_samples} held-out samples "
+            f"({len(verification)} batches) verify, and the agreement gate needs at least "
+            f"{min_verification_samples}: it would not run",
+            hint="Raise --data-batches or give more data (with --quantize int8 half the batches calibrate).",
+        )
+    _warn(prepared, min_calibration_samples)
+    return prepared
+
+
+def _read(raw: list[Any], mapped: list[Batch]) -> str:
+    """What was read, in words: "2 batches (2 samples)", "3 batches (1 of 0 samples, left out)"."""
+    samples = sum(b.samples for b in mapped)
+    left = len(raw) - len(mapped)
+    return (f"{len(raw)} batch{'es' if len(raw) != 1 else ''} ({samples} samples"
+            + (f"; {left} of 0 samples, left out)" if left else ")"))
+
+
+def _kinds(inputs: Inputs) -> str:
+    values = [*inputs.args, *inputs.kwargs.values()]
+    return ", ".join(sorted({type(v).__name__ for v in values})) or "nothing"
+
+
+def _shape_key(inputs: Inputs) -> tuple[Any, ...]:
+    """The shapes of a batch's tensors without the batch dimension, and their dtypes: batches with the same key
+    can be concatenated."""
+    return tuple((tuple(t.shape[1:]), str(t.dtype)) for t in inputs.tensors())
+
+
+def _describe_key(key: tuple[Any, ...]) -> str:
+    return ", ".join("x".join(map(str, shape)) or "scalar" for shape, _ in key)
+
+
+def non_finite(b: Batch) -> bool:
+    """Whether a batch's floating tensors hold NaN or Inf."""
+    import torch
+
+    return any(t.dtype.is_floating_point and not bool(torch.isfinite(t).all()) for t in b.inputs.tensors())
+
+
+def _check_calibration(calibration: list[Batch], source: str) -> None:
+    bad = [b.index for b in calibration if non_finite(b)]
+    if bad:
+        raise UsageError(
+            f"--data: calibration batch{'es' if len(bad) > 1 else ''} {_indices(bad)} of {source} hold NaN or Inf: "
+            "int8 ranges cannot be calibrated on non-finite values",
+            hint="Clean the data (torch.nan_to_num, or drop those samples), or check the preprocessing that made it.",
+        )
+    keys: dict[tuple[Any, ...], list[int]] = {}
+    for b in calibration:
+        keys.setdefault(_shape_key(b.inputs), []).append(b.index)
+    if len(keys) > 1:
+        shapes = "; ".join(f"{_describe_key(k)}: batches {_indices(v)}" for k, v in keys.items())
+        raise UsageError(
+            f"--data: the calibration batches of {source} have {len(keys)} shapes ({shapes}); int8 calibrates a "
+            "graph of one shape",
+            hint="Give batches of the shape the model is exported with (its example input's).",
+        )
+
+
+def _indices(values: list[int]) -> str:
+    return ", ".join(map(str, values[:8])) + (f" (and {len(values) - 8} more)" if len(values) > 8 else "")
+
+
+def _warn(prepared: Prepared, min_calibration_samples: int) -> None:
+    warnings = prepared.warnings
+    if prepared.calibration and prepared.calibration_samples < min_calibration_samples:
         warnings.append(
-            f"calibration saw {prepared.calibration_samples} samples ({len(calibration)} batches); int8 ranges are "
-            f"reliable from about {min_calibration_samples}: raise --data-batches or give more data"
+            f"calibration saw {prepared.calibration_samples} samples ({len(prepared.calibration)} batches); int8 "
+            f"ranges are reliable from about {min_calibration_samples}: raise --data-batches or give more data"
         )
     if prepared.verification_samples < 100:
         warnings.append(
             f"verification on {prepared.verification_samples} held-out samples: an agreement rate from so few is "
             "coarse (each sample is more than 1%)"
         )
-    return prepared
+    bad = [b for b in prepared.verification if non_finite(b)]
+    if bad:
+        samples = sum(b.samples for b in bad)
+        warnings.append(
+            f"held-out batch{'es' if len(bad) > 1 else ''} {_indices([b.index for b in bad])} hold NaN or Inf "
+            f"({samples} of {prepared.verification_samples} samples): the module's and the artifact's outputs on "
+            "them are not finite, so agreement on them says nothing"
+        )
 
 
 def rebatch(batches: list[Batch], size: int) -> list[Batch]:
     """The same samples in batches of exactly `size` (programs with static shapes, such as ExecuTorch's, take
-    only the example's batch size); the remainder that does not fill a batch is dropped. Every tensor of a batch
-    must have the batch dimension first."""
+    only the example's batch size), batches of each shape apart (a file of 16x16 and 20x20 images gives batches of
+    each); the remainder of each shape that does not fill a batch is dropped. Every tensor of a batch must have the
+    batch dimension first."""
+    if size < 1:
+        raise ValueError(size)
+    groups: dict[tuple[Any, ...], list[Batch]] = {}
+    for b in batches:
+        groups.setdefault(_shape_key(b.inputs), []).append(b)
+    out: list[Batch] = []
+    for group in groups.values():
+        out.extend(_rebatch_one_shape(group, size, len(out)))
+    return out
+
+
+def _rebatch_one_shape(batches: list[Batch], size: int, first_index: int) -> list[Batch]:
     import torch
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    if size < 1:
-        raise ValueError(size)
-    if not batches:
-        return []
     _, spec = tree_flatten((batches[0].inputs.args, batches[0].inputs.kwargs))
     columns: list[list[Any]] = []
     labels: list[Any] = []
@@ -330,12 +456,14 @@ def rebatch(batches: list[Batch], size: int) -> list[Batch]:
         labels.append(b.labels)
     joined = [torch.cat(col) if isinstance(col[0], torch.Tensor) and col[0].dim() >= 1 else col[0]
               for col in columns]
-    all_labels = torch.cat(labels) if all(lab is not None for lab in labels) else None
+    all_labels = None
+    if all(lab is not None for lab in labels) and len({tuple(lab.shape[1:]) for lab in labels}) == 1:
+        all_labels = torch.cat(labels)
     total = next((int(t.shape[0]) for t in joined if isinstance(t, torch.Tensor) and t.dim() >= 1), 0)
     out: list[Batch] = []
     for start in range(0, total - size + 1, size):
         leaves = [t[start:start + size] if isinstance(t, torch.Tensor) and t.dim() >= 1 else t for t in joined]
         args, kwargs = tree_unflatten(leaves, spec)
         lab = all_labels[start:start + size] if all_labels is not None else None
-        out.append(Batch(Inputs(tuple(args), dict(kwargs)), lab, size, len(out)))
+        out.append(Batch(Inputs(tuple(args), dict(kwargs)), lab, size, first_index + len(out)))
     return out

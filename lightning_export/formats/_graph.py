@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..build.importing import lightning_base
-from . import ExportContext, storage_bytes
+from ._base import ExportContext, storage_bytes
 
 
 @contextlib.contextmanager

@@ -1,8 +1,5 @@
-"""Reduced precision (`--precision fp16|bf16`) and int8 quantization (`--quantize int8-dynamic`; `--quantize int8`,
-static, is formats/_int8.py's `with_int8`, routed here).
-
-Both are wrappers around a registered graph Format, so no format module and neither the pipeline nor the CLI
-needs to know about them:
+"""Reduced precision (`--precision fp32|fp16|bf16`) and quantization (`--quantize`), as wrappers around a
+registered Format, driven by what the format declares (`precisions`, `quantizations`, `refusals`):
 
 - `with_precision(fmt, "fp16")` returns a Format whose `write` exports the target with its floating parameters and
   buffers cast to float16 (swapped in for the export only, then the originals put back) and the floating example
@@ -10,30 +7,26 @@ needs to know about them:
   artifact's callable so that it is called like the fp32 module: floating inputs are cast to float16 on the way
   in, floating outputs back to the caller's dtype on the way out. Its atol/rtol are the precision's defaults
   (never tighter than the format's own): verification compares the artifact with the fp32 eager module.
-- `with_quantization(fmt, "int8-dynamic")` (onnx only) writes the fp32 ONNX, then replaces it by
-  onnxruntime.quantization.quantize_dynamic's int8 graph (int8 weights, activations quantized at run time),
-  reports the fp32 size and the ratio, and verifies with the int8 default tolerance.
+- `with_quantization(fmt, name, q)` writes with the format's declared quantized writer, reports its sizes, and
+  verifies with the quantization's default tolerances (static int8 is gated on top-1 agreement instead).
 
-`apply_options(fmt, precision=..., quantize=...)` is the one call the pipeline makes per format.
+`for_run(fmt, precision=..., quantize=...)` is the one call the pipeline makes per format.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, UsageError
-from . import ExportContext, Format, Written
+from ..errors import UsageError
+from ._base import PRECISIONS, REGISTRY, ExportContext, Format, Quantization, Written, require_installed
 
-# --precision values; fp32 is the default (no wrapper).
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# --precision values and the torch dtype each computes in; fp32 is the default (no wrapper).
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-# int8: static, calibrated on --data (formats/_int8.py); int8-dynamic: onnx, activations quantized at run time.
-QUANTIZATIONS = ("int8", "int8-dynamic")
 
 # Default verification tolerances against the fp32 eager module, (atol, rtol); a format's own defaults win where
 # looser. Measured with fixtures/targets.py (a conv net with BatchNorm, a 2-layer Transformer encoder, a 4x256 MLP;
@@ -45,7 +38,6 @@ QUANTIZATIONS = ("int8", "int8-dynamic")
 # Each default is >= 2.5x the worst drift measured (5x for fp16 and int8), and still far below the O(1) errors
 # of a wrong graph. A deeper or wider model accumulates more: --atol/--rtol override.
 PRECISION_TOLERANCE = {"fp16": (1e-2, 1e-2), "bf16": (1e-1, 5e-2)}
-QUANTIZE_TOLERANCE = {"int8-dynamic": (1e-1, 1e-1)}
 
 
 def normalize_precision(value: str | None) -> str | None:
@@ -58,22 +50,27 @@ def normalize_precision(value: str | None) -> str | None:
     return key
 
 
+def quantizations() -> list[str]:
+    """Every --quantize value some registered format takes."""
+    return list(dict.fromkeys(q for f in REGISTRY.values() for q in f.quantizations))
+
+
 def normalize_quantize(value: str | None) -> str | None:
     if value is None:
         return None
     key = value.strip().lower()
-    if key not in QUANTIZATIONS:
-        raise UsageError(f"--quantize {value!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if key not in quantizations():
+        raise UsageError(f"--quantize {value!r}: use one of {', '.join(quantizations())}")
     return key
 
 
 def torch_dtype(precision: str) -> Any:
     import torch
 
-    return getattr(torch, PRECISIONS[precision])
+    return getattr(torch, DTYPES[precision])
 
 
-def apply_options(fmt: Format, precision: str | None = None, quantize: str | None = None) -> Format:
+def for_run(fmt: Format, precision: str | None = None, quantize: str | None = None) -> Format:
     """The Format the pipeline uses for this run: unchanged without options; UsageError where they make no sense."""
     precision = normalize_precision(precision)
     quantize = normalize_quantize(quantize)
@@ -85,21 +82,48 @@ def apply_options(fmt: Format, precision: str | None = None, quantize: str | Non
             "graph"
         )
     if precision:
-        if fmt.kind != "graph":
-            raise UsageError(
-                f"--precision {precision} applies to graph formats; {fmt.name} stores the checkpoint's tensors as "
-                "they are"
-            )
+        if precision not in fmt.precisions:
+            raise _refused(fmt, "--precision", precision)
         return with_fp32(fmt) if precision == "fp32" else with_precision(fmt, precision)
-    if quantize == "int8":
-        from ._int8 import with_int8
-
-        return with_int8(fmt)
     if quantize:
-        if fmt.name != "onnx":
-            raise UsageError(f"--quantize {quantize} applies to --to onnx only, not {fmt.name}")
-        return with_quantization(fmt, quantize)
+        q = fmt.quantizations.get(quantize)
+        if q is None:
+            raise _refused(fmt, "--quantize", quantize)
+        return with_quantization(fmt, quantize, q)
     return fmt
+
+
+def _refused(fmt: Format, flag: str, value: str) -> UsageError:
+    """A --precision or --quantize value the format does not take: its own reason when it declares one."""
+    if value in fmt.refusals:
+        message = fmt.refusals[value]
+    elif fmt.kind == "weights":
+        message = f"{flag} {value} applies to graph formats; {fmt.name} stores the checkpoint's tensors as they are"
+    else:
+        message = f"{flag} {value} is not supported for {fmt.name}"
+    takers = [f.name for f in REGISTRY.values()
+              if (value in f.precisions if flag == "--precision" else value in f.quantizations)]
+    return UsageError(message, hint=f"{flag} {value} applies to {', '.join(takers)}." if takers else None)
+
+
+def check_quantize_request(formats: list[Format], quantize: str | None, has_data: bool) -> None:
+    """UsageError (exit 2) before any slow work: a calibrated --quantize without --data, a format that does not take
+    the value, or a quantizer's optional extra that is not installed."""
+    quantize = normalize_quantize(quantize)
+    if quantize is None:
+        return
+    for fmt in formats:
+        q = fmt.quantizations.get(quantize)
+        if q is None:
+            raise _refused(fmt, "--quantize", quantize)
+        if q.calibrated and not has_data:
+            raise UsageError(
+                f"--quantize {quantize} is static quantization: its activation ranges are calibrated on real "
+                "batches; pass --data FILE.pt (a list of batches) or --data config (the data: section of --config)",
+                hint="--quantize int8-dynamic (onnx) needs no data.",
+            )
+        if q.require is not None:
+            require_installed(q.require)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,12 +167,7 @@ def reduced(ctx: ExportContext, precision: str) -> Iterator[ExportContext]:
             example = dataclasses.replace(
                 example, args=tree_map(cast_input, example.args), kwargs=tree_map(cast_input, example.kwargs)
             )
-        new_ctx = dataclasses.replace(ctx, example=example)
-        for key, value in vars(ctx).items():  # options set on the context beyond its declared fields
-            if not hasattr(new_ctx, key):
-                setattr(new_ctx, key, value)
-        new_ctx.precision = precision
-        yield new_ctx
+        yield dataclasses.replace(ctx, example=example, precision=precision)
     finally:
         for sub, slot, name, original in reversed(swapped):
             getattr(sub, slot)[name] = original
@@ -197,11 +216,11 @@ def precision_info(ctx: ExportContext, precision: str) -> dict[str, Any]:
     ]
     return {
         "precision": precision,
-        "weights_dtype": PRECISIONS[precision],
-        "inputs_dtype": PRECISIONS[precision] if any(x.is_floating_point() for x in floating_inputs) else None,
-        "outputs_dtype": PRECISIONS[precision],
+        "weights_dtype": DTYPES[precision],
+        "inputs_dtype": DTYPES[precision] if any(x.is_floating_point() for x in floating_inputs) else None,
+        "outputs_dtype": DTYPES[precision],
         "io_note": "floating inputs and outputs of the artifact are in "
-        f"{PRECISIONS[precision]}; lexport casts fp32 inputs in and outputs back when verifying",
+        f"{DTYPES[precision]}; lexport casts fp32 inputs in and outputs back when verifying",
         "weights_bytes_fp32": fp32_bytes,
         "weights_bytes": reduced_bytes,
     }
@@ -232,7 +251,7 @@ def with_fp32(fmt: Format) -> Format:
 
 
 def with_precision(fmt: Format, precision: str) -> Format:
-    dtype_name = PRECISIONS[precision]
+    dtype_name = DTYPES[precision]
     atol, rtol = PRECISION_TOLERANCE[precision]
 
     def write(ctx: ExportContext, path: Path) -> Written:
@@ -254,95 +273,16 @@ def with_precision(fmt: Format, precision: str) -> Format:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# int8 dynamic quantization (ONNX)
-# ----------------------------------------------------------------------------------------------------------------
 
 
-def quantize_onnx_dynamic(path: Path) -> dict[str, Any]:
-    """Replace the fp32 ONNX at `path` (one file, or with its .data) by its int8 dynamically quantized graph.
-
-    Weights of MatMul/Gemm/Conv become int8 (7-bit range, per output channel); activations are quantized at run
-    time (DynamicQuantizeLinear). Returns the sizes for the report."""
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-    except ImportError as e:  # pragma: no cover - onnxruntime ships it
-        raise ExportError(f"onnxruntime.quantization is not available: {e}") from e
-
-    files = sorted(path.parent.iterdir())
-    fp32_bytes = sum(f.stat().st_size for f in files)
-    work = path.parent / ".quantize"
-    work.mkdir()
-    try:
-        source = work / "fp32.onnx"
-        os.replace(path, source)
-        for f in files:  # external data, if any, travels with the graph
-            if f != path:
-                os.replace(f, work / f.name)
-        prepared = work / "prepared.onnx"
-        try:
-            # Shape inference and graph optimisation first, as onnxruntime recommends: more ops get quantized.
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
-        except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantize the graph as it is
-            prepared = source
-        quantize_dynamic(
-            str(prepared),
-            str(path),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            # 7-bit weights: x86 CPUs without VNNI (AVX2) multiply u8 activations by s8 weights with a saturating
-            # 16-bit add; with full 8-bit weights a 2-layer Transformer drifted 0.45 here, with 7 bits 0.04.
-            reduce_range=True,
-            # Only MatMuls with a constant (weight) operand: attention's activation x activation MatMuls stay
-            # float32 (quantizing them adds error and saves no bytes).
-            extra_options={"MatMulConstBOnly": True},
-            use_external_data_format=False,
-        )
-    finally:
-        for f in sorted(work.iterdir()):
-            f.unlink()
-        work.rmdir()
-    int8_bytes = sum(f.stat().st_size for f in path.parent.iterdir())
-    return {
-        "quantize": "int8-dynamic",
-        "weights_dtype": "int8 (MatMul/Gemm/Conv weights; other tensors float32)",
-        "inputs_dtype": "float32",
-        "outputs_dtype": "float32",
-        "quantizer": "onnxruntime.quantization.quantize_dynamic (QInt8 per-channel 7-bit weights, uint8 activations "
-        "quantized at run time)",
-        "fp32_bytes": fp32_bytes,
-        "bytes": int8_bytes,
-        "size_ratio": round(int8_bytes / fp32_bytes, 4) if fp32_bytes else None,
-    }
-
-
-def with_quantization(fmt: Format, quantize: str) -> Format:
-    atol, rtol = QUANTIZE_TOLERANCE[quantize]
-
-    def write(ctx: ExportContext, path: Path) -> Written:
-        written = fmt.write(ctx, path)
-        from ._graph import exporting
-
-        with exporting(ctx):  # quiet: the quantizer logs on stdout/stderr
-            written.info.update(quantize_onnx_dynamic(path))
-        written.exporter = f"{written.exporter} + onnxruntime.quantization"
-        written.notes.append(
-            f"int8 dynamic quantization: {written.info['bytes']:,} bytes, {written.info['size_ratio']:.2f}x the "
-            f"fp32 ONNX ({written.info['fp32_bytes']:,} bytes)"
-        )
-        return written
-
-    extra: dict[str, Any] = {}
-    inner_estimate = getattr(fmt, "size_estimate", None)
-    if inner_estimate is not None:
-        # At the peak the directory holds the fp32 graph, its pre-processed copy and the int8 graph.
-        extra["size_estimate"] = lambda ctx: 3 * inner_estimate(ctx)
+def with_quantization(fmt: Format, name: str, q: Quantization) -> Format:
+    """`fmt` writing with its declared quantized writer; `load` stays the format's own (its runtime)."""
+    inner_estimate = fmt.size_estimate
     return dataclasses.replace(
         fmt,
-        write=write,
-        atol=max(fmt.atol, atol),
-        rtol=max(fmt.rtol, rtol),
-        description=f"{fmt.description}, int8 dynamic quantization",
-        **extra,
+        write=q.write,
+        atol=max(fmt.atol, q.atol),
+        rtol=max(fmt.rtol, q.rtol),
+        description=f"{fmt.description}, {q.description}",
+        size_estimate=lambda ctx: q.size_factor * inner_estimate(ctx),
     )

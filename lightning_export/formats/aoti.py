@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DEBUG_HINT, ExportError
-from . import ExportContext, Format, Written, module_bytes, register
+from . import PRECISIONS, ExportContext, Format, Written, module_bytes, register
 from ._containers import plain_outputs, report
 from ._graph import dynamic_shapes_for, exporting, tail
 
@@ -159,6 +159,7 @@ register(
         atol=1e-5,
         rtol=1e-5,
         dynamic_batch=True,
+        precisions=PRECISIONS,
         size_estimate=size_estimate,
         sniff=lambda s: s.has_dir("aotinductor/"),
         sniff_order=10,

@@ -7,16 +7,35 @@ executorch is an optional extra: `pip install lightning-export[executorch]`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, UsageError
-from . import ExportContext, Format, Written, module_bytes, register, require_installed
+from ..errors import ExportError, UsageError, describe_exception
+from . import (
+    PRECISIONS,
+    ExportContext,
+    Format,
+    Quantization,
+    Written,
+    module_bytes,
+    option,
+    register,
+    require_installed,
+)
 from ._containers import plain_outputs, report
-from ._graph import captured_stdout, exporting
+from ._graph import captured_stdout, dynamic_shapes_for, exporting
+from ._int8 import INT8_TOLERANCE, artifact_bytes, counted, int8_info, require_calibration, same_shapes, tensor_leaves
 
 BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
+
+
+@dataclass(frozen=True)
+class ExecuTorchOptions:
+    executorch_backend: str = option(DEFAULT_BACKEND)  # xnnpack | portable
+
+
 INSTALL_HINT = "Install it with: pip install 'lightning-export[executorch]' (or pip install executorch)."
 
 
@@ -33,7 +52,7 @@ def _require_executorch() -> str:
 
 
 def backend_of(ctx: ExportContext) -> str:
-    backend = (getattr(ctx, "executorch_backend", None) or DEFAULT_BACKEND).strip().lower()
+    backend = ctx.options_as(ExecuTorchOptions).executorch_backend.strip().lower()
     if backend not in BACKENDS:
         raise UsageError(f"--executorch-backend {backend!r}: use one of {', '.join(BACKENDS)}")
     return backend
@@ -124,18 +143,13 @@ class ExecuTorchRunner:
         return list(self.method.execute(feed))
 
 
-def check(opts: Any, requested: bool) -> None:
+def check(opts: ExecuTorchOptions, requested: bool) -> None:
     """The backend, and that executorch is installed, before any slow work (exit 2)."""
     if not requested:
         return
     if opts.executorch_backend.strip().lower() not in BACKENDS:
         raise UsageError(f"--executorch-backend {opts.executorch_backend!r}: use one of {', '.join(BACKENDS)}")
     require_installed(_require_executorch)
-
-
-# Public for formats/_int8.py (static int8 lowers to XNNPACK the same way).
-require_executorch = _require_executorch
-delegation_counts = _delegation
 
 
 def load(path: Path) -> Any:
@@ -145,6 +159,75 @@ def load(path: Path) -> Any:
 def size_estimate(ctx: ExportContext) -> int:
     """Weights (constant segment, or packed inside the XNNPACK blob) plus the flatbuffer program: a few kB."""
     return module_bytes(ctx.target) + module_bytes(ctx.target) // 10 + (1 << 20)
+
+
+def write_int8(ctx: ExportContext, path: Path) -> Written:
+    """Static int8 ExecuTorch program (.pte) of ctx.target, XNNPACK-delegated, calibrated on ctx.calibration. The
+    program takes the example's shapes; calibration batches may have other batch sizes."""
+    calibration = ctx.calibration
+    require_calibration(calibration)
+    import torch
+
+    et_version = _require_executorch()
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as e:
+        raise ExportError(f"static int8 for executorch needs executorch's XNNPACK quantizer and torchao ({e})") from e
+
+    module = ctx.module()
+    ex = ctx.inputs()
+    fp32_bytes = 0
+    with exporting(ctx):
+        try:
+            # The fp32 program of the same module, for the size ratio.
+            program = torch.export.export(module, ex.args, ex.kwargs or None, strict=False)
+            fp32_edge = to_edge_transform_and_lower(
+                program, partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            )
+            fp32_bytes = len(fp32_edge.to_executorch().buffer)
+            del fp32_edge
+            # Captured with a dynamic batch when calibration batches differ from the example's shapes: the
+            # captured module enforces its shapes.
+            dynamic = None
+            if not all(same_shapes(b, ex) for b in calibration):
+                dynamic = dynamic_shapes_for(module, ex.args, ex.kwargs)
+            captured = torch.export.export(module, ex.args, ex.kwargs or None, dynamic_shapes=dynamic,
+                                           strict=False).module()
+            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            prepared = prepare_pt2e(captured, quantizer)
+            for b in counted(calibration, "calibrating executorch int8"):
+                prepared(*b.args, **b.kwargs)
+            converted = convert_pt2e(prepared)
+            qprogram = torch.export.export(converted, ex.args, ex.kwargs or None, strict=False)
+            edge = to_edge_transform_and_lower(
+                qprogram, partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            )
+            delegated, total = _delegation(edge)
+            et_program = edge.to_executorch()
+            with open(path, "wb") as f:
+                et_program.write_to_file(f)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"static int8 ExecuTorch export failed: {describe_exception(e)}") from e
+    int8_bytes = artifact_bytes(path)
+    info = int8_info(
+        "torchao PT2E + executorch XNNPACKQuantizer (symmetric int8, per-channel weights; prepare_pt2e, "
+        "calibration, convert_pt2e), lowered to XNNPACK", calibration, fp32_bytes, int8_bytes,
+        backend="xnnpack", executorch=et_version, ops_delegated=delegated, ops_total=total,
+        input_shapes=[list(t.shape) for t in tensor_leaves(ex)],
+    )
+    notes = [f"static int8: {int8_bytes:,} bytes, {info['size_ratio']:.2f}x the fp32 program ({fp32_bytes:,} "
+             f"bytes), calibrated on {info['calibration_samples']} samples"]
+    if total and delegated < total:
+        notes.append(f"{total - delegated} of {total} ops are not delegated to XNNPACK and run on portable kernels")
+    return Written("torch.export + PT2E (XNNPACKQuantizer) + executorch.exir (xnnpack)", notes, info)
 
 
 register(
@@ -159,7 +242,10 @@ register(
         rtol=1e-5,
         size_estimate=size_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:6] == b"ET",  # the flatbuffer's file identifier
-        options=("executorch_backend",),
+        options=ExecuTorchOptions,
+        precisions=PRECISIONS,
+        quantizations={"int8": Quantization(write_int8, calibrated=True, atol=INT8_TOLERANCE[0], rtol=INT8_TOLERANCE[1],
+                                            description="static int8 (calibrated on --data)")},
         check=check,
     )
 )

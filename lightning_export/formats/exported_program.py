@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import ExportContext, Format, Written, register
+from . import PRECISIONS, ExportContext, Format, Written, register
 from ._containers import plain_outputs, report
 from ._graph import dynamic_shapes_for, exporting, graph_estimate
 from ._io import sink
@@ -54,6 +54,7 @@ register(
         atol=1e-5,
         rtol=1e-5,
         dynamic_batch=True,
+        precisions=PRECISIONS,
         size_estimate=graph_estimate,
         # A torch.export archive (models/*.json); AOTInductor packages (aotinductor/) are claimed first.
         sniff=lambda s: s.has_member("archive_format") and s.has_dir("/models/") and not s.has_dir("aotinductor"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,21 @@ from ..errors import (
     source_pointers,
 )
 from ..outputs import write_os_error
-from . import ExportContext, Format, Written, module_bytes, register
+from . import PRECISIONS, ExportContext, Format, Quantization, Written, module_bytes, option, register
 from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
+from ._int8 import INT8_TOLERANCE
+from ._onnx_quantize import DYNAMIC_TOLERANCE, INPUTS_METADATA, write_dynamic_int8, write_static_int8
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """--opset; the graph's input and output names, one per tensor leaf of (args, kwargs) / of the output (empty:
+    the defaults; `prepare` fills them in once the example has run)."""
+
+    opset: int | None = option(None)
+    input_names: tuple[str, ...] = option(())
+    output_names: tuple[str, ...] = option(())
+
 
 # protobuf's hard limit is 2 GiB; stay clear of it (graph + initializers).
 EXTERNAL_DATA_ABOVE = 1_800_000_000
@@ -119,7 +134,8 @@ def io_names(
 def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     import torch
 
-    ex = ctx.example
+    ex = ctx.inputs()
+    opts = ctx.options_as(OnnxOptions)
     dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
     program = torch.onnx.export(
         ctx.target,
@@ -127,10 +143,10 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
         kwargs=ex.kwargs or None,
         dynamo=True,
         external_data=external,
-        opset_version=ctx.opset,
+        opset_version=opts.opset,
         dynamic_shapes=dyn,
-        input_names=list(ctx.input_names) or None,
-        output_names=list(ctx.output_names) or None,
+        input_names=list(opts.input_names) or None,
+        output_names=list(opts.output_names) or None,
         verbose=False,
     )
     if program is None:
@@ -141,16 +157,17 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
 def _torchscript(ctx: ExportContext, path: Path) -> None:
     import torch
 
-    ex = ctx.example
-    names = list(ctx.input_names) or default_input_names(ctx.target, ex)
-    args: tuple = (*ex.args, ex.kwargs) if ex.kwargs else _positional(ex)
+    ex = ctx.inputs()
+    opts = ctx.options_as(OnnxOptions)
+    names = list(opts.input_names) or default_input_names(ctx.target, ex)
+    args: tuple[Any, ...] = (*ex.args, ex.kwargs) if ex.kwargs else _positional(ex)
     kwargs: dict[str, Any] = {}
-    if ctx.opset is not None:
-        kwargs["opset_version"] = ctx.opset
+    if opts.opset is not None:
+        kwargs["opset_version"] = opts.opset
     if ctx.dynamic_batch:
         kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
-    if ctx.output_names:
-        kwargs["output_names"] = list(ctx.output_names)
+    if opts.output_names:
+        kwargs["output_names"] = list(opts.output_names)
     torch.onnx.export(ctx.target, args, str(path), input_names=names, dynamo=False, **kwargs)
 
 
@@ -159,13 +176,14 @@ DYNAMO_MIN_OPSET = 18
 
 
 def write(ctx: ExportContext, path: Path) -> Written:
+    opts = ctx.options_as(OnnxOptions)
     external = module_bytes(ctx.target) > EXTERNAL_DATA_ABOVE
     notes: list[str] = []
     errors: list[str] = []
     with exporting(ctx) as chatter:
         try:
-            if ctx.opset is not None and ctx.opset < DYNAMO_MIN_OPSET:
-                raise _Skip(f"opset {ctx.opset} < {DYNAMO_MIN_OPSET}")
+            if opts.opset is not None and opts.opset < DYNAMO_MIN_OPSET:
+                raise _Skip(f"opset {opts.opset} < {DYNAMO_MIN_OPSET}")
             _dynamo(ctx, path, external)
             exporter = "torch.onnx.dynamo"
         except Exception as e:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the reason
@@ -204,7 +222,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     if external:
         notes.append("weights are over 1.8 GB: stored as ONNX external data beside the .onnx file")
     info = _describe(path)
-    names = list(ctx.input_names) or default_input_names(ctx.target, ctx.example)
+    names = list(opts.input_names) or default_input_names(ctx.target, ctx.example)
     if info["inputs"] != names:
         # The TorchScript-based exporter drops inputs the graph does not use: record every tensor's name, so a
         # runner (OrtRunner, a deployer) knows which of the module's inputs each graph input is.
@@ -212,8 +230,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
         unused = [n for n in names if n not in info["inputs"]]
         if unused:
             notes.append(f"inputs the graph does not use were dropped by {exporter}: {', '.join(unused)}")
-    if ctx.opset is not None and info["opset"] != ctx.opset:
-        raise ExportError(f"--opset {ctx.opset} was asked for, but {exporter} wrote opset {info['opset']}")
+    if opts.opset is not None and info["opset"] != opts.opset:
+        raise ExportError(f"--opset {opts.opset} was asked for, but {exporter} wrote opset {info['opset']}")
     if _has_bfloat16(ctx.target):
         _check_cpu_kernels(path)
     return Written(exporter, notes, info)
@@ -255,7 +273,6 @@ class _Skip(Exception):
 
 
 # Metadata key holding the names of all of forward's input tensors, in order, when the graph takes fewer of them.
-INPUTS_METADATA = "lexport.input_names"
 
 
 def _record_input_names(path: Path, names: list[str]) -> None:
@@ -335,7 +352,7 @@ def _to_numpy(t: Any) -> Any:
 MIN_OPSET = 7
 
 
-def check(opts: Any, requested: bool) -> None:
+def check(opts: OnnxOptions, requested: bool) -> None:
     """--opset within what this onnx supports; --input-names/--output-names only with --to onnx, no empty name
     (their count is checked once the example inputs and outputs are known, in prepare)."""
     if opts.opset is not None:
@@ -352,9 +369,9 @@ def check(opts: Any, requested: bool) -> None:
             raise UsageError(f"{flag} {','.join(names)!r}: a name is empty", hint="Separate names with one comma.")
 
 
-def prepare(ctx: ExportContext, output: Any, opts: Any) -> dict[str, Any]:
+def prepare(ctx: ExportContext, output: Any, opts: OnnxOptions) -> OnnxOptions:
     names = io_names(ctx.target, ctx.example, output, parse_names(opts.input_names), parse_names(opts.output_names))
-    return {"input_names": names[0], "output_names": names[1]}
+    return replace(opts, input_names=names[0], output_names=names[1])
 
 
 def made_with(path: Path) -> str | None:
@@ -406,9 +423,17 @@ register(
         dynamic_batch=True,
         size_estimate=graph_estimate,
         sniff=_sniff,
-        options=("opset",),
+        options=OnnxOptions,
         check=check,
         prepare=prepare,
+        precisions=PRECISIONS,
+        quantizations={
+            "int8": Quantization(functools.partial(write_static_int8, write), calibrated=True, atol=INT8_TOLERANCE[0],
+                                 rtol=INT8_TOLERANCE[1], description="static int8 (calibrated on --data)"),
+            "int8-dynamic": Quantization(functools.partial(write_dynamic_int8, write), calibrated=False,
+                                         atol=DYNAMIC_TOLERANCE[0], rtol=DYNAMIC_TOLERANCE[1],
+                                         description="int8 dynamic quantization"),
+        },
         made_with=made_with,
     )
 )

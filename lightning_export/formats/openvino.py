@@ -20,11 +20,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, UsageError, describe_exception
-from . import ExportContext, Format, Written, installed_check, register
+from ..errors import ExportError, describe_exception
+from . import ExportContext, Format, Quantization, Written, installed_check, register
 from ._graph import captured_stdout, dynamic_shapes_for, exporting, graph_estimate
+from ._int8 import INT8_TOLERANCE, WorkDir, artifact_bytes, int8_info, require_calibration, tensor_leaves
 
 INSTALL_HINT = "Install it with: pip install 'lightning-export[openvino]' (or pip install openvino)."
+NNCF_HINT = "Install it with: pip install 'lightning-export[openvino]' (or pip install openvino nncf)."
 # The CPU plugin's inference precision for verification (and the one to deploy with for the verified numbers).
 INFERENCE_PRECISION = "f32"
 RT_INFO_KEY = "lexport"  # <rt_info><lexport><weights_sha256 value=.../></lexport></rt_info> in the .xml
@@ -64,12 +66,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     version = require()
     import openvino as ov
 
-    precision = getattr(ctx, "precision", None)
-    if precision == "bf16":
-        raise UsageError(
-            "--to openvino takes --precision fp16, not bf16: an OpenVINO IR's bf16 is the CPU plugin's inference "
-            "precision (INFERENCE_PRECISION_HINT), not a weight type lexport stores",
-        )
+    precision = ctx.precision
     ex = ctx.example
     tensors = list(ex.tensors())
     with exporting(ctx):
@@ -212,6 +209,57 @@ def _sniff(s: Any) -> bool:
     return start.lstrip().startswith(b"<net ")
 
 
+def require_nncf() -> tuple[str, str]:
+    """(openvino version, nncf version); ExportError naming the extra when either is missing."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as e:
+        raise ExportError(f"static int8 for openvino needs openvino and nncf ({e})", hint=NNCF_HINT) from e
+    return str(ov.__version__), str(nncf.__version__)
+
+
+def _ov_example(example: Any) -> Any:
+    tensors = tensor_leaves(example)
+    if example.kwargs or len(tensors) != len(example.args):
+        raise ExportError("static int8 for openvino takes modules whose forward takes tensors as positional "
+                          "arguments (keyword or nested inputs are not supported here yet)")
+    return tuple(example.args) if len(example.args) > 1 else example.args[0]
+
+
+def write_int8(ctx: ExportContext, path: Path) -> Written:
+    """Static int8 OpenVINO IR (`path` .xml + its .bin beside it) of ctx.target, quantized by NNCF on
+    ctx.calibration (every batch), saved with `compress_to_fp16=False`."""
+    calibration = ctx.calibration
+    require_calibration(calibration)
+    ov_version, nncf_version = require_nncf()
+    import nncf
+    import openvino as ov
+
+    module, example = ctx.module(), ctx.inputs()
+    feeds = [tuple(t.detach().cpu().contiguous().numpy() for t in tensor_leaves(b)) for b in calibration]
+    with exporting(ctx), WorkDir(path) as work:
+        try:
+            ov_model = ov.convert_model(module, example_input=_ov_example(example))
+            fp32 = work / "fp32.xml"
+            ov.save_model(ov_model, str(fp32), compress_to_fp16=False)
+            fp32_bytes = fp32.stat().st_size + fp32.with_suffix(".bin").stat().st_size
+            quantized = nncf.quantize(ov_model, nncf.Dataset(feeds), subset_size=len(feeds))
+            ov.save_model(quantized, str(path), compress_to_fp16=False)
+        except ExportError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"static int8 OpenVINO export failed: {describe_exception(e)}") from e
+    int8_bytes = artifact_bytes(path)
+    info = int8_info(
+        "nncf.quantize (OpenVINO IR; symmetric int8 weights per channel, int8 activations)", calibration,
+        fp32_bytes, int8_bytes, openvino=ov_version, nncf=nncf_version,
+    )
+    notes = [f"static int8: {int8_bytes:,} bytes (.xml + .bin), {info['size_ratio']:.2f}x the fp32 IR "
+             f"({fp32_bytes:,} bytes), calibrated on {info['calibration_samples']} samples"]
+    return Written("openvino.convert_model + nncf.quantize", notes, info)
+
+
 register(
     Format(
         "openvino",
@@ -227,5 +275,10 @@ register(
         sniff=_sniff,
         companions=companions,
         check=installed_check(require),
+        precisions=("fp32", "fp16"),
+        quantizations={"int8": Quantization(write_int8, calibrated=True, atol=INT8_TOLERANCE[0], rtol=INT8_TOLERANCE[1],
+                                            description="static int8 (calibrated on --data)", require=require_nncf)},
+        refusals={"bf16": "--to openvino takes --precision fp16, not bf16: an OpenVINO IR's bf16 is the CPU plugin's "
+                  "inference precision (INFERENCE_PRECISION_HINT), not a weight type lexport stores"},
     )
 )

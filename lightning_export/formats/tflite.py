@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, UsageError, describe_exception
+from ..errors import ExportError, describe_exception
 from . import ExportContext, Format, Written, installed_check, register
 from ._graph import captured_stdout, exporting, graph_estimate
 
@@ -86,9 +86,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     versions = require()
     litert_torch = _import_converter()
 
-    precision = getattr(ctx, "precision", None)
-    if precision == "bf16":
-        raise UsageError("--to tflite takes --precision fp16, not bf16: LiteRT's CPU kernels have no bfloat16")
+    precision = ctx.precision
     ex = ctx.example
     with exporting(ctx), captured_stdout(stderr=True):  # the converter logs progress on fds 1 and 2
         try:
@@ -232,5 +230,12 @@ register(
         size_estimate=graph_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:8] == b"TFL3",  # the flatbuffer's file identifier
         check=installed_check(require),
+        precisions=("fp32", "fp16"),
+        refusals={
+            "bf16": "--to tflite takes --precision fp16, not bf16: LiteRT's CPU kernels have no bfloat16",
+            "int8": "--quantize int8 is not supported for tflite: litert-torch's quantizer path (PT2E with its own "
+            "quantizer, calibrated and converted before lowering) is not wired into lexport; export tflite without "
+            "--quantize (fp32: LiteRT's CPU kernels compute in float32)",
+        },
     )
 )

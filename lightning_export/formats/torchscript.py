@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import TRACE_OUTPUT_HINT, ExportError, UsageError, describe_exception, export_failure
-from . import ExportContext, Format, Written, register
+from . import PRECISIONS, ExportContext, Format, Written, option, register
 from ._graph import exporting, graph_estimate
 from ._io import save_isolated
+
+MODES = ("trace", "script")
+
+
+@dataclass(frozen=True)
+class TorchScriptOptions:
+    torchscript_mode: str = option("trace")  # trace | script
+
 
 NOTE = "TorchScript is deprecated in torch >= 2.10; exported-program (.pt2) is its successor"
 
@@ -17,7 +26,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
     with exporting(ctx):
-        if ctx.torchscript_mode == "script":
+        if ctx.options_as(TorchScriptOptions).torchscript_mode == "script":
             scripted = torch.jit.script(ctx.target)
             exporter = "torch.jit.script"
         else:
@@ -45,10 +54,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     return Written(exporter, [NOTE])
 
 
-MODES = ("trace", "script")
-
-
-def check(opts: Any, requested: bool) -> None:
+def check(opts: TorchScriptOptions, requested: bool) -> None:
     if opts.torchscript_mode not in MODES:
         raise UsageError(f"--torchscript-mode must be 'trace' or 'script', not {opts.torchscript_mode!r}")
 
@@ -75,7 +81,8 @@ register(
         rtol=1e-5,
         size_estimate=graph_estimate,
         sniff=lambda s: s.has_dir("/code/") and s.has_member("/constants.pkl"),
-        options=("torchscript_mode",),
+        options=TorchScriptOptions,
+        precisions=PRECISIONS,
         check=check,
     )
 )

@@ -41,7 +41,10 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
     dynamic = opts.dynamic_batch and fmt.dynamic_batch
     runs = refs.runs(dynamic=dynamic)
-    held = _held_out_runs(refs.held_out, None if dynamic else batch_size(ctx.example))
+    program_batch = None if dynamic else batch_size(ctx.example)
+    if refs.held_out is not None:
+        _require_held_out(fmt, opts, refs.held_out, program_batch)
+    held = _held_out_runs(refs.held_out, program_batch)
     expected, actual, labels, problems = [], [], [], []
     todo = runs + [h[:3] for h in held]
     with track(f"verifying {fmt.name}", len(todo), unit="inputs") as task:
@@ -61,7 +64,34 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     v.passed = v.passed and not problems
     if held and not problems:
         _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held])
+        read, ran = refs.held_out.prepared.verification_samples, refs.held_out.ran(program_batch)
+        v.agreement["samples_read"] = read
+        if ran < read:
+            v.agreement_text = (f"{v.agreement_text} ({ran} of the {read} held-out samples ran: re-batched to the "
+                                f"example's batch size {program_batch}, the rest fill no batch)")
     return v
+
+
+def _require_held_out(fmt: Any, opts: ExportOptions, held_out: Any, program_batch: int | None) -> None:
+    """With --data, held-out samples must run in this artifact: none at all, or fewer than a gate needs, is exit
+    2 naming what was read and what ran (a gate that did not run is never a pass)."""
+    from ..data.batches import MIN_GATE_SAMPLES
+    from ..errors import UsageError
+
+    read = held_out.prepared.verification_samples
+    ran = held_out.ran(program_batch)
+    need = MIN_GATE_SAMPLES if is_gated(opts) else 1
+    if ran >= need:
+        return
+    why = (f"re-batched to the example's batch size {program_batch} (the shape {fmt.name} was exported for), "
+           f"{ran} fill whole batches" if program_batch is not None and ran < read else f"{ran} ran")
+    gate = f"; the agreement gate needs at least {need}" if need > 1 else ""
+    raise UsageError(
+        f"--data: {held_out.prepared.source} gave {read} held-out samples in {len(held_out.prepared.verification)} "
+        f"batches; {why}{gate}: {fmt.name} cannot be verified on them",
+        hint="Give more data (--data-batches, or batches of the example's batch size), or export with "
+        "--dynamic-batch where the format supports it.",
+    )
 
 
 def _held_out_runs(held_out: Any, batch: int | None) -> list[tuple[str, Any, Any, Any]]:

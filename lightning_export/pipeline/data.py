@@ -21,12 +21,14 @@ def read_data(
     max_batches: int | None = None,
     pick: str | int | None = None,
     calibrate: bool = False,
+    min_verification_samples: int = 1,
 ) -> tuple[Prepared, dict[str, Any]]:
     """(the mapped, split batches; the record of the source for the JSON and the manifest).
 
     `source` is a `.pt` file or the word `config` (then `config` is the `--config` file whose `data:` section builds
     the LightningDataModule). `module` is the exported target (its forward's signature drives the batch rule).
     `calibrate` splits the batches (even positions calibrate, odd ones verify); without it all of them verify.
+    Fewer held-out samples than `min_verification_samples` (a gate's minimum) is a UsageError naming what was read.
 
     The record: `{"kind": "file", "path", "sha256", "bytes"}` or `{"kind": "datamodule", "class", "loader",
     "config"}`, plus `batches_read`. Raises UsageError (exit 2) for a bad file or flag, UserModuleError (exit 4)
@@ -53,7 +55,8 @@ def read_data(
         record = {"kind": "file", "path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size,
                   "batches_in_file": len(everything)}
     record["batches_read"] = len(raw)
-    prepared = prepare(raw, module, source=where, calibrate=calibrate, pick=pick)
+    prepared = prepare(raw, module, source=where, calibrate=calibrate, pick=pick,
+                       min_verification_samples=min_verification_samples)
     return prepared, {**record, **prepared.summary()}
 
 
@@ -75,18 +78,40 @@ class HeldOut:
             from ..inputs import detached, run_forward
 
             batches = self.prepared.verification if batch is None else rebatch(self.prepared.verification, batch)
-            self._cache[batch] = (batches, [detached(run_forward(self.target, b.inputs)) for b in batches])
+            self._cache[batch] = (batches, [detached(self._eager(b, run_forward)) for b in batches])
         return self._cache[batch]
+
+    def _eager(self, b: Any, run_forward: Any) -> Any:
+        """The eager module on a held-out batch; where it fails on the data (a shape it does not take) the data is
+        what to change: exit 2 naming the batch."""
+        from ..errors import UserModuleError, describe_exception
+
+        try:
+            return run_forward(self.target, b.inputs)
+        except UserModuleError as e:
+            raise UsageError(
+                f"--data: the module itself fails on held-out data from {self.prepared.source} "
+                f"(a batch {b.inputs.describe()}): {describe_exception(e.__cause__ or e)}",
+                hint="Give batches the module takes (the shapes of its example input); batches of other shapes "
+                "are never verified.",
+            ) from e
+
+    def ran(self, batch: int | None) -> int:
+        """How many held-out samples run in a program whose batch size is `batch` (None: any)."""
+        return sum(b.samples for b in self.runs(batch)[0])
 
 
 def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
     """`--data` read once for the run (after the module is built: the batch rule reads forward's signature): the
     calibration batches for --quantize int8, the held-out ones for every artifact; what was read goes into the
     report (`data` in the JSON and the manifest) and its notes."""
+    from ..data.batches import MIN_GATE_SAMPLES
     from ..errors import VerificationError
+    from .artifact import is_gated
 
     prepared, record = read_data(opts.data, target, config=opts.config, max_batches=opts.data_batches,
-                                 pick=opts.data_input, calibrate=(opts.quantize or "").strip().lower() == "int8")
+                                 pick=opts.data_input, calibrate=(opts.quantize or "").strip().lower() == "int8",
+                                 min_verification_samples=MIN_GATE_SAMPLES if is_gated(opts) else 1)
     if opts.data_sha256 and record.get("sha256") != opts.data_sha256:
         raise VerificationError(
             f"--data {opts.data} is not the data the manifest records: sha256 {str(record.get('sha256'))[:16]}… vs "
@@ -99,7 +124,8 @@ def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
     calibration = (f"{record['calibration_batches']} batches ({record['calibration_samples']} samples) calibrate, "
                    if record["calibration_batches"] else "")
     report.notes.append(
-        f"--data: {where}: {calibration}{record['verification_batches']} held-out batches "
-        f"({record['verification_samples']} samples) verify every artifact; {record['rule']}"
+        f"--data: {where}: {calibration}{record['verification_batches']} batches "
+        f"({record['verification_samples']} samples) are held out to verify every artifact (what ran in each is in its "
+        f"agreement); {record['rule']}"
     )
     return HeldOut(target, prepared, record)

@@ -20,9 +20,8 @@ from ..errors import (
     error_json,
     export_failure,
 )
-from ..formats import REGISTRY, get_format, parse_format_list
-from ..formats._graph import quiet_torch_logs, submodule_flags
-from ..hashing import file_sha256
+from ..formats import REGISTRY, get_format, parse_format_list, quiet_torch_logs, submodule_flags
+from ..hashing import file_sha256, folder_bytes_and_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact
 from .options import ExportOptions, options_from
@@ -60,7 +59,7 @@ def _export(opts: ExportOptions, report: Report, step: Step) -> None:
         outputs.remove_stale_temp_dirs(d)
     for fmt in formats:
         with artifact_step(fmt, report, step, "exporting") as result:
-            _export_one(fmt, prepared.ctx, destinations[fmt.name], opts, prepared.refs, result)
+            _export_one(fmt, prepared.context_for(fmt), destinations[fmt.name], opts, prepared.refs, result)
     say_what_else_worked(report)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = prepared.ckpt.sha256
@@ -77,9 +76,10 @@ def _destinations(opts: ExportOptions, formats: list[Any]) -> dict[str, Path]:
         f.name: outputs.output_path(opts.checkpoint, f.suffix, opts.output, opts.output_dir) for f in formats
     }
     refused = []
-    for dest in destinations.values():
+    folders = {f.name for f in formats if f.folder}
+    for name, dest in destinations.items():
         try:
-            outputs.check_destination(dest, opts.checkpoint, force=opts.force)
+            outputs.check_destination(dest, opts.checkpoint, force=opts.force, folder=name in folders)
         except OutputError as e:
             refused.append(e)
     if len(refused) == 1:
@@ -118,7 +118,7 @@ def _export_one(fmt: Any, ctx: Any, dest: Path, opts: ExportOptions, refs: Any, 
         result.exporter = written.exporter
         result.notes.extend(written.notes)
         result.info.update(written.info)
-        if not dest.name.endswith(fmt.suffix):
+        if not dest.name.endswith(fmt.suffix) and not fmt.folder:
             result.notes.append(f"{dest.name} does not end with {fmt.suffix}, the usual suffix of {fmt.name}")
         # fsync and hashing wait on the disk, verification on the CPU: overlap them (both release the GIL).
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -166,6 +166,8 @@ def _fsync_and_hash(staging: Any) -> tuple[int, str]:
     staging.fsync()  # a delayed ENOSPC/EIO (delayed allocation, NFS) surfaces here as OutputError
     files = staging.files()
     try:
+        if files[0].is_dir():  # a folder artifact: its files' bytes, and the digest of its listing with theirs
+            return folder_bytes_and_sha256(files[0])
         return sum(f.stat().st_size for f in files), file_sha256(files[0])
     except OSError as e:
         raise outputs.write_failure(e, staging.final, staging.needed) from e

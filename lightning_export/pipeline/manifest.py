@@ -11,7 +11,7 @@ from .. import outputs
 from ..errors import OutputError
 from ..hashing import file_sha256
 from ..report import Report, strict_json
-from .options import MANIFEST_OPTIONS, ExportOptions
+from .options import ExportOptions, manifest_options
 
 MANIFEST_VERSION = 1
 
@@ -32,7 +32,7 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         if a.get("companions"):
             a["companions"] = [rel(c) for c in a["companions"]]
     options: dict[str, Any] = {}
-    for name in MANIFEST_OPTIONS:
+    for name in manifest_options():
         value = getattr(opts, name)
         if name == "init_args":
             value = dict(value)

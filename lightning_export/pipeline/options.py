@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 from ..agreement import DEFAULT_MIN_AGREEMENT, check_min_agreement
 from ..errors import UsageError
+from ..formats import REGISTRY
 from ..safeload.archive import DEFAULT_MAX_GROWTH
 
 DEFAULT_RANDOM_INPUTS = 5
@@ -49,6 +51,8 @@ class ExportOptions:
     precision: str | None = None  # fp32 | fp16 | bf16 for graph formats (none: the dtypes the module is built in)
     quantize: str | None = None  # int8 (static, calibrated on --data): onnx, executorch, openvino; int8-dynamic: onnx
     executorch_backend: str = "xnnpack"
+    max_shard_size: str | None = None  # huggingface: transformers' notation (5GB = 5*10**9 bytes, 5GiB = 5*2**30)
+    tokenizer: Path | None = None  # huggingface: a tokenizer.save_pretrained folder copied into the artifact
     trust_checkpoint: bool = False
     allow_globals: tuple[str, ...] = ()
     strict_finite: bool = False
@@ -76,15 +80,28 @@ class ExportOptions:
 
 
 # Options recorded in a manifest (everything that shapes the artifacts' bytes or their verification) -> whether
-# `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already).
-MANIFEST_OPTIONS: dict[str, bool] = {
+# `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already; or a
+# trust flag, which a manifest never turns on: pipeline/manifest_input.py).
+# Each format's own options are declared on its Format (formats.option) and added below.
+RUN_MANIFEST_OPTIONS: dict[str, bool] = {
     "formats": False, "module": True, "attr": True, "config": True, "init_args": True, "init_args_file": True,
-    "inputs": True, "example_inputs": True, "dynamic_batch": True, "opset": False, "input_names": False,
-    "output_names": False, "torchscript_mode": False, "seed": True, "random_inputs": True, "atol": True,
-    "rtol": True, "strict_finite": False, "trust_checkpoint": True, "allow_globals": True, "max_growth": True,
-    "meta_build": False, "precision": True, "quantize": True, "executorch_backend": False, "data": True,
+    "inputs": True, "example_inputs": True, "dynamic_batch": True, "seed": True, "random_inputs": True,
+    "atol": True, "rtol": True, "strict_finite": False, "trust_checkpoint": False, "allow_globals": False,
+    "max_growth": True, "meta_build": False, "precision": True, "quantize": True, "data": True,
     "data_batches": True, "data_input": True, "min_agreement": True,
 }
+
+
+def manifest_options() -> dict[str, bool]:
+    """The run's options and every registered format's own (those that are run options too)."""
+    return {
+        **RUN_MANIFEST_OPTIONS,
+        **{f.name: bool(f.metadata.get("verify_takes", False)) for fmt in REGISTRY.values()
+           for f in dataclasses.fields(fmt.options) if hasattr(ExportOptions, f.name)},
+    }
+
+
+MANIFEST_OPTIONS = manifest_options()  # the built-in formats'
 
 
 def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) -> ExportOptions:
@@ -96,7 +113,7 @@ def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) ->
             options[key] = tuple(options[key])
     if isinstance(options.get("init_args"), dict):
         options["init_args"] = tuple(options["init_args"].items())
-    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest"):
+    for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest", "tokenizer"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     for key in ("data", "data_input"):  # a path or "config"; an index or a key

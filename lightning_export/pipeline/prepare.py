@@ -4,7 +4,7 @@ the eager reference outputs, once per run, into the ExportContext every format g
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,11 @@ from ..build.argfiles import load_args_file
 from ..build.arguments import constructor_arguments
 from ..build.configs import read_model_section
 from ..build.importing import resolve_class
-from ..build.module import build_module, seeded
+from ..build.module import build_module, seeded, select_attr
+from ..build.pretrained import merged_copy, without_cache
 from ..data.files import load_tensor_file
 from ..errors import CheckpointError, UsageError, UserModuleError
-from ..formats import REGISTRY, ExportContext
-from ..formats._int8 import check_int8_request
-from ..formats._precision import apply_options
+from ..formats import REGISTRY, ExportContext, Format, check_quantize_request, for_run
 from ..report import Report
 from ..safeload.placeholders import UnloadedArgumentsError, unloaded_by_key
 from ..sources import Checkpoint, load_checkpoint
@@ -147,16 +146,24 @@ def check_flags(opts: ExportOptions) -> Supplied:
     return read_supplied(opts)
 
 
-def with_format_options(formats: list[Any], opts: ExportOptions) -> list[Any]:
+def format_options(opts: ExportOptions) -> dict[str, object]:
+    """Every registered format's own options, from the run's options of the same names."""
+    return {
+        fmt.name: fmt.options(**{n: getattr(opts, n) for n in fmt.option_names() if hasattr(opts, n)})
+        for fmt in REGISTRY.values()
+    }
+
+
+def with_format_options(formats: list[Format], opts: ExportOptions) -> list[Format]:
     """Formats wrapped for --precision/--quantize (exit 2 where a format does not take them), then every format's
     own options checked (an option of a format this run does not write may be refused)."""
-    if opts.quantize and opts.quantize.strip().lower() == "int8":
-        check_int8_request([f.name for f in formats], has_data=opts.data is not None)
-    formats = [apply_options(f, opts.precision, opts.quantize) for f in formats]
+    check_quantize_request(formats, opts.quantize, has_data=opts.data is not None)
+    formats = [for_run(f, opts.precision, opts.quantize) for f in formats]
     asked = {f.name for f in formats}
-    for fmt in REGISTRY.values():
+    for name, own in format_options(opts).items():
+        fmt = REGISTRY[name]
         if fmt.check is not None:
-            fmt.check(opts, fmt.name in asked)
+            fmt.check(own, name in asked)
     return formats
 
 
@@ -184,8 +191,12 @@ class Prepared:
     """What every format of the run shares: the checkpoint, the context, the reference outputs."""
 
     ckpt: Checkpoint
-    ctx: ExportContext
+    ctx: ExportContext  # shared by every format; context_for sets a format's own options on it
     refs: References | None
+    options: dict[str, object] = field(default_factory=dict)  # format name -> its options
+
+    def context_for(self, fmt: Format) -> ExportContext:
+        return replace(self.ctx, options=self.options.get(fmt.name, fmt.options()))
 
 
 def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any], given: Supplied,
@@ -202,23 +213,44 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
         with step("building module"), phase(UserModuleError, "building the module"):
             built = _build_unless_only_weights(opts, ckpt, report, given, formats)
     if built is not None:
+        _select_for_formats(built, opts, formats, report)
         target, state_dict = built.target, built.state_dict
         report.notes.extend(built.notes)
+        cache_note = without_cache(target)
+        if cache_note and any(f.kind == "graph" for f in formats):
+            report.notes.append(cache_note)
     else:
         target, state_dict = None, _weights_under_attr(ckpt, opts.attr)
     with phase(CheckpointError, "checking the weights for NaN/Inf"):
         check_finite_weights(state_dict, opts, report)
-    ctx = ExportContext(target=target, state_dict=state_dict, example=None, dynamic_batch=opts.dynamic_batch,
-                        **{name: getattr(opts, name) for f in formats for name in f.options})
+    ctx = ExportContext(target=target, state_dict=state_dict, example=None, dynamic_batch=opts.dynamic_batch)
+    own = format_options(opts)
     graph = [f for f in formats if f.kind == "graph"]
-    refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None) if graph else None
+    refs = None
+    if graph:
+        ctx, refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None, own)
     if opts.data is not None and refs is not None:
         with step("reading --data"), phase(UserModuleError, f"reading --data {opts.data}"):
             refs.held_out = read_held_out(opts, ctx.target, report)
-        ctx.calibration = [b.inputs for b in refs.held_out.prepared.calibration]
+        ctx = replace(ctx, calibration=tuple(b.inputs for b in refs.held_out.prepared.calibration))
     elif opts.data is not None:
         report.notes.append("--data is not used: weights formats are checked bit for bit against the checkpoint")
-    return Prepared(ckpt, ctx, refs)
+    return Prepared(ckpt, ctx, refs, own)
+
+
+def _select_for_formats(built: Any, opts: ExportOptions, formats: list[Any], report: Report) -> None:
+    """A format that exports one kind of submodule (huggingface: a PreTrainedModel) picks it when --attr does not,
+    or refuses the one --attr selects (exit 2)."""
+    for fmt in formats:
+        if fmt.select is None:
+            continue
+        attr, note = fmt.select(built.module, opts.attr)
+        if attr and attr != built.attr:
+            built.target = select_attr(built.module, attr)
+            built.state_dict = strip_prefix(built.state_dict, f"{attr}.")
+            built.attr = attr
+        if note:
+            report.notes.append(note)
 
 
 def _build_unless_only_weights(opts: ExportOptions, ckpt: Any, report: Report, given: Supplied,
@@ -267,12 +299,13 @@ def _weights_under_attr(ckpt: Checkpoint, attr: str | None) -> Mapping[str, Any]
     return state_dict
 
 
-def _references(opts: ExportOptions, report: Report, step: Step, graph: list[Any], specs: list[Any], ctx: ExportContext,
-                lightning_module: Any) -> References:
-    """The example inputs (into ctx), the eager outputs on them and on the random inputs, and what each graph
-    format needs prepared from them (ONNX names)."""
+def _references(opts: ExportOptions, report: Report, step: Step, graph: list[Format], specs: list[Any],
+                ctx: ExportContext, lightning_module: Any, own: dict[str, object]) -> tuple[ExportContext, References]:
+    """The example inputs (into the context), the eager outputs on them and on the random inputs, and what each
+    graph format needs prepared from them (ONNX names, into its options)."""
     with step("running the module on the example inputs"), phase(UserModuleError, "running the module"):
-        ctx.example, source = _example_inputs(opts, specs, ctx.target, lightning_module)
+        example, source = _example_inputs(opts, specs, ctx.target, lightning_module)
+        ctx = replace(ctx, example=example)
         if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(ctx.example) == 1:
             raise UsageError(
                 "--dynamic-batch needs example inputs with a batch of 2 or more: torch.export "
@@ -286,7 +319,13 @@ def _references(opts: ExportOptions, report: Report, step: Step, graph: list[Any
             e.message += f"\n(the inputs are {source})"
             raise
         check_finite_outputs(reference, opts, report)
-    for fmt in {f.name: f for f in graph if f.prepare is not None}.values():
-        for name, value in fmt.prepare(ctx, reference, opts).items():
-            setattr(ctx, name, value)
-    return refs
+        # A peft adapter is deployed merged: the formats export a merged copy, checked against the unmerged module
+        # (refs keeps it).
+        merged, note = merged_copy(ctx.target)
+        if note:
+            ctx = replace(ctx, target=merged)
+            report.notes.append(note)
+    for fmt in {f.name: f for f in graph}.values():
+        if fmt.prepare is not None:
+            own[fmt.name] = fmt.prepare(replace(ctx, options=own[fmt.name]), reference, own[fmt.name])
+    return ctx, refs

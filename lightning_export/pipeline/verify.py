@@ -10,33 +10,51 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, VerificationError, error_json
-from ..formats import detect_format
-from ..formats._graph import quiet_torch_logs
-from ..hashing import file_sha256
+from ..formats import detect_format, quiet_torch_logs
+from ..hashing import file_sha256, folder_bytes_and_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact, failed
+from .manifest_input import Expected, targets_from_manifest
 from .options import ExportOptions, options_from
 from .prepare import check_flags, check_input_flags, check_manifest_path, prepare, with_format_options
 from .run import Step, artifact_step, reported, say_what_else_worked
 
 
 def verify(
-    artifacts: Iterable[str | os.PathLike[str]] | dict[Any, str | None],
-    checkpoint: str | os.PathLike[str],
+    artifacts: Iterable[str | os.PathLike[str]] | dict[Any, Any] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     *,
+    manifest: str | os.PathLike[str] | None = None,
+    allow_outside: bool = False,
+    trust_manifest: bool = False,
     progress: Step | None = None,
     checkpoint_sha256: str | None = None,
     **options: Any,
 ) -> Report:
     """Re-verify existing artifacts against their checkpoint (the format comes from each file). With a dict,
-    the values are the sha256 each file must still have (None: any); with `checkpoint_sha256`, the checkpoint
-    must still be that file (a manifest's). Options as for `export`."""
-    expected = dict(artifacts) if isinstance(artifacts, dict) else {a: None for a in artifacts}
+    the values are the sha256 each file must still have (None: any) or an `Expected`; with `checkpoint_sha256`,
+    the checkpoint must still be that file. Options as for `export`.
+
+    With `manifest` (a file an export wrote), the artifacts, the checkpoint and the options come from it (the
+    options given here win; `checkpoint` may name the checkpoint instead of the manifest's path). A manifest is
+    untrusted: its paths must stay inside its folder (unless `allow_outside`) and it may not make lexport run code
+    (unless `trust_manifest`); it never turns on trust_checkpoint or allow_globals."""
+    notes: list[str] = []
+    if manifest is not None:
+        if artifacts:
+            raise UsageError("with a manifest, the artifacts come from it: name none")
+        targets = targets_from_manifest(manifest, options, checkpoint=checkpoint, allow_outside=allow_outside,
+                                        trust_manifest=trust_manifest)
+        artifacts, checkpoint, options, notes = targets.artifacts, targets.checkpoint, targets.options, targets.warnings
+        checkpoint_sha256 = checkpoint_sha256 or targets.checkpoint_sha256
+    elif artifacts is None or checkpoint is None:
+        raise UsageError("verify needs the artifacts and their checkpoint, or a manifest")
+    raw = dict(artifacts) if isinstance(artifacts, dict) else {a: None for a in artifacts}
+    existing = {Path(k): v if isinstance(v, Expected) else Expected(v) for k, v in raw.items()}
     if checkpoint_sha256:
         options["hash_checkpoint"] = True
     opts = options_from(checkpoint, options)
-    existing = {Path(k): v for k, v in expected.items()}
-    report = reported(opts, progress, lambda o, r, s: _verify(o, r, s, existing))
+    report = reported(opts, progress, lambda o, r, s: _verify(o, r, s, existing, notes))
     got = report.checkpoint.get("sha256")
     if checkpoint_sha256 and got != checkpoint_sha256:
         err = VerificationError(
@@ -49,7 +67,9 @@ def verify(
     return report
 
 
-def _verify(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, str | None]) -> None:
+def _verify(opts: ExportOptions, report: Report, step: Step, existing: dict[Path, Expected],
+            notes: list[str]) -> None:
+    report.warnings.extend(notes)
     given = check_flags(opts)
     if not existing:
         raise UsageError("nothing to verify: name an artifact")
@@ -65,30 +85,34 @@ def _verify(opts: ExportOptions, report: Report, step: Step, existing: dict[Path
     for fmt in formats:
         with artifact_step(fmt, report, step, "verifying") as result:
             path = paths[fmt.name]
-            _check_existing(fmt, prepared.ctx, path, existing[path], opts, prepared.refs, result)
+            _check_existing(fmt, prepared.context_for(fmt), path, existing[path], opts, prepared.refs, result)
     say_what_else_worked(report)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = prepared.ckpt.sha256
 
 
 def _check_existing(
-    fmt: Any, ctx: Any, path: Path, expected_sha: str | None, opts: ExportOptions, refs: Any, result: ArtifactResult
+    fmt: Any, ctx: Any, path: Path, expected: Expected, opts: ExportOptions, refs: Any, result: ArtifactResult
 ) -> None:
     """`lexport verify`: the same verification as after an export, on a file that exists; with a manifest, the
-    file must also still have the sha256 recorded there."""
+    file must also still have the sha256 and the format recorded there, and its companions must be inside the
+    manifest's folder. Those are checked before the artifact is loaded."""
     started = time.perf_counter()
     result.path = str(path)
     try:
-        companions = fmt.companion_files(path)
-        result.companions = [str(c) for c in companions]
-        result.bytes = sum(f.stat().st_size for f in [path, *companions])
-        result.sha256 = file_sha256(path)
-        if expected_sha is not None and result.sha256 != expected_sha:
-            # Checked before the artifact is loaded: a changed file (an AOTInductor package holds a shared library)
-            # is never run.
-            result.verification = failed(
-                f"sha256 {result.sha256[:16]}… differs from the manifest's {expected_sha[:16]}…: the file changed"
-            )
+        if fmt.folder:
+            companions: list[Path] = []
+            result.bytes, result.sha256 = folder_bytes_and_sha256(path)
+        else:
+            companions = fmt.companion_files(path)
+            result.companions = [str(c) for c in companions]
+            result.bytes = sum(f.stat().st_size for f in [path, *companions])
+            result.sha256 = file_sha256(path)
+        # Checked before the artifact is loaded: a changed file (an AOTInductor package holds a shared library)
+        # is never run.
+        problem = _unexpected(fmt, path, companions, result.sha256, expected)
+        if problem:
+            result.verification = failed(problem)
             return
         with quiet_torch_logs():
             result.verification = check_artifact(fmt, path, ctx, opts, refs)
@@ -102,3 +126,20 @@ def _check_existing(
         result.error = error_json(UsageError(f"cannot read {path}: {e.strerror or e}"))
     finally:
         result.seconds = time.perf_counter() - started
+
+
+def _unexpected(fmt: Any, path: Path, companions: list[Path], sha256: str, expected: Expected) -> str | None:
+    """Why the file is not the one the manifest records (None: it is): another format, other bytes, or a
+    companion file that resolves outside the manifest's folder."""
+    if expected.format is not None and expected.format != fmt.name:
+        return (f"the manifest records format {expected.format!r} for {path.name}, but the file is "
+                f"{fmt.name!r}: it is not the artifact the manifest describes")
+    if expected.sha256 is not None and sha256 != expected.sha256:
+        return f"sha256 {sha256[:16]}… differs from the manifest's {expected.sha256[:16]}…: the file changed"
+    if expected.folder is not None:
+        home = os.path.realpath(expected.folder).rstrip(os.sep) + os.sep
+        outside = [c for c in companions if not os.path.realpath(c).startswith(home)]
+        if outside:
+            return (f"{outside[0].name} (beside {path.name}) resolves outside the manifest's folder, to "
+                    f"{os.path.realpath(outside[0])}: pass --allow-outside if you trust it")
+    return None
