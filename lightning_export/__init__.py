@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports them when first used
+    from .callback import LexportCallback
     from .errors import LexportError
     from .pipeline.export import export, run
     from .pipeline.options import ExportOptions
     from .pipeline.verify import verify
     from .report import Report
 
-__all__ = ["export", "run", "verify", "ExportOptions", "Report", "LexportError", "__version__"]
+__all__ = ["export", "run", "verify", "ExportOptions", "Report", "LexportError", "LexportCallback", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +35,10 @@ def __getattr__(name: str) -> Any:
         from .report import Report
 
         return Report
+    if name in ("LexportCallback", "LexportCallbackError"):  # imports Lightning (the base class)
+        from . import callback
+
+        return getattr(callback, name)
     if name == "LexportError":
         from .errors import LexportError
 

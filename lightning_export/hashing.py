@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import CheckpointError
+from .progress import track
 
 CHUNK = 8 << 20
 
@@ -15,10 +17,11 @@ CHUNK = 8 << 20
 def _file_digest(path: Path, chunk: int) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, track(f"sha256 of {path.name}", os.fstat(f.fileno()).st_size) as task:
         while block := f.read(chunk):
             h.update(block)
             size += len(block)
+            task.advance(len(block))
     return h.hexdigest(), size
 
 

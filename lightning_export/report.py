@@ -58,6 +58,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     error: LexportError | None = None  # why the run failed
     data: dict[str, Any] | None = None  # --data: the source and the batches used (pipeline.data.read_data)
+    settings: dict[str, Any] | None = None  # the effective options and their sources (cli.settings), when known
 
     @property
     def ok(self) -> bool:
@@ -76,6 +77,8 @@ class Report:
         }
         if self.data is not None:
             out["data"] = self.data
+        if self.settings is not None:
+            out["settings"] = self.settings
         if self.error:
             out["error"] = error_json(self.error)
         return out

@@ -19,12 +19,14 @@ LAYERS: dict[str, int] = {
     "lightning_export.version": 0,
     "lightning_export.errors": 0,
     "lightning_export.text": 0,
+    "lightning_export.progress": 0,  # progress of long steps as data; the CLI draws it (issue 24)
     "lightning_export.bounded": 1,
     "lightning_export.address_space": 1,
     "lightning_export.hashing": 1,
     "lightning_export.statedict": 1,
     "lightning_export.userpath": 1,
     "lightning_export.report": 1,
+    "lightning_export.summary": 1,  # the report as markdown for $GITHUB_STEP_SUMMARY (issue 24)
     "lightning_export.compare": 1,
     "lightning_export.agreement": 1,  # top-1 agreement and accuracies between runs
     "lightning_export.inputs": 1,

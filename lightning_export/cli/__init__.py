@@ -19,7 +19,7 @@ from .export import app
 __all__ = ["app", "main", "SUBCOMMANDS"]
 
 
-SUBCOMMANDS = ("inspect", "verify")  # each is the module lightning_export.cli.<name>, with its own typer `app`
+SUBCOMMANDS = ("inspect", "verify", "config")  # each is the module lightning_export.cli.<name>, with its own typer `app`
 
 
 def _subcommand(name: str) -> Any:

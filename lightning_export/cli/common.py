@@ -29,10 +29,12 @@ def console() -> Console:
 
 
 def execute(
-    work: Callable[[Steps], Any], *, json_out: bool, quiet: bool, render: Callable[[Console, Any], None]
+    work: Callable[[Steps], Any], *, json_out: bool, quiet: bool, render: Callable[[Console, Any], None],
+    after: Callable[[Any, dict[str, Any] | None], None] | None = None,
 ) -> None:
     """Run one command's work and end the process the documented way: the table or the error on stderr, the
     exit code, and with --json exactly one strict JSON object on stdout, whatever happened (70 included).
+    `after(report, error)` runs last either way (error: {code, kind, message, hint} or None), e.g. the CI summary.
 
     While the work runs, stdout is pointed at stderr (file descriptor 1 too): a user's module that prints at
     import or in forward cannot put text before the JSON.
@@ -42,6 +44,7 @@ def execute(
     show = not quiet and not json_out
     report: Any = None
     error: dict[str, Any] | None = None
+    hint: str | None = None
     code = 0
     with _stdout_to_stderr(json_out) as real_stdout:
         try:
@@ -49,6 +52,7 @@ def execute(
         except LexportError as e:
             report, code = e.report, e.exit_code
             error = error_json(e)
+            hint = e.hint
             if debug:
                 import traceback
 
@@ -72,6 +76,8 @@ def execute(
         else:
             if show:
                 render(stderr, report)
+        if after is not None:
+            after(report, None if error is None else {**error, "message": _first(error, hint), "hint": hint})
     if json_out:
         payload = report.to_json() if report is not None else {"ok": False}
         if error is not None:
@@ -80,6 +86,12 @@ def execute(
         with contextlib.suppress(BrokenPipeError):  # `lexport ... --json | head`
             print(dumps_strict(payload), file=real_stdout, flush=True)
     raise typer.Exit(code)
+
+
+def _first(error: dict[str, Any], hint: str | None) -> str:
+    """The error's message without its hint (error_json's message has both)."""
+    message = error["message"]
+    return message[: -len(hint) - 1] if hint and message.endswith(f"\n{hint}") else message
 
 
 json_printed = threading.Event()  # main() prints the JSON itself for what ends before a command runs
@@ -128,10 +140,54 @@ def print_error(stderr: Console, e: LexportError) -> None:
 
 
 class Steps:
-    """A live status line per step with elapsed time on a terminal; one line per finished step otherwise."""
+    """A live status line per step with elapsed time on a terminal; one line per finished step otherwise. On a
+    terminal it is also the sink of lightning_export.progress: under the step's line, a bar per running task
+    (bytes with rate and time left, or inputs done)."""
 
     def __init__(self, console: Console | None) -> None:
         self.console = console
+        self._tasks: list[Any] = []
+        self._lock = threading.Lock()
+        self._status: Any = None
+        self._label, self._started = "", 0.0
+        self._routing: Any = None
+
+    def __enter__(self) -> Steps:
+        if self.console is not None and self.console.is_terminal:
+            from .. import progress
+
+            self._routing = progress.showing(self)
+            self._routing.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._routing is not None:
+            self._routing.__exit__(None, None, None)
+        return None
+
+    def begin(self, task: Any) -> None:
+        with self._lock:
+            self._tasks.append(task)
+        self.refresh()
+
+    def end(self, task: Any) -> None:
+        self.refresh()  # drawn once complete, then gone
+        with self._lock:
+            self._tasks.remove(task)
+
+    def refresh(self) -> None:
+        status = self._status
+        if status is not None:
+            status.update(self._renderable())
+
+    def _renderable(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        head = Text(f"{self._label} … {time.perf_counter() - self._started:.0f} s")
+        with self._lock:
+            tasks = list(self._tasks)
+        return Group(head, *(_task_row(t) for t in tasks)) if tasks else head
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[StepStatus]:
@@ -144,8 +200,12 @@ class Steps:
         try:
             if self.console.is_terminal:
                 with self.console.status(Text(f"{label} …")) as status:
-                    with _ticker(status, label, started):
-                        yield status_obj
+                    self._status, self._label, self._started = status, label, started
+                    try:
+                        with _ticker(self.refresh):
+                            yield status_obj
+                    finally:
+                        self._status = None
             else:
                 yield status_obj
         except BaseException:
@@ -157,20 +217,40 @@ class Steps:
             self.console.print(done, highlight=False)
 
 
+def _task_row(task: Any) -> Any:
+    """  sha256 of run.ckpt ━━━━━━━━━━╺━━━━━━━━━  1.2 GB / 3.4 GB  250 MB/s  0:00:09 left"""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..progress import rate_and_eta
+    from ..text import fmt_bytes
+
+    completed = min(task.completed, task.total)
+    rate, left = rate_and_eta(task)
+    if task.unit == "bytes":
+        amount, speed = f"{fmt_bytes(completed)} / {fmt_bytes(task.total)}", f"{fmt_bytes(rate)}/s"
+    else:
+        amount, speed = f"{completed}/{task.total} {task.unit}", f"{rate:.1f}/s"
+    eta = "-" if left is None else f"{int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d} left"
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(Text(f"  {task.label}"), ProgressBar(total=task.total, completed=completed, width=30),
+                 Text(amount), Text(speed, style="dim"), Text(eta, style="dim"))
+    return grid
+
+
 @dataclass
 class StepStatus:
     failed: bool = False
 
 
 @contextlib.contextmanager
-def _ticker(status: Any, label: str, started: float) -> Iterator[None]:
-    import threading
-
+def _ticker(refresh: Callable[[], None]) -> Iterator[None]:
     done = threading.Event()
 
     def tick() -> None:
-        while not done.wait(0.5):
-            status.update(Text(f"{label} … {time.perf_counter() - started:.0f} s"))
+        while not done.wait(0.25):
+            refresh()
 
     t = threading.Thread(target=tick, daemon=True)
     t.start()
@@ -179,5 +259,3 @@ def _ticker(status: Any, label: str, started: float) -> Iterator[None]:
     finally:
         done.set()
         t.join()
-
-

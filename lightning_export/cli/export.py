@@ -52,6 +52,7 @@ def _version(value: bool) -> None:
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 def lexport(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Lightning .ckpt file, or a file holding a plain state dict.", show_default=False)],
     to: Annotated[list[str], typer.Option("--to", "-t", metavar="FORMAT", help=f"Format to write (repeatable, or comma-separated): {', '.join(REGISTRY)}.", rich_help_panel=o.OUTPUT)] = [],  # noqa: B006
     module: o.Module = None,
@@ -89,60 +90,89 @@ def lexport(
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
     strict_finite: o.StrictFinite = False,
     manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the --json record plus every option that shaped the bytes to FILE, atomically (for lexport verify --manifest and as a build artifact).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
+    settings: Annotated[Path | None, typer.Option("--settings", metavar="FILE", help="Read defaults from FILE ([tool.lexport] of a pyproject.toml, or a TOML file of keys). Default: the nearest pyproject.toml with [tool.lexport], from the current directory up.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
+    profile: Annotated[str | None, typer.Option("--profile", metavar="NAME", help="Also apply [tool.lexport.profiles.NAME] of the settings.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
+    summary: Annotated[Path | None, typer.Option("--summary", metavar="FILE.md", help="Append a markdown report (artifacts, sizes, drift, agreement; a failure's message and hint) to FILE.md. Default: $GITHUB_STEP_SUMMARY when it is set (GitHub Actions shows it on the run's page).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", rich_help_panel=o.OUTPUT)] = False,  # noqa: E501
 ) -> None:
-    def options() -> Any:
+    def options(eff: Any) -> Any:
         from ..build.argfiles import parse_init_arg
         from ..pipeline.options import ExportOptions
 
+        v = eff.values
         return ExportOptions(
-            checkpoint=checkpoint,
-            formats=tuple(to),
-            module=module,
-            attr=attr,
-            config=config,
-            init_args=tuple(parse_init_arg(item) for item in init_arg),
-            init_args_file=init_args,
-            inputs=tuple(input_spec),
-            example_inputs=example_inputs,
-            dynamic_batch=dynamic_batch,
-            output=output,
-            output_dir=output_dir,
-            force=force,
-            verify=verify,
-            keep_failed=keep_failed,
-            atol=atol,
-            rtol=rtol,
-            seed=seed,
-            random_inputs=random_inputs,
-            opset=opset,
-            input_names=tuple(input_names),
-            output_names=tuple(output_names),
-            torchscript_mode=torchscript_mode,
-            precision=precision,
-            quantize=quantize,
-            data=data,
-            data_batches=data_batches,
-            data_input=data_input,
-            min_agreement=min_agreement if min_agreement is not None else ExportOptions.min_agreement,
-            executorch_backend=executorch_backend,
-            max_shard_size=max_shard_size,
-            tokenizer=tokenizer,
-            trust_checkpoint=trust_checkpoint,
-            allow_globals=tuple(allow_global),
-            strict_finite=strict_finite,
-            max_growth=max_growth,
-            hash_checkpoint=json_out or manifest is not None,
-            manifest=manifest,
+            checkpoint=v["checkpoint"],
+            formats=tuple(v["to"]),
+            module=v["module"],
+            attr=v["attr"],
+            config=v["config"],
+            init_args=tuple(parse_init_arg(item) for item in v["init_arg"]),
+            init_args_file=v["init_args"],
+            inputs=tuple(v["input_spec"]),
+            example_inputs=v["example_inputs"],
+            dynamic_batch=v["dynamic_batch"],
+            output=v["output"],
+            output_dir=v["output_dir"],
+            force=v["force"],
+            verify=v["verify"],
+            keep_failed=v["keep_failed"],
+            atol=v["atol"],
+            rtol=v["rtol"],
+            seed=v["seed"],
+            random_inputs=v["random_inputs"],
+            opset=v["opset"],
+            input_names=tuple(v["input_names"]),
+            output_names=tuple(v["output_names"]),
+            torchscript_mode=v["torchscript_mode"],
+            precision=v["precision"],
+            quantize=v["quantize"],
+            data=v["data"],
+            data_batches=v["data_batches"],
+            data_input=v["data_input"],
+            min_agreement=v["min_agreement"] if v["min_agreement"] is not None else ExportOptions.min_agreement,
+            executorch_backend=v["executorch_backend"],
+            max_shard_size=v["max_shard_size"],
+            tokenizer=v["tokenizer"],
+            trust_checkpoint=v["trust_checkpoint"],
+            allow_globals=tuple(v["allow_global"]),
+            strict_finite=v["strict_finite"],
+            max_growth=v["max_growth"],
+            hash_checkpoint=json_out or v["manifest"] is not None,
+            manifest=v["manifest"],
+            settings=eff.record(),
         )
 
     def export(steps: Steps) -> Any:
         from ..pipeline.export import run
+        from .settings import effective
 
-        return run(options(), progress=steps.step)
+        eff = effective(ctx, lexport, ctx.params, settings, profile)
+        return run(options(eff), progress=steps.step)
 
-    execute(export, json_out=json_out, quiet=quiet, render=render_report)
+    execute(export, json_out=json_out, quiet=quiet, render=render_report,
+            after=lambda report, error: append_summary(summary, report, error))
+
+
+def append_summary(path: Path | None, report: Any, error: dict[str, Any] | None) -> None:
+    """The run's markdown summary appended to --summary FILE, else to $GITHUB_STEP_SUMMARY when set; a file that
+    cannot be written is a warning (the artifacts are published already; the exit code stays the run's)."""
+    import os
+
+    from ..summary import markdown
+    from .common import console
+
+    target = path or (Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
+    if target is None:
+        return
+    text = markdown(report.to_json() if report is not None else {}, error)
+    try:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        stderr = console()
+        stderr.print("[yellow]warning[/yellow]: ", end="")
+        stderr.print(f"the summary was not written to {target}: {e.strerror or e}", markup=False, highlight=False)
 
 

@@ -14,10 +14,12 @@ its extra. Verification runs each artifact with its format's own loader.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from ..progress import track
 
 if TYPE_CHECKING:
     import torch
@@ -92,3 +94,11 @@ class WorkDir:
 def same_shapes(a: Inputs, b: Inputs) -> bool:
     ta, tb = tensor_leaves(a), tensor_leaves(b)
     return len(ta) == len(tb) and all(tuple(x.shape) == tuple(y.shape) for x, y in zip(ta, tb))
+
+
+def counted(items: Sequence[Any], label: str) -> Iterator[Any]:
+    """The items, each counted as done (a progress bar of batches on a terminal) once the next is asked for."""
+    with track(label, len(items), unit="batches") as shown:
+        for item in items:
+            yield item
+            shown.advance()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ExportError, describe_exception
 from ._base import ExportContext, Writer, Written
 from ._graph import exporting
-from ._int8 import WorkDir, artifact_bytes, int8_info, require_calibration, tensor_leaves
+from ._int8 import WorkDir, artifact_bytes, counted, int8_info, require_calibration, tensor_leaves
 
 if TYPE_CHECKING:
     from ..inputs import Inputs
@@ -81,13 +81,13 @@ def write_static_int8(fp32_write: Writer, ctx: ExportContext, path: Path) -> Wri
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
-                self.it: Iterator[dict[str, Any]] = iter(feeds)
+                self.it: Iterator[dict[str, Any]] = counted(feeds, "calibrating onnx int8")
 
             def get_next(self) -> dict[str, Any] | None:
                 return next(self.it, None)
 
             def rewind(self) -> None:
-                self.it = iter(feeds)
+                self.it = counted(feeds, "calibrating onnx int8")
 
         prepared = work / "prepared.onnx"
         notes = list(written.notes)

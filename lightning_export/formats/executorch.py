@@ -25,7 +25,7 @@ from . import (
 )
 from ._containers import plain_outputs, report
 from ._graph import captured_stdout, dynamic_shapes_for, exporting
-from ._int8 import INT8_TOLERANCE, artifact_bytes, int8_info, require_calibration, same_shapes, tensor_leaves
+from ._int8 import INT8_TOLERANCE, artifact_bytes, counted, int8_info, require_calibration, same_shapes, tensor_leaves
 
 BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
@@ -202,7 +202,7 @@ def write_int8(ctx: ExportContext, path: Path) -> Written:
                                            strict=False).module()
             quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
             prepared = prepare_pt2e(captured, quantizer)
-            for b in calibration:
+            for b in counted(calibration, "calibrating executorch int8"):
                 prepared(*b.args, **b.kwargs)
             converted = convert_pt2e(prepared)
             qprogram = torch.export.export(converted, ex.args, ex.kwargs or None, strict=False)

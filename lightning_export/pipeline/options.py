@@ -75,6 +75,9 @@ class ExportOptions:
     data_sha256: str | None = None
     # Where to write the manifest (the --json record plus the options that shaped the bytes), atomically.
     manifest: Path | None = None
+    # Where each option came from ({file, profile, options: {flag: {value, source}}}: command line, a settings
+    # file's [tool.lexport] or profile, or the default); recorded in the report and the manifest. None: not asked.
+    settings: dict[str, Any] | None = None
 
 
 # Options recorded in a manifest (everything that shapes the artifacts' bytes or their verification) -> whether

@@ -24,7 +24,7 @@ def no_status(label: str) -> Iterator[None]:
 def reported(opts: ExportOptions, progress: Step | None, work: Callable[[ExportOptions, Report, Step], None]) -> Report:
     """Run `work` and return the Report; raises a LexportError with `.report` (and the report's `error`) when
     anything failed. The manifest, if asked for, is written either way."""
-    report = Report(module=opts.module, attr=opts.attr, versions=versions())
+    report = Report(module=opts.module, attr=opts.attr, versions=versions(), settings=opts.settings)
     try:
         # SIGTERM becomes KeyboardInterrupt from the first step on (loading and building included), so every
         # `finally` removes its temp files and the CLI exits 130.

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..bounded import iter_containers
 from ..errors import Advice, CheckpointError
+from ..progress import track
 from ..text import fmt_bytes, printable
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -336,7 +337,7 @@ def _map_by_address(path: Path, storages: list[Storage], archive: Archive) -> li
     return pairs
 
 
-def _crc_storage(s: Storage, swap: bool) -> int:
+def _crc_storage(s: Storage, swap: bool, advance: Any) -> int:
     """CRC-32 of a storage's bytes, read in place (zlib releases the GIL); byte-swapped back first when torch
     swapped the file's big-endian data on load."""
     import ctypes
@@ -351,22 +352,25 @@ def _crc_storage(s: Storage, swap: bool) -> int:
         for i in range(0, s.nbytes, step):
             part = whole[i:i + step].view(-1, s.element_size).flip(1).contiguous()
             crc = zlib.crc32((ctypes.c_char * part.numel()).from_address(part.data_ptr()), crc)
+            advance(part.numel())
         return crc
     for i in range(0, s.nbytes, _CRC_CHUNK):
         n = min(_CRC_CHUNK, s.nbytes - i)
         crc = zlib.crc32((ctypes.c_char * n).from_address(s.ptr + i), crc)
+        advance(n)
     return crc
 
 
 def _crcs(storages: list[Storage], swap: bool) -> list[int]:
     total = sum(s.nbytes for s in storages)
     workers = min(4, os.cpu_count() or 1, len(storages))
-    if workers <= 1 or total < (64 << 20):
-        return [_crc_storage(s, swap) for s in storages]
-    from concurrent.futures import ThreadPoolExecutor
+    with track("checking CRC-32 of the tensors", total) as task:
+        if workers <= 1 or total < (64 << 20):
+            return [_crc_storage(s, swap, task.advance) for s in storages]
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda s: _crc_storage(s, swap), storages))
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda s: _crc_storage(s, swap, task.advance), storages))
 
 
 def verify_storages(path: Path, storages: list[Storage], archive: Archive, *, mapped: bool) -> None:
