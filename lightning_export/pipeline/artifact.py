@@ -13,22 +13,13 @@ from ..formats import ExportContext, Format
 from ..inputs import batch_size
 from .data import HeldOut
 from .isolated import run_artifact
-from .options import ExportOptions
+from .options import ExportOptions, is_gated
 from .prepare import References
-
-# Artifacts gated on top-1 agreement over the held-out --data batches (their elementwise drift is expected).
-GATED_QUANTIZE = ("int8", "int8-dynamic")
-GATED_PRECISION = ("fp16", "bf16")
 
 
 def failed(problem: str) -> Verification:
     """A verification that failed before any output was compared."""
     return Verification(False, 0, math.nan, math.nan, None, None, problems=[problem])
-
-
-def is_gated(opts: ExportOptions) -> bool:
-    """Quantized and reduced-precision artifacts are judged by the decisions they make (--min-agreement)."""
-    return (opts.quantize or "").lower() in GATED_QUANTIZE or (opts.precision or "").lower() in GATED_PRECISION
 
 
 def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOptions,

@@ -108,7 +108,7 @@ def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
     report (`data` in the JSON and the manifest) and its notes."""
     from ..data.batches import MIN_GATE_SAMPLES
     from ..errors import VerificationError
-    from .artifact import is_gated
+    from .options import is_gated
 
     prepared, record = read_data(opts.data, target, config=opts.config, max_batches=opts.data_batches,
                                  pick=opts.data_input, calibrate=(opts.quantize or "").strip().lower() == "int8",

@@ -187,3 +187,13 @@ def check_ranges(opts: ExportOptions) -> None:
         raise UsageError(f"--data-batches {opts.data_batches}: give a number of batches >= 1")
     if not (math.isfinite(opts.max_growth) and opts.max_growth >= 1):
         raise UsageError(f"--max-growth {opts.max_growth} must be a finite number >= 1")
+
+
+# Artifacts gated on top-1 agreement over the held-out --data batches (their elementwise drift is expected).
+GATED_QUANTIZE = ("int8", "int8-dynamic")
+GATED_PRECISION = ("fp16", "bf16")
+
+
+def is_gated(opts: ExportOptions) -> bool:
+    """Quantized and reduced-precision artifacts are judged by the decisions they make (--min-agreement)."""
+    return (opts.quantize or "").lower() in GATED_QUANTIZE or (opts.precision or "").lower() in GATED_PRECISION
