@@ -11,13 +11,15 @@ from ..errors import UsageError
 
 
 def is_pretrained(module: Any) -> bool:
-    """A transformers PreTrainedModel (only when transformers is already imported: the user's module did)."""
-    tf = sys.modules.get("transformers")
-    return tf is not None and isinstance(module, tf.PreTrainedModel)
+    """A transformers PreTrainedModel (only when its module is already imported: the user's model made one). Never
+    `transformers.PreTrainedModel` on the package: torchmetrics imports transformers whenever it is installed, and
+    that attribute loads its modeling stack (a second of imports, torchao's warnings on stderr)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(module, modeling.PreTrainedModel)
 
 
 def is_peft(module: Any) -> bool:
-    peft = sys.modules.get("peft")
+    peft = sys.modules.get("peft.peft_model")
     return peft is not None and isinstance(module, peft.PeftModel)
 
 
