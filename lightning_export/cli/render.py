@@ -5,14 +5,16 @@ message): it is printed as `Text`, never parsed as rich markup; only lexport's o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..report import Report
 from ..text import fmt_bytes
+
+if TYPE_CHECKING:
+    from ..report import Report
 
 
 def plain(value: object, style: str = "") -> Text:
