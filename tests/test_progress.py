@@ -49,7 +49,10 @@ def export_args(ckpts: dict, tmp_path: Path) -> list[object]:
 def test_a_bar_on_a_terminal_over_the_threshold(export_args: list[object]) -> None:
     code, drawn = _on_pty(*export_args, env={"LEXPORT_PROGRESS_MIN_BYTES": "1"})
     assert code == 0, drawn[-3000:]
-    assert "checking CRC-32 of the tensors" in drawn and "sha256 of classifier.ckpt" in drawn, drawn[-3000:]
+    # The CRC check runs in the step's own thread and is drawn when it begins and ends. Hashing runs in worker
+    # threads (the checkpoint's from before the step's line exists): a tiny file may be hashed between two frames,
+    # so it is not asserted here; a big one is redrawn every 0.25 s.
+    assert "checking CRC-32 of the tensors" in drawn, drawn[-3000:]
     assert "B/s" in drawn and " left" in drawn and "━" in drawn
 
 
