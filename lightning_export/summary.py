@@ -81,8 +81,8 @@ def markdown(record: dict[str, Any], error: dict[str, Any] | None = None, *, tit
             lines.append(f"| {escape(a.get('format'))} | {escape(a['path']) if a.get('path') else '(not written)'} | {_size(a)} | "
                          f"{escape(a.get('exporter') or '-')} | {_diff(a)} | {_verdict(a)} |")
         lines.append("")
-    agreed = [(a, (a.get("verification") or {}).get("agreement")) for a in artifacts]
-    agreed = [(a, g) for a, g in agreed if g]
+    agreed: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (a, g) for a in artifacts if (g := (a.get("verification") or {}).get("agreement"))]
     if agreed:
         data = record.get("data") or {}
         source = f" on {escape(data.get('source') or data.get('path'))}" if data.get("source") or data.get("path") \

@@ -64,7 +64,7 @@ def without_cache(target: Any) -> str | None:
     of the module in memory; a saved config keeps the user's value). The note says so; None when nothing changed."""
     model = unwrap_peft(target)
     config = getattr(model, "config", None)
-    if not is_pretrained(model) or not getattr(config, "use_cache", False):
+    if config is None or not is_pretrained(model) or not getattr(config, "use_cache", False):
         return None
     config.use_cache = False
     config._lexport_cache_off = True  # travels with deepcopy; a saved config.json keeps the user's use_cache

@@ -217,10 +217,10 @@ def _pick_several(batch: Any, pick: tuple[int | str, ...]) -> tuple[Inputs, Any,
         if missing:
             raise UsageError(f"--data-input {','.join(map(str, pick))}: the batches are dicts with keys "
                              f"{', '.join(map(str, list(batch)[:10]))}")
-        return (Inputs((), {k: batch[k] for k in pick}), _dict_labels(batch, set(pick)),
+        return (Inputs((), {str(k): batch[k] for k in pick}), _dict_labels(batch, set(pick)),
                 f"keys {', '.join(map(str, pick))} of each dict as keyword arguments (--data-input)")
     if isinstance(batch, (tuple, list)) and all(isinstance(i, int) and -len(batch) <= i < len(batch) for i in pick):
-        return (Inputs(tuple(batch[i] for i in pick), {}), None,
+        return (Inputs(tuple(batch[int(i)] for i in pick), {}), None,
                 f"elements {', '.join(map(str, pick))} of each {type(batch).__name__} as positional arguments "
                 "(--data-input)")
     raise UsageError(f"--data-input {','.join(map(str, pick))}: the batches are {type(batch).__name__}s; give keys "
@@ -326,7 +326,7 @@ def prepare(
     *,
     source: str,
     calibrate: bool,
-    pick: int | str | None = None,
+    pick: int | str | tuple[int | str, ...] | None = None,
     min_calibration_samples: int = MIN_CALIBRATION_SAMPLES,
     min_verification_samples: int = 1,
 ) -> Prepared:
@@ -344,7 +344,7 @@ def prepare(
         raise UsageError(f"--data: {source} gave no batches")
     mapped: list[Batch] = []
     rule = ""
-    empty = []
+    empty: list[Batch] = []
     for i, batch in enumerate(raw):
         inputs, labels, r = to_inputs(batch, sig, pick)
         if not inputs.tensors():

@@ -62,10 +62,11 @@ def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOpti
     if held and not problems and refs.held_out is not None:
         _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held],
                    [r[4] for r in held])
-        read, ran = refs.held_out.prepared.verification_samples, refs.held_out.ran(program_batch)
-        v.agreement["samples_read"] = read
-        if ran < read:
-            v.agreement_text = (f"{v.agreement_text} ({ran} of the {read} held-out samples ran: re-batched to the "
+        read, ran_samples = refs.held_out.prepared.verification_samples, refs.held_out.ran(program_batch)
+        if v.agreement is not None:
+            v.agreement["samples_read"] = read
+        if ran_samples < read:
+            v.agreement_text = (f"{v.agreement_text} ({ran_samples} of the {read} held-out samples ran: re-batched to the "
                                 f"example's batch size {program_batch}, the rest fill no batch)")
     return v
 

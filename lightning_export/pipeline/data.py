@@ -33,7 +33,7 @@ def read_data(
     The record: `{"kind": "file", "path", "sha256", "bytes"}` or `{"kind": "datamodule", "class", "loader",
     "config"}`, plus `batches_read`. Raises UsageError (exit 2) for a bad file or flag, UserModuleError (exit 4)
     when the user's datamodule raises."""
-    pick = parse_pick(pick)
+    picked = parse_pick(pick)
     if str(source) == CONFIG_SOURCE:
         if config is None:
             raise UsageError("--data config reads the data: section of --config; pass --config FILE too")
@@ -56,7 +56,7 @@ def read_data(
         record = {"kind": "file", "path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size,
                   "batches_in_file": len(everything)}
     record["batches_read"] = len(raw)
-    prepared = prepare(raw, module, source=where, calibrate=calibrate, pick=pick,
+    prepared = prepare(raw, module, source=where, calibrate=calibrate, pick=picked,
                        min_verification_samples=min_verification_samples)
     return prepared, {**record, **prepared.summary()}
 

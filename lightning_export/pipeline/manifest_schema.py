@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..errors import UsageError
 
@@ -67,6 +67,7 @@ def check_record(record: dict[str, Any], where: str) -> None:
     """Every field verify uses, typed; raises UsageError naming the first that is not."""
     ckpt = record.get("checkpoint")
     _check(ckpt, "object", "checkpoint", where)
+    ckpt = cast(dict[str, Any], ckpt)  # _check raised for anything else
     _check(ckpt.get("path"), "text", "checkpoint.path", where)
     if ckpt.get("sha256") is not None:
         _check(ckpt["sha256"], "hex", "checkpoint.sha256", where)

@@ -23,7 +23,8 @@ from .run import Step, reported
 from .steps import Run, run_steps
 
 
-def verify(
+# `manifest` here is the manifest to read; ExportOptions.manifest (one to write) does not apply to verify.
+def verify(  # type: ignore[misc]
     artifacts: Iterable[str | os.PathLike[str]] | dict[Any, Any] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     *,
