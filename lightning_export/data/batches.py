@@ -149,7 +149,7 @@ def parse_pick(value: str | int | None) -> int | str | tuple[int | str, ...] | N
         return text
 
 
-def to_inputs(batch: Any, sig: Signature, pick: int | str | None = None) -> tuple[Inputs, Any, str]:
+def to_inputs(batch: Any, sig: Signature, pick: int | str | tuple[int | str, ...] | None = None) -> tuple[Inputs, Any, str]:
     """(forward's arguments, integer labels or None, the rule used in words). Raises UsageError when `pick` does
     not exist in the batch or the batch holds nothing forward can take."""
     import torch
