@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dynamic import DynamicSupport
 from ..errors import UsageError
 
 
@@ -21,7 +22,7 @@ class ExportContext:
     state_dict: Mapping[str, Any]
     example: Any  # inputs.Inputs or None
     opset: int | None = None
-    dynamic_batch: bool = False
+    dynamic: Any = None  # dynamic.Resolved: the dims --dynamic makes dynamic, with their bounds (None: static)
     torchscript_mode: str = "trace"
     executorch_backend: str = "xnnpack"
     # ONNX graph input/output names, one per tensor leaf of (args, kwargs) / of the output (empty: defaults).
@@ -82,7 +83,8 @@ class Format:
     atol: float = 0.0
     rtol: float = 0.0
     needs_module: bool = True
-    dynamic_batch: bool = False  # honours --dynamic-batch (then verified at another batch size too)
+    # What the format does with --dynamic (and --dynamic-batch); None: static shapes only, --dynamic is exit 2.
+    dynamic: DynamicSupport | None = None
     # About how many bytes write() will put in its directory (companions included), checked against the free
     # space before writing: an over-estimate by a margin, never an under-estimate for ordinary modules.
     size_estimate: Callable[[ExportContext], int] = weights_estimate

@@ -145,12 +145,13 @@ def write_onnx_int8(module: Any, example: Any, calibration: list[Any], path: Pat
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e:  # pragma: no cover - onnxruntime ships it
         raise ExportError(f"onnxruntime.quantization is not available: {e}") from e
+    from ..dynamic import dynamic_batch
     from ._graph import exporting
     from .onnx import write as write_fp32
 
     # The graph's names are the run's (--input-names/--output-names, else the defaults the fp32 ONNX gets).
-    ctx = ExportContext(target=module, state_dict={}, example=example, opset=opset, dynamic_batch=True,
-                        input_names=tuple(input_names), output_names=tuple(output_names))
+    ctx = ExportContext(target=module, state_dict={}, example=example, opset=opset,
+                        dynamic=dynamic_batch(module, example), input_names=tuple(input_names), output_names=tuple(output_names))
     path = Path(path)
     with _WorkDir(path) as work:
         fp32 = work / "fp32" / "model.onnx"

@@ -17,8 +17,16 @@ from ..errors import (
     source_pointers,
 )
 from ..outputs import write_os_error
-from . import ExportContext, Format, Written, module_bytes, register
-from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
+from . import DynamicSupport, ExportContext, Format, Written, module_bytes, register
+from ._graph import (
+    DimSpecialized,
+    check_program_dims,
+    dynamic_info,
+    dynamic_shapes_for,
+    exporting,
+    graph_estimate,
+    tail,
+)
 
 # protobuf's hard limit is 2 GiB; stay clear of it (graph + initializers).
 EXTERNAL_DATA_ABOVE = 1_800_000_000
@@ -120,7 +128,7 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     import torch
 
     ex = ctx.example
-    dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
+    dyn = dynamic_shapes_for(ctx)
     program = torch.onnx.export(
         ctx.target,
         _positional(ex),
@@ -135,6 +143,8 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     )
     if program is None:
         raise RuntimeError("the dynamo exporter returned no program")
+    if getattr(program, "exported_program", None) is not None:
+        check_program_dims(program.exported_program, ctx.dynamic, "onnx")
     program.save(str(path), external_data=external)
 
 
@@ -147,11 +157,27 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
     kwargs: dict[str, Any] = {}
     if ctx.opset is not None:
         kwargs["opset_version"] = ctx.opset
-    if ctx.dynamic_batch:
-        kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
+    if ctx.dynamic is not None:
+        kwargs["dynamic_axes"] = dynamic_axes(ctx.dynamic, names)
     if ctx.output_names:
         kwargs["output_names"] = list(ctx.output_names)
     torch.onnx.export(ctx.target, args, str(path), input_names=names, dynamo=False, **kwargs)
+
+
+def dynamic_axes(dynamic: Any, names: list[str]) -> dict[str, dict[int, str]]:
+    """The TorchScript-based exporter's dynamic_axes: per input name, its --dynamic dims, named like the dynamo
+    exporter's named batch ("batch" for dim 0, else dim<N>, shared by the inputs whose dims vary together)."""
+    axes: dict[str, dict[int, str]] = {}
+    groups = dynamic.groups()
+    for group in groups:
+        same_dim = [x for x in groups if x[0].dim == group[0].dim]
+        axis = "batch" if group[0].dim == 0 else f"dim{group[0].dim}"
+        if len(same_dim) > 1:
+            axis += f"_{same_dim.index(group)}"
+        for d in group:
+            if d.leaf < len(names):
+                axes.setdefault(names[d.leaf], {})[d.dim] = axis
+    return axes
 
 
 # The dynamo exporter writes opset >= 18 whatever is asked; older opsets come from the TorchScript-based one.
@@ -169,6 +195,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
             _dynamo(ctx, path, external)
             exporter = "torch.onnx.dynamo"
         except Exception as e:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the reason
+            if isinstance(e, UsageError) and not isinstance(e, DimSpecialized):
+                raise  # a bound in forward's code (check_program_dims): a trace would break past it too
             if write_os_error(e) is not None:  # a full disk or an I/O error: the other exporter fares no better
                 raise
             errors.append(f"dynamo exporter: {describe_exception(e)}")
@@ -204,6 +232,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
     if external:
         notes.append("weights are over 1.8 GB: stored as ONNX external data beside the .onnx file")
     info = _describe(path)
+    if ctx.dynamic is not None:
+        info["dynamic_dims"] = dynamic_info(ctx.dynamic)
     names = list(ctx.input_names) or default_input_names(ctx.target, ctx.example)
     if info["inputs"] != names:
         # The TorchScript-based exporter drops inputs the graph does not use: record every tensor's name, so a
@@ -403,7 +433,7 @@ register(
         load,
         atol=1e-4,
         rtol=1e-3,
-        dynamic_batch=True,
+        dynamic=DynamicSupport(),
         size_estimate=graph_estimate,
         sniff=_sniff,
         options=("opset",),

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..agreement import gate, measure
 from ..compare import Verification, compare_outputs, compare_tensor_maps
-from ..errors import describe_exception
+from ..errors import UsageError, describe_exception
 from ..inputs import batch_size
 from .options import ExportOptions
 
@@ -38,9 +38,15 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
         return compare_tensor_maps(ctx.state_dict, loaded)
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
-    dynamic = opts.dynamic_batch and fmt.dynamic_batch
-    runs = refs.runs(dynamic=dynamic)
-    held = _held_out_runs(refs.held_out, None if dynamic else batch_size(ctx.example))
+    dynamic = refs.dynamic if getattr(fmt, "dynamic", None) is not None else None
+    if dynamic is not None:
+        dynamic = dynamic.bounded(fmt.dynamic.default_max_factor)
+    try:
+        runs = refs.runs(dynamic)
+    except UsageError as e:  # the module fails at a size within a format's default bound
+        return failed(e.message)
+    any_batch = dynamic is not None and any(d.dim == 0 and d.max is None for d in dynamic.dims)
+    held = _held_out_runs(refs.held_out, None if any_batch else batch_size(ctx.example))
     expected, actual, labels, problems = [], [], [], []
     for label, data, ref in runs + [h[:3] for h in held]:
         try:
@@ -54,6 +60,9 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     v = compare_outputs(expected, actual, atol=atol, rtol=rtol, labels=labels)
     v.problems[:0] = problems
     v.inputs_checked = len(runs) + len(held)
+    if dynamic is not None:
+        v.shapes_checked = [{"run": label, "shapes": [list(t.shape) for t in data.tensors()]}
+                            for label, data, _ in runs + [h[:3] for h in held]]
     v.passed = v.passed and not problems
     if held and not problems:
         _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held])

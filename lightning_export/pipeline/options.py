@@ -30,7 +30,9 @@ class ExportOptions:
     init_args_file: Path | None = None
     inputs: tuple[str, ...] = ()
     example_inputs: Path | None = None
-    dynamic_batch: bool = False
+    dynamic_batch: bool = False  # --dynamic 0
+    # --dynamic SPEC values (dynamic.parse_dynamic): the dims of the inputs that take other sizes, with bounds.
+    dynamic: tuple[str, ...] = ()
     output: Path | None = None
     output_dir: Path | None = None
     force: bool = False
@@ -76,7 +78,7 @@ class ExportOptions:
 # `lexport verify --manifest` takes it from there (False: export-only, the artifact holds its effect already).
 MANIFEST_OPTIONS: dict[str, bool] = {
     "formats": False, "module": True, "attr": True, "config": True, "init_args": True, "init_args_file": True,
-    "inputs": True, "example_inputs": True, "dynamic_batch": True, "opset": False, "input_names": False,
+    "inputs": True, "example_inputs": True, "dynamic_batch": True, "dynamic": True, "opset": False, "input_names": False,
     "output_names": False, "torchscript_mode": False, "seed": True, "random_inputs": True, "atol": True,
     "rtol": True, "strict_finite": False, "trust_checkpoint": True, "allow_globals": True, "max_growth": True,
     "meta_build": False, "precision": True, "quantize": True, "executorch_backend": False, "data": True,
@@ -88,7 +90,9 @@ def options_from(checkpoint: str | os.PathLike[str], options: dict[str, Any]) ->
     """ExportOptions from the keyword arguments of export()/verify(): sequences as tuples, paths as Paths."""
     if isinstance(options.get("formats"), str):
         options["formats"] = (options["formats"],)
-    for key in ("formats", "inputs", "allow_globals", "input_names", "output_names"):
+    if isinstance(options.get("dynamic"), str):
+        options["dynamic"] = (options["dynamic"],)
+    for key in ("formats", "inputs", "allow_globals", "input_names", "output_names", "dynamic"):
         if key in options:
             options[key] = tuple(options[key])
     if isinstance(options.get("init_args"), dict):

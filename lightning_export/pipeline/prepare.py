@@ -15,6 +15,7 @@ from ..build.configs import read_model_section
 from ..build.importing import resolve_class
 from ..build.module import build_module, seeded
 from ..data.files import load_tensor_file
+from ..dynamic import parse_dynamic, resolve
 from ..errors import CheckpointError, UsageError, UserModuleError
 from ..formats import REGISTRY, ExportContext
 from ..formats._int8 import check_int8_request
@@ -118,26 +119,46 @@ class References:
     def __init__(self, target: Any, example: Any, opts: ExportOptions) -> None:
 
         self.target = target
+        self.seed = opts.seed
         self.sets = [example] + [inputs.random_like(example, opts.seed + i) for i in range(1, opts.random_inputs + 1)]
         self.labels = ["example input"] + [f"random input {i}" for i in range(1, opts.random_inputs + 1)]
-        self.dynamic_set: Any = None
-        b = inputs.batch_size(example)
-        if opts.dynamic_batch and b is not None:
-            self.dynamic_set = inputs.random_like(example, opts.seed + 1000, batch=b + 1)
-        self._cache: dict[int, Any] = {}
+        self.dynamic: Any = None  # dynamic.Resolved with --dynamic: verification derives the other sizes from it
+        self._cache: dict[Any, Any] = {}
         self.held_out: Any = None  # pipeline.data.HeldOut with --data: real batches, checked with agreement
 
     def get(self, i: int) -> Any:
         if i not in self._cache:
-            data = self.sets[i] if i >= 0 else self.dynamic_set
-            self._cache[i] = inputs.detached(inputs.run_forward(self.target, data))
+            self._cache[i] = inputs.detached(inputs.run_forward(self.target, self.sets[i]))
         return self._cache[i]
 
-    def runs(self, dynamic: bool) -> list[tuple[str, Any, Any]]:
+    def runs(self, dynamic: Any = None) -> list[tuple[str, Any, Any]]:
+        """(label, inputs, eager outputs): the example, the random inputs and, for `dynamic` (a dynamic.Resolved,
+        bounded as the format needs), random inputs at the other sizes of its dims."""
         out = [(label, data, self.get(i)) for i, (label, data) in enumerate(zip(self.labels, self.sets))]
-        if dynamic and self.dynamic_set is not None:
-            out.append((f"batch of {self.dynamic_set.tensors()[0].shape[0]}", self.dynamic_set, self.get(-1)))
+        return out + (self.dynamic_runs(dynamic) if dynamic is not None else [])
+
+    def dynamic_runs(self, dynamic: Any) -> list[tuple[str, Any, Any]]:
+        out = []
+        for n, (label, sizes) in enumerate(dynamic.runs()):
+            key = ("dynamic", label)
+            if key not in self._cache:
+                data = inputs.random_like(self.sets[0], self.seed + 1000 + n, sizes=sizes)
+                try:
+                    ref = inputs.detached(inputs.run_forward(self.target, data))
+                except UserModuleError as e:
+                    raise UsageError(
+                        f"{dynamic.spec.flags()}: the module itself fails at {label} (the example has "
+                        f"{_example_sizes(dynamic)}): {e.message.split(': ', 1)[-1][:400]}",
+                        hint="Make only the dims forward takes at any size dynamic, or bound them with DIM:MIN..MAX.",
+                    ) from e
+                self._cache[key] = (data, ref)
+            data, ref = self._cache[key]
+            out.append((label, data, ref))
         return out
+
+
+def _example_sizes(dynamic: Any) -> str:
+    return ", ".join(f"{d.label()} = {d.size}" for d in dynamic.dims)
 
 
 def check_flags(opts: ExportOptions) -> Supplied:
@@ -153,11 +174,27 @@ def with_format_options(formats: list[Any], opts: ExportOptions) -> list[Any]:
     if opts.quantize and opts.quantize.strip().lower() == "int8":
         check_int8_request([f.name for f in formats], has_data=opts.data is not None)
     formats = [apply_options(f, opts.precision, opts.quantize) for f in formats]
+    check_dynamic_formats(formats, opts)
     asked = {f.name for f in formats}
     for fmt in REGISTRY.values():
         if fmt.check is not None:
             fmt.check(opts, fmt.name in asked)
     return formats
+
+
+def check_dynamic_formats(formats: list[Any], opts: ExportOptions) -> None:
+    """--dynamic parsed (exit 2 when malformed) and refused for a graph format that takes static shapes only."""
+    spec = parse_dynamic(opts.dynamic, opts.dynamic_batch)
+    if spec is None:
+        return
+    static = [f.name for f in formats if f.kind == "graph" and f.dynamic is None]
+    if static:
+        flag = "--dynamic" if opts.dynamic else "--dynamic-batch"
+        raise UsageError(
+            f"{flag}: {', '.join(static)} takes static shapes only (the LiteRT converter and interpreter need the "
+            "example's shapes)" if static == ["tflite"] else f"{flag}: {', '.join(static)} takes static shapes only",
+            hint=f"Export {', '.join(static)} in a run of its own without {flag}, at the shape it will be fed.",
+        )
 
 
 def check_input_flags(opts: ExportOptions) -> list[Any]:
@@ -208,7 +245,7 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Any],
         target, state_dict = None, _weights_under_attr(ckpt, opts.attr)
     with phase(CheckpointError, "checking the weights for NaN/Inf"):
         check_finite_weights(state_dict, opts, report)
-    ctx = ExportContext(target=target, state_dict=state_dict, example=None, dynamic_batch=opts.dynamic_batch,
+    ctx = ExportContext(target=target, state_dict=state_dict, example=None,
                         **{name: getattr(opts, name) for f in formats for name in f.options})
     graph = [f for f in formats if f.kind == "graph"]
     refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None) if graph else None
@@ -273,19 +310,20 @@ def _references(opts: ExportOptions, report: Report, step: Step, graph: list[Any
     format needs prepared from them (ONNX names)."""
     with step("running the module on the example inputs"), phase(UserModuleError, "running the module"):
         ctx.example, source = _example_inputs(opts, specs, ctx.target, lightning_module)
-        if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(ctx.example) == 1:
-            raise UsageError(
-                "--dynamic-batch needs example inputs with a batch of 2 or more: torch.export "
-                "specializes dimensions of size 1",
-                hint="Pass --input with a batch >= 2, e.g. --input float32[2,...].",
-            )
+        spec = parse_dynamic(opts.dynamic, opts.dynamic_batch)
+        if spec is not None and any(f.dynamic is not None for f in graph):
+            ctx.dynamic = resolve(spec, ctx.target, ctx.example)
         refs = References(ctx.target, ctx.example, opts)
+        refs.dynamic = ctx.dynamic
         try:
             reference = refs.get(0)
         except UserModuleError as e:
             e.message += f"\n(the inputs are {source})"
             raise
         check_finite_outputs(reference, opts, report)
+    if ctx.dynamic is not None:
+        with step("running the module at other sizes of the --dynamic dims"):
+            refs.dynamic_runs(ctx.dynamic)  # a module that takes no other size is exit 2 before any export
     for fmt in {f.name: f for f in graph if f.prepare is not None}.values():
         for name, value in fmt.prepare(ctx, reference, opts).items():
             setattr(ctx, name, value)
