@@ -42,7 +42,7 @@ class DynamicSpec:
     entries: tuple[DynamicEntry, ...]
 
     def flags(self) -> str:
-        return " ".join(f"--dynamic {e.text()}" for e in self.entries if e.dims) or "(no --dynamic)"
+        return " ".join(f"--dynamic {e.text()}" for e in self.entries if e.dims) or "no --dynamic"
 
 
 @dataclass(frozen=True)
@@ -142,16 +142,23 @@ class Resolved:
         return list({label: (label, sizes) for label, sizes in out}.values())
 
     def flag_with(self, target: DynamicDim, dim: DimRange | None) -> str:
-        """The run's --dynamic flags with `target`'s dim replaced by `dim` (None: dropped)."""
-        entries = list(self.spec.entries)
-        e = entries[target.entry]
-        if e.name is None and len([d for d in self.dims if d.entry == target.entry and d.dim == target.dim]) > 1:
-            # Every input's dim: keep the others, name this one
-            entries.append(DynamicEntry(target.input.split("[")[0], (dim,) if dim else ()))
-        else:
-            entries[target.entry] = DynamicEntry(e.name, tuple(
-                x for x in ((dim if x.dim == target.dim else x) for x in e.dims) if x is not None))
-        return DynamicSpec(tuple(entries)).flags()
+        """The run's --dynamic flags with `target`'s dim (in every input it was asked for) replaced by `dim`
+        (None: dropped)."""
+        return self.flags_with({target.dim: dim}, {d.entry for d in self.dims if d.dim == target.dim})
+
+    def flags_with(self, dims: dict[int, DimRange | None], entries: set[int]) -> str:
+        out = []
+        for n, e in enumerate(self.spec.entries):
+            if n in entries:
+                e = DynamicEntry(e.name, tuple(x for x in ((dims.get(x.dim, x) if x.dim in dims else x)
+                                                          for x in e.dims) if x is not None))
+            out.append(e)
+        return DynamicSpec(tuple(out)).flags()
+
+    def without_run(self, sizes: dict[int, dict[int, int]]) -> str:
+        """The flags with the dims a failing run changed dropped: what to export with instead."""
+        changed = {dim for leaf in sizes.values() for dim in leaf}
+        return self.flags_with(dict.fromkeys(changed), {d.entry for d in self.dims if d.dim in changed})
 
 
 def _other_sizes(group: list[DynamicDim]) -> list[int]:

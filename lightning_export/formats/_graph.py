@@ -154,18 +154,19 @@ def check_program_dims(program: Any, dynamic: Any, what: str) -> None:
         if d.leaf >= len(shapes) or d.dim >= len(shapes[d.leaf]):
             continue
         size = shapes[d.leaf][d.dim]
-        if isinstance(size, int):
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if isinstance(size, int) or getattr(expr, "is_number", False):  # a SymInt may hold a constant: specialized
+            size = int(size if isinstance(size, int) else expr)
             raise DimSpecialized(
                 f"{what}: {d.label()} cannot be dynamic: torch.export fixed it to {size} (forward's code needs that "
                 "size: a reshape or view to a literal, a table of that many rows, an RNN that torch.export unrolls "
                 "over the sequence)",
                 hint=f"Export with that dim static: {dynamic.flag_with(d, None)}",
             )
-        bounds = program.range_constraints.get(size.node.expr)
-        upper = getattr(bounds, "upper", None)
-        if upper is None or not _finite(upper):
+        bounds = program.range_constraints.get(expr)
+        upper = _finite(getattr(bounds, "upper", None))
+        if upper is None:
             continue
-        upper = int(upper)
         if d.max is None or upper < d.max:
             from ..dynamic import DimRange
 
@@ -177,11 +178,15 @@ def check_program_dims(program: Any, dynamic: Any, what: str) -> None:
             )
 
 
-def _finite(x: Any) -> bool:
+def _finite(x: Any) -> int | None:
+    """A sympy bound as an int; None for infinity (int_oo has no int())."""
+    if x is None or getattr(x, "is_finite", True) is False:
+        return None
     try:
-        return bool(abs(int(x)) < (1 << 62))
-    except (TypeError, ValueError, OverflowError):
-        return False
+        value = int(x)
+    except Exception:  # noqa: BLE001 - sympy's infinities raise AttributeError, TypeError...
+        return None
+    return value if abs(value) < (1 << 62) else None
 
 
 def dynamic_info(dynamic: Any) -> list[dict[str, Any]]:

@@ -149,7 +149,8 @@ class References:
                     raise UsageError(
                         f"{dynamic.spec.flags()}: the module itself fails at {label} (the example has "
                         f"{_example_sizes(dynamic)}): {e.message.split(': ', 1)[-1][:400]}",
-                        hint="Make only the dims forward takes at any size dynamic, or bound them with DIM:MIN..MAX.",
+                        hint=f"Export with the dims forward takes at any size only: {dynamic.without_run(sizes)} (or "
+                        "bound them with DIM:MIN..MAX).",
                     ) from e
                 self._cache[key] = (data, ref)
             data, ref = self._cache[key]
