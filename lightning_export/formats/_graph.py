@@ -133,11 +133,39 @@ def dynamic_shapes_for(ctx: ExportContext, dynamic: Any = None) -> dict[str, Any
     return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
+@contextlib.contextmanager
+def rnn_loops(dynamic: Any) -> Iterator[None]:
+    """nn.GRU and nn.LSTM as a while_loop instead of unrolled over the example's length, when --dynamic is given:
+    torch.export otherwise fixes their sequence length (torch.onnx does the same for its own export)."""
+    try:
+        from torch.export._patches import register_gru_while_loop_decomposition, register_lstm_while_loop_decomposition
+    except ImportError:  # an older torch: the dim is reported as fixed
+        dynamic = None
+    if dynamic is None:
+        yield
+        return
+    import torch
+
+    ops = (torch.ops.aten.lstm.input, torch.ops.aten.gru.input)
+
+    def forget() -> None:  # an op dispatched before (the eager reference runs) cached its kernel: drop it
+        for op in ops:
+            getattr(op, "_dispatch_cache", {}).clear()
+
+    with register_lstm_while_loop_decomposition(), register_gru_while_loop_decomposition():
+        forget()
+        try:
+            yield
+        finally:
+            forget()
+    forget()
+
+
 class DimSpecialized(UsageError):
     """torch.export fixed a dim --dynamic asked for (a trace-based exporter may still keep it dynamic)."""
 
 
-def check_program_dims(program: Any, dynamic: Any, what: str) -> None:
+def check_program_dims(program: Any, dynamic: Any, what: str, also: str | None = None) -> None:
     """Every dim --dynamic asked for is dynamic in the exported program, over the whole range asked for: a dim the
     code fixes (a reshape to a literal, an RNN unrolled over its length) or bounds (a position table of 64 rows
     indexed by x.size(1)) is a usage error naming the flag that works, never an artifact that breaks elsewhere."""
@@ -155,16 +183,17 @@ def check_program_dims(program: Any, dynamic: Any, what: str) -> None:
             continue
         size = shapes[d.leaf][d.dim]
         expr = getattr(getattr(size, "node", None), "expr", None)
-        if isinstance(size, int) or getattr(expr, "is_number", False):  # a SymInt may hold a constant: specialized
-            size = int(size if isinstance(size, int) else expr)
+        bounds = program.range_constraints.get(expr)
+        upper = _finite(getattr(bounds, "upper", None))
+        if getattr(expr, "is_number", False) or (upper is not None and upper == _finite(bounds.lower)):
+            size = int(expr) if getattr(expr, "is_number", False) else upper
+        if isinstance(size, int):  # specialized (a SymInt may hold a constant, or a range of one value)
             raise DimSpecialized(
                 f"{what}: {d.label()} cannot be dynamic: torch.export fixed it to {size} (forward's code needs that "
                 "size: a reshape or view to a literal, a table of that many rows, an RNN that torch.export unrolls "
                 "over the sequence)",
-                hint=f"Export with that dim static: {dynamic.flag_with(d, None)}",
+                hint=f"Export with that dim static: {dynamic.flag_with(d, None)}" + (f"; {also}" if also else ""),
             )
-        bounds = program.range_constraints.get(expr)
-        upper = _finite(getattr(bounds, "upper", None))
         if upper is None:
             continue
         if d.max is None or upper < d.max:

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import DynamicSupport, ExportContext, Format, Written, register
 from ._containers import plain_outputs, report
-from ._graph import check_program_dims, dynamic_info, dynamic_shapes_for, exporting, graph_estimate
+from ._graph import check_program_dims, dynamic_info, dynamic_shapes_for, exporting, graph_estimate, rnn_loops
 from ._io import sink
 
 
@@ -15,7 +15,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
     ex = ctx.example
-    with exporting(ctx), plain_outputs(ctx.target) as converted:
+    with exporting(ctx), plain_outputs(ctx.target) as converted, rnn_loops(ctx.dynamic):
         program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dynamic_shapes_for(ctx),
                                       strict=False)
         check_program_dims(program, ctx.dynamic, "exported-program")

@@ -25,6 +25,7 @@ from ._graph import (
     dynamic_shapes_for,
     exporting,
     graph_estimate,
+    rnn_loops,
     tail,
 )
 
@@ -158,7 +159,8 @@ def _check_bounds(ctx: ExportContext, dyn: Any) -> None:
 
     ex = ctx.example
     try:
-        program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+        with rnn_loops(ctx.dynamic):  # as torch.onnx exports them
+            program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
     except Exception:  # noqa: BLE001 - the ONNX exporter reports its own failure (and falls back)
         return
     try:

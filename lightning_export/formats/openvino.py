@@ -75,7 +75,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
     with exporting(ctx):
         program = torch.export.export(ctx.target, ex.args, ex.kwargs or None, dynamic_shapes=dynamic_shapes_for(ctx),
                                       strict=False)
-        check_program_dims(program, ctx.dynamic, "openvino")
+        check_program_dims(program, ctx.dynamic, "openvino",
+                           also="onnx and exported-program keep an nn.GRU/nn.LSTM's length dynamic (a while_loop, "
+                           "which OpenVINO's converter does not run at other lengths)")
         try:
             model = ov.convert_model(program)
         except Exception as e:  # noqa: BLE001 - OpenVINO's frontend refused an op: its reason, exit 5
