@@ -32,6 +32,8 @@ class Verification:
     # gate), and the same in words for the human report.
     agreement: dict[str, Any] | None = None
     agreement_text: str | None = None
+    # With --dynamic: every run's input shapes ({"run": label, "shapes": [[...], ...]}), the other sizes included.
+    shapes_checked: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,6 +58,8 @@ class Verification:
         }
         if self.agreement is not None:
             out["agreement"] = self.agreement
+        if self.shapes_checked is not None:
+            out["shapes_checked"] = self.shapes_checked
         return out
 
 

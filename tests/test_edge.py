@@ -106,7 +106,7 @@ def test_openvino_dynamic_batch_and_transformer(target_ckpts, tmp_path):
     pytest.importorskip("openvino")
     a = lexport(target_ckpts, "convnet", ["openvino"], tmp_path, dynamic_batch=True)["openvino"]
     assert a.info["input_shapes"] == [[-1, 3, 16, 16]]
-    assert a.verification.inputs_checked == 7  # example + 5 random + one at another batch
+    assert a.verification.inputs_checked == 8  # example + 5 random + batches of 1 and 5 (--dynamic-batch)
     m = rebuilt(target_ckpts, "convnet")
     x = fresh(m, batch=5)
     assert drift(run_ir(a.path, x), m, x, 1e-4, 1e-4) < 1e-4
@@ -202,7 +202,7 @@ def test_verify_and_manifest(target_ckpts, tmp_path):
     res = invoke("verify", "--manifest", manifest, target_ckpts["convnet"], "--json")  # the checkpoint is outside
     assert res.code == 0, res
     checked = {a["format"]: a for a in res.json()["artifacts"]}
-    assert checked["openvino"]["verification"]["inputs_checked"] == 7  # --dynamic-batch from the manifest
+    assert checked["openvino"]["verification"]["inputs_checked"] == 8  # --dynamic-batch from the manifest
     assert checked["openvino"]["companions"] == ["convnet.bin"] or checked["openvino"]["companions"][0].endswith(
         "convnet.bin")
 

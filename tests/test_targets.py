@@ -133,7 +133,7 @@ def test_aoti_package(monkeypatch, target_ckpts, tmp_path):
     assert a.path.endswith("convnet.aoti.pt2") and not a.companions  # one file: the library is inside
     assert a.info["device"] == "cpu" and a.info["machine"]
     assert a.info["compile_seconds"] > 0
-    assert a.verification.inputs_checked == 7  # example, 5 random, and a batch of 3 (dynamic batch)
+    assert a.verification.inputs_checked == 8  # example, 5 random, and batches of 1 and 5 (dynamic batch)
     m = rebuilt(target_ckpts, "convnet")
     package = torch._inductor.aoti_load_package(a.path)
     for batch in (2, 5):

@@ -15,7 +15,8 @@ InitArg = Annotated[list[str], typer.Option("--init-arg", metavar="KEY=VALUE", h
 InitArgs = Annotated[Path | None, typer.Option("--init-args", metavar="FILE", help="YAML/JSON file of constructor arguments; {class_path, init_args} values are instantiated.")]  # noqa: E501
 InputSpecs = Annotated[list[str], typer.Option("--input", metavar="DTYPE[DIMS]", help="DTYPE[D0,D1,...] per forward argument, e.g. float32[2,10]; repeatable. Default: example_input_array.")]  # noqa: E501
 ExampleInputs = Annotated[Path | None, typer.Option(metavar="FILE", help=".pt file with a tensor, a tuple of args (nesting allowed) or a dict of kwargs.")]  # noqa: E501
-DynamicBatch = Annotated[bool, typer.Option("--dynamic-batch", help="Make dim 0 of every input dynamic (onnx, exported-program, openvino); verified at another batch size.")]  # noqa: E501
+DynamicBatch = Annotated[bool, typer.Option("--dynamic-batch", help="Same as --dynamic 0: dim 0 (the batch) of every input dynamic.")]  # noqa: E501
+Dynamic = Annotated[list[str], typer.Option("--dynamic", metavar="SPEC", help="Dims that take other sizes: DIMS for every input (--dynamic 0,1) or NAME=DIMS for one (a forward parameter or dict key: --dynamic input_ids=0,1); a DIM may be bounded, DIM:MIN..MAX (--dynamic 0,1:1..512). Repeatable. Verified at smaller and larger sizes of each dim. onnx, exported-program, openvino, aoti, executorch (bounded: MAX, else 4x the example), torchscript (checked); not tflite.")]  # noqa: E501
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace existing outputs.")]
 Atol = Annotated[float | None, typer.Option(metavar="FLOAT", help="Absolute tolerance (default per format: torchscript and exported-program 1e-5, onnx 1e-4).")]  # noqa: E501
 Rtol = Annotated[float | None, typer.Option(metavar="FLOAT", help="Relative tolerance (default per format: torchscript and exported-program 1e-5, onnx 1e-3).")]  # noqa: E501
