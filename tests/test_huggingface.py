@@ -245,3 +245,15 @@ def test_gpt2_lm_exports_to_onnx_and_exported_program_without_a_cache(hf_ckpts, 
     report = res.json()
     assert all(a["verification"]["passed"] for a in report["artifacts"])
     assert any("use_cache=False" in n for n in report["notes"])
+
+
+def test_dynamic_dims_are_verified_at_other_sizes_in_the_folder(hf_ckpts, tmp_path):
+    # The folder stores no shapes: with --dynamic, transformers' class is run at other batch sizes and lengths.
+    res = invoke(hf_ckpts["gpt2"], "--module", GPT2, "--attr", "model", "--to", "hf", "--dynamic", "0,1",
+                 "--output-dir", tmp_path, "--json", "--random-inputs", "1")
+    assert res.code == 0, res
+    art = res.json()["artifacts"][0]
+    assert art["verification"]["passed"]
+    checked = [tuple(s) for r in art["verification"]["shapes_checked"] for s in r["shapes"]]
+    assert {c[0] for c in checked} >= {1, 2, 5} and {c[1] for c in checked} >= {4, 8, 17}, checked
+    assert [d["dim"] for d in art["info"]["dynamic_dims"]] == [0, 1]
