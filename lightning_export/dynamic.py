@@ -163,7 +163,8 @@ class Resolved:
 
 def _other_sizes(group: list[DynamicDim]) -> list[int]:
     d = group[0]
-    lo = max(1, *(x.min or 1 for x in group))
+    # torch.export's dims start at 2 (sizes 0 and 1 are specialized), its batch at 1: smaller sizes are not claimed.
+    lo = max(1 if d.dim == 0 else 2, *(x.min or 1 for x in group))
     hi = min((x.max for x in group if x.max is not None), default=None)
     smaller = max(lo, d.size // 2)
     larger = 2 * d.size + 1 if hi is None else min(hi, 2 * d.size + 1)
