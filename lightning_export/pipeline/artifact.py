@@ -38,9 +38,7 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
         return compare_tensor_maps(ctx.state_dict, loaded)
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
-    dynamic = refs.dynamic if getattr(fmt, "dynamic", None) is not None else None
-    if dynamic is not None:
-        dynamic = dynamic.bounded(fmt.dynamic.default_max_factor)
+    dynamic = fmt.dynamic.applied(refs.dynamic) if getattr(fmt, "dynamic", None) is not None else None
     try:
         runs = refs.runs(dynamic)
     except UsageError as e:  # the module fails at a size within a format's default bound
