@@ -55,6 +55,14 @@ class DynamicSupport:
     # Formats that plan memory ahead need an upper bound per dynamic dim: the given MAX, else this many times the
     # example's size.
     default_max_factor: int | None = None
+    # The smallest size the artifact takes in a dynamic dim (AOTInductor's compiled code assumes >= 2).
+    min_size: int = 1
+
+    def applied(self, dynamic: Resolved | None) -> Resolved | None:
+        """`dynamic` with this format's bounds: a MAX where it needs one, its smallest size."""
+        if dynamic is None:
+            return None
+        return dynamic.bounded(self.default_max_factor).floored(self.min_size)
 
 
 def parse_dynamic(values: Sequence[str], dynamic_batch: bool = False) -> DynamicSpec | None:
@@ -117,6 +125,13 @@ class Resolved:
         return replace(self, dims=tuple(d if d.max is not None else replace(d, max=factor * d.size, max_default=True)
                                         for d in self.dims))
 
+    def floored(self, min_size: int) -> Resolved:
+        """Every dim's MIN at least `min_size`."""
+        if min_size <= 1:
+            return self
+        return replace(self, dims=tuple(d if (d.min or 0) >= min_size else replace(d, min=min_size)
+                                        for d in self.dims))
+
     def groups(self) -> list[list[DynamicDim]]:
         """Dims that vary together: the same dim index and the same example size (input_ids and attention_mask
         share their length); each group is checked alone and all groups together."""
@@ -163,7 +178,8 @@ class Resolved:
 
 def _other_sizes(group: list[DynamicDim]) -> list[int]:
     d = group[0]
-    lo = max(1, *(x.min or 1 for x in group))
+    # torch.export's dims start at 2 (sizes 0 and 1 are specialized), its batch at 1: smaller sizes are not claimed.
+    lo = max(1 if d.dim == 0 else 2, *(x.min or 1 for x in group))
     hi = min((x.max for x in group if x.max is not None), default=None)
     smaller = max(lo, d.size // 2)
     larger = 2 * d.size + 1 if hi is None else min(hi, 2 * d.size + 1)

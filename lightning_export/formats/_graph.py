@@ -99,7 +99,7 @@ def dynamic_shapes_for(ctx: ExportContext, dynamic: Any = None) -> dict[str, Any
 
     Dims are Dim.AUTO: torch.export finds the dims the model ties together (input_ids and attention_mask share their
     length) and may specialize one, which check_program_dims then reports. Dim 0 of every input, unbounded and of
-    one size, is the named Dim "batch" (ONNX names the axis after it). `dynamic` overrides ctx.dynamic (bounds).
+    one size and one range, is the named Dim "batch" (ONNX names the axis after it), from 1 (or its MIN). `dynamic` overrides ctx.dynamic (bounds).
     """
     import torch
     from torch.export import Dim
@@ -113,8 +113,10 @@ def dynamic_shapes_for(ctx: ExportContext, dynamic: Any = None) -> dict[str, Any
     batch = [d for d in dynamic.dims if d.dim == 0]
     ranked = [t for t in ex.tensors() if t.dim() >= 1]
     named_batch = (len(batch) == len(ranked) and len({d.size for d in batch}) == 1
-                   and all(d.min is None and d.max is None for d in batch))
-    shared = Dim("batch") if named_batch else None
+                   and len({(d.min, d.max) for d in batch}) == 1)
+    # A named Dim may start at 1 (Dim.AUTO's range starts at 2, which AOTInductor's input checks enforce).
+    shared = Dim("batch", min=batch[0].min if batch[0].min is not None else 1, max=batch[0].max) if named_batch \
+        else None
 
     def hint(d: Any) -> Any:
         if d.dim == 0 and shared is not None:

@@ -22,6 +22,9 @@ from . import PRECISIONS, DynamicSupport, ExportContext, Format, Written, module
 from ._containers import plain_outputs, report
 from ._graph import check_program_dims, dynamic_info, dynamic_shapes_for, exporting, tail
 
+# AOTInductor compiles dynamic dims for sizes >= 2 (its input checks refuse 1): verified from 2.
+SUPPORT = DynamicSupport(min_size=2)
+
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
@@ -67,10 +70,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
         )
     ex = ctx.example
     with exporting(ctx) as chatter:
+        dynamic = SUPPORT.applied(ctx.dynamic)
         with plain_outputs(ctx.target) as converted:
             program = torch.export.export(ctx.target, ex.args, ex.kwargs or None,
-                                          dynamic_shapes=dynamic_shapes_for(ctx), strict=False)
-        check_program_dims(program, ctx.dynamic, "aoti")
+                                          dynamic_shapes=dynamic_shapes_for(ctx, dynamic), strict=False)
+        check_program_dims(program, dynamic, "aoti")
         started = time.perf_counter()
         try:
             with _fresh_inductor_cache():
@@ -100,7 +104,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
         "compiler": _compiler(),
         "torch": torch.__version__,
         "shapes": "dynamic (dynamic_dims)" if ctx.dynamic is not None else "static (the example's)",
-        **({"dynamic_dims": dynamic_info(ctx.dynamic)} if ctx.dynamic is not None else {}),
+        **({"dynamic_dims": dynamic_info(dynamic)} if dynamic is not None else {}),
         "cpp_loader": "torch::inductor::AOTIModelPackageLoader",
     }
     container_notes, containers = report(converted)
@@ -160,7 +164,7 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
-        dynamic=DynamicSupport(),
+        dynamic=SUPPORT,
         precisions=PRECISIONS,
         size_estimate=size_estimate,
         sniff=lambda s: s.has_dir("aotinductor/"),

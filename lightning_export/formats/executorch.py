@@ -35,6 +35,7 @@ BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
 # A dynamic dim without MAX is bounded at this many times the example's size (memory is planned for the bound).
 DEFAULT_MAX_FACTOR = 4
+SUPPORT = DynamicSupport(default_max_factor=DEFAULT_MAX_FACTOR)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     ex = ctx.example
     with exporting(ctx):
         with plain_outputs(ctx.target) as converted:
-            dynamic = ctx.dynamic.bounded(DEFAULT_MAX_FACTOR) if ctx.dynamic is not None else None
+            dynamic = SUPPORT.applied(ctx.dynamic)
             program = torch.export.export(ctx.target, ex.args, ex.kwargs or None,
                                           dynamic_shapes=dynamic_shapes_for(ctx, dynamic), strict=False)
         check_program_dims(program, dynamic, "executorch")
@@ -252,7 +253,7 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
-        dynamic=DynamicSupport(default_max_factor=DEFAULT_MAX_FACTOR),
+        dynamic=SUPPORT,
         size_estimate=size_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:6] == b"ET",  # the flatbuffer's file identifier
         options=ExecuTorchOptions,

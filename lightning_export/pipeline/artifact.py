@@ -39,10 +39,8 @@ def check_artifact(fmt: Any, path: Path, ctx: Any, opts: ExportOptions, refs: An
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
     # A format that declares Format.dynamic is checked at other sizes of the --dynamic dims, within the bounds it
-    # exported (its default MAX where it plans memory ahead).
-    dynamic = refs.dynamic if fmt.dynamic is not None else None
-    if dynamic is not None:
-        dynamic = dynamic.bounded(fmt.dynamic.default_max_factor)
+    # exported (its default MAX where it plans memory ahead, its smallest size).
+    dynamic = fmt.dynamic.applied(refs.dynamic) if fmt.dynamic is not None else None
     try:
         runs = refs.runs(dynamic)
     except UsageError as e:  # the module fails at a size within a format's default bound
