@@ -40,6 +40,8 @@ class Verification:
     # sizes): the advice of the run's exit-1 error, and what the pipeline adds to it (the submodules to export).
     advice: Advice | None = None
     advice_said: list[str] = field(default_factory=list)
+    # With --dynamic: every run's input shapes ({"run": label, "shapes": [[...], ...]}), the other sizes included.
+    shapes_checked: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -66,6 +68,8 @@ class Verification:
             out["agreement"] = self.agreement
         if self.advice:
             out["advice"] = self.advice.value
+        if self.shapes_checked is not None:
+            out["shapes_checked"] = self.shapes_checked
         return out
 
 

@@ -139,10 +139,11 @@ def from_module(target: Any, lightning_module: Any) -> Inputs | None:
     return None
 
 
-def random_like(example: Inputs, seed: int, batch: int | None = None) -> Inputs:
+def random_like(example: Inputs, seed: int, batch: int | None = None,
+                sizes: dict[int, dict[int, int]] | None = None) -> Inputs:
     """Same structure as `example`: floats standard normal, ints uniform in the example's range, bools random.
 
-    With `batch`, dim 0 of every tensor of rank >= 1 is set to it.
+    With `batch`, dim 0 of every tensor of rank >= 1 is set to it; with `sizes`, {tensor leaf: {dim: size}}.
     """
     import torch
     from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -150,13 +151,17 @@ def random_like(example: Inputs, seed: int, batch: int | None = None) -> Inputs:
     g = torch.Generator().manual_seed(seed)
     leaves, spec = tree_flatten((example.args, example.kwargs))
     out = []
+    n = -1
     for t in leaves:
         if not isinstance(t, torch.Tensor):
             out.append(t)
             continue
+        n += 1
         shape = list(t.shape)
         if batch is not None and shape:
             shape[0] = batch
+        for dim, size in (sizes or {}).get(n, {}).items():
+            shape[dim] = size
         if t.dtype.is_floating_point:
             new = torch.randn(shape, generator=g, dtype=torch.float32).to(t.dtype)
         elif t.dtype == torch.bool:

@@ -324,15 +324,6 @@ def test_int8_dynamic_bert_onnx_gated_on_text_batches(bert_ckpt, tmp_path):
         assert res.code == 1, res
 
 
-def _has_dynamic_flag() -> bool:
-    import dataclasses
-
-    from lightning_export.pipeline.options import ExportOptions
-
-    return any(f.name == "dynamic" for f in dataclasses.fields(ExportOptions))
-
-
-@pytest.mark.skipif(not _has_dynamic_flag(), reason="needs --dynamic (branch dynamic, issue 23 item 1)")
 def test_bert_with_dynamic_batch_and_length(bert_ckpt, tmp_path):
     """--dynamic 0,1: the BERT-style classifier verified by lexport at several (batch, length) pairs, then run in
     each runtime here at a length the verification did not use."""
@@ -368,3 +359,15 @@ def test_bert_with_dynamic_batch_and_length(bert_ckpt, tmp_path):
         compiled = ov.Core().compile_model(arts["openvino"]["path"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         got = compiled([ids.numpy(), mask.numpy()])[0]
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-4)
+
+
+def test_dynamic_dims_are_verified_at_other_sizes_in_the_folder(hf_ckpts, tmp_path):
+    # The folder stores no shapes: with --dynamic, transformers' class is run at other batch sizes and lengths.
+    res = invoke(hf_ckpts["gpt2"], "--module", GPT2, "--attr", "model", "--to", "hf", "--dynamic", "0,1",
+                 "--output-dir", tmp_path, "--json", "--random-inputs", "1")
+    assert res.code == 0, res
+    art = res.json()["artifacts"][0]
+    assert art["verification"]["passed"]
+    checked = [tuple(s) for r in art["verification"]["shapes_checked"] for s in r["shapes"]]
+    assert {c[0] for c in checked} >= {1, 2, 5} and {c[1] for c in checked} >= {4, 8, 17}, checked
+    assert [d["dim"] for d in art["info"]["dynamic_dims"]] == [0, 1]

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "lightning_export.compare": 1,
     "lightning_export.agreement": 1,  # top-1 agreement and accuracies between runs
     "lightning_export.inputs": 1,
+    "lightning_export.dynamic": 1,  # --dynamic SPEC parsed and resolved against the example inputs
     "lightning_export.outputs": 1,
     "lightning_export.safeload": 2,
     "lightning_export.sources": 3,

@@ -133,7 +133,8 @@ def test_aoti_package(monkeypatch, target_ckpts, tmp_path):
     assert a.path.endswith("convnet.aoti.pt2") and not a.companions  # one file: the library is inside
     assert a.info["device"] == "cpu" and a.info["machine"]
     assert a.info["compile_seconds"] > 0
-    assert a.verification.inputs_checked == 7  # example, 5 random, and a batch of 3 (dynamic batch)
+    assert a.verification.inputs_checked == 7  # example, 5 random, and a batch of 5 (aoti takes dynamic sizes >= 2)
+    assert [s["run"] for s in a.verification.to_json()["shapes_checked"]][-1] == "x dim 0 = 5"
     m = rebuilt(target_ckpts, "convnet")
     package = torch._inductor.aoti_load_package(a.path)
     for batch in (2, 5):

@@ -26,6 +26,8 @@ EPILOG = f"""Examples:
 
   lexport run.ckpt --config lightning_logs/version_0/config.yaml --to exported-program --dynamic-batch
 
+  lexport run.ckpt --module pkg:TextModel --to onnx,openvino --dynamic 0,1:1..512   (batch and length)
+
   lexport run.ckpt --module pkg:Net --to onnx,executorch,openvino --quantize int8 --data batches.pt
 
   lexport run.ckpt --config config.yaml --to onnx --quantize int8 --data config
@@ -63,6 +65,7 @@ def lexport(
     input_spec: o.InputSpecs = [],
     example_inputs: o.ExampleInputs = None,
     dynamic_batch: o.DynamicBatch = False,
+    dynamic: o.Dynamic = [],  # noqa: B006
     output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Output file (one format only).", rich_help_panel=o.OUTPUT)] = None,
     output_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Output directory; files are named <checkpoint stem><suffix>. Default: beside the checkpoint.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
     force: o.Force = False,
@@ -113,6 +116,7 @@ def lexport(
             inputs=tuple(v["input_spec"]),
             example_inputs=v["example_inputs"],
             dynamic_batch=v["dynamic_batch"],
+            dynamic=tuple(v["dynamic"]),
             output=v["output"],
             output_dir=v["output_dir"],
             force=v["force"],

@@ -38,6 +38,7 @@ def verify(
     input_spec: o.InputSpecs = [],  # noqa: B006
     example_inputs: o.ExampleInputs = None,
     dynamic_batch: o.DynamicBatch = False,
+    dynamic: o.Dynamic = [],  # noqa: B006
     atol: o.Atol = None,
     rtol: o.Rtol = None,
     seed: Annotated[int | None, typer.Option(metavar="INT", help="Seed of the random verification inputs (default: the manifest's, else 0).", rich_help_panel=o.VERIFICATION)] = None,  # noqa: E501
@@ -57,6 +58,7 @@ def verify(
     given: dict[str, Any] = {
         "module": module, "attr": attr, "config": config, "init_args_file": init_args,
         "inputs": tuple(input_spec), "example_inputs": example_inputs, "dynamic_batch": dynamic_batch,
+        "dynamic": tuple(dynamic),
         "atol": atol, "rtol": rtol, "seed": seed, "random_inputs": random_inputs,
         "trust_checkpoint": trust_checkpoint, "allow_globals": tuple(allow_global), "max_growth": max_growth,
         "precision": precision, "quantize": quantize, "data": data, "data_batches": data_batches,

@@ -11,6 +11,7 @@ from ._base import (
     ALIASES,
     PRECISIONS,
     REGISTRY,
+    DynamicSupport,
     ExportContext,
     Format,
     NoOptions,
@@ -33,11 +34,11 @@ from ._graph import captured_stdout, exporting, graph_estimate, quiet_torch_logs
 from ._precision import check_quantize_request, for_run, normalize_precision, normalize_quantize, quantizations
 
 __all__ = [
-    "ALIASES", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization", "Sniffed", "Writer",
-    "Written", "captured_stdout", "check_quantize_request", "detect_format", "exporting", "for_run", "get_format",
-    "graph_estimate", "installed_check", "module_bytes", "normalize_precision", "normalize_quantize", "option",
-    "parse_format_list", "quantizations", "quiet_torch_logs", "register", "require_installed", "storage_bytes",
-    "submodule_flags", "weights_estimate",
+    "ALIASES", "DynamicSupport", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
+    "Sniffed", "Writer", "Written", "captured_stdout", "check_quantize_request", "detect_format", "exporting",
+    "for_run", "get_format", "graph_estimate", "installed_check", "module_bytes", "normalize_precision",
+    "normalize_quantize", "option", "parse_format_list", "quantizations", "quiet_torch_logs", "register",
+    "require_installed", "storage_bytes", "submodule_flags", "weights_estimate",
 ]
 
 

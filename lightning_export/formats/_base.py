@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..dynamic import DynamicSupport
 from ..errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
+    from ..dynamic import Resolved
     from ..inputs import Inputs
 
 T = TypeVar("T")
@@ -43,7 +45,9 @@ class ExportContext:
     # visit items() one at a time, and take shapes and dtypes from statedict.tensor_specs(), never dict(...).
     state_dict: Mapping[str, torch.Tensor]
     example: Inputs | None  # the example inputs (graph formats), None for weights formats
-    dynamic_batch: bool = False
+    # The dims --dynamic (or --dynamic-batch) makes dynamic, resolved on the example, with their bounds; None: the
+    # example's shapes. Set only when the format declares Format.dynamic.
+    dynamic: Resolved | None = None
     # The format's own options: an instance of its Format.options dataclass (read with options_as).
     options: object = NoOptions()
     # --precision the artifact computes in (None: the module's own dtypes); set while a reduced copy is written.
@@ -145,7 +149,9 @@ class Format:
     # Its runtime is native code that can crash (SIGSEGV, SIGABRT) on a malformed file: verification loads and runs
     # the artifact in a child process, and a crash there is a failed verification (pipeline/isolated.py).
     isolate: bool = False
-    dynamic_batch: bool = False  # honours --dynamic-batch (then verified at another batch size too)
+    # What the format does with --dynamic (and --dynamic-batch); None: static shapes only, --dynamic is exit 2 for a
+    # graph format. A format that declares it is verified at other sizes of the dynamic dims.
+    dynamic: DynamicSupport | None = None
     # About how many bytes write() will put in its directory (companions included), checked against the free
     # space before writing: an over-estimate by a margin, never an under-estimate for ordinary modules.
     size_estimate: Callable[[ExportContext], int] = weights_estimate
@@ -168,7 +174,8 @@ class Format:
     precisions: tuple[str, ...] = ()
     # --quantize values it takes and how it writes them.
     quantizations: Mapping[str, Quantization] = field(default_factory=dict)
-    # Why it refuses a --precision or --quantize value (keyed by the value), when there is more to say than "no".
+    # Why it refuses a --precision or --quantize value (keyed by the value), when there is more to say than "no";
+    # keyed "dynamic": why a graph format without `dynamic` takes static shapes only.
     refusals: Mapping[str, str] = field(default_factory=dict)
     # The deployment flag an existing artifact was evidently made with (--precision fp16, ...), for a verify
     # that fails without it; None when it cannot tell.

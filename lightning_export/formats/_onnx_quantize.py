@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..dynamic import dynamic_batch
 from ..errors import ExportError, describe_exception
 from ._base import ExportContext, Writer, Written
 from ._graph import exporting
@@ -69,8 +70,8 @@ def write_static_int8(fp32_write: Writer, ctx: ExportContext, path: Path) -> Wri
     except ImportError as e:  # pragma: no cover - onnxruntime ships it
         raise ExportError(f"onnxruntime.quantization is not available: {e}") from e
     # The graph's names are the run's (--input-names/--output-names, else the defaults the fp32 ONNX gets); its
-    # batch dimension is dynamic, so calibration batches of any size go through.
-    ctx = dataclasses.replace(ctx, dynamic_batch=True)
+    # batch dimension is dynamic (with the run's --dynamic dims, if any), so calibration batches of any size go through.
+    ctx = dataclasses.replace(ctx, dynamic=ctx.dynamic or dynamic_batch(ctx.module(), ctx.inputs()))
     with WorkDir(path) as work:
         fp32 = work / "fp32" / "model.onnx"
         fp32.parent.mkdir()

@@ -19,9 +19,12 @@ from typing import Any
 
 from ..errors import ExportError
 from ..safeload.pt2 import check_pickles, weights_only_forced
-from . import PRECISIONS, ExportContext, Format, Written, module_bytes, register
+from . import PRECISIONS, DynamicSupport, ExportContext, Format, Written, module_bytes, register
 from ._containers import plain_outputs, report
-from ._graph import dynamic_shapes_for, exporting, tail
+from ._graph import check_program_dims, dynamic_info, dynamic_shapes_for, exporting, tail
+
+# AOTInductor compiles dynamic dims for sizes >= 2 (its input checks refuse 1): verified from 2.
+SUPPORT = DynamicSupport(min_size=2)
 
 
 def _compiler() -> str | None:
@@ -68,9 +71,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
         )
     ex = ctx.inputs()
     with exporting(ctx) as chatter:
-        dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
+        dynamic = SUPPORT.applied(ctx.dynamic)
         with plain_outputs(ctx.target) as converted:
-            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None,
+                                          dynamic_shapes=dynamic_shapes_for(ctx, dynamic), strict=False)
+        check_program_dims(program, dynamic, "aoti")
         started = time.perf_counter()
         try:
             with _fresh_inductor_cache():
@@ -100,7 +105,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
         "compile_seconds": round(compile_seconds, 1),
         "compiler": _compiler(),
         "torch": torch.__version__,
-        "shapes": "dynamic batch (dim 0)" if ctx.dynamic_batch else "static (the example's)",
+        "shapes": "dynamic (dynamic_dims)" if ctx.dynamic is not None else "static (the example's)",
+        **({"dynamic_dims": dynamic_info(dynamic)} if dynamic is not None else {}),
         "cpp_loader": "torch::inductor::AOTIModelPackageLoader",
     }
     container_notes, containers = report(converted)
@@ -109,7 +115,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
         f"compiled for {target} in {compile_seconds:.0f} s: load it on a machine of that kind with a libtorch of "
         f"the same version ({torch.__version__.split('+')[0]})"
     ]
-    if not ctx.dynamic_batch:
+    if ctx.dynamic is None:
         notes.append(
             "shapes are the example's; set AOTI_RUNTIME_CHECK_INPUTS=1 where it runs to have other shapes refused"
         )
@@ -165,7 +171,7 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
-        dynamic_batch=True,
+        dynamic=SUPPORT,
         precisions=PRECISIONS,
         isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
         size_estimate=size_estimate,

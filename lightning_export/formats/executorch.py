@@ -1,7 +1,9 @@
 """`executorch`: torch.export → executorch.exir.to_edge_transform_and_lower → `.pte`, run by `executorch.runtime`.
 
 The program is delegated to XNNPACK by default (CPU kernels for arm64 and x86-64 devices); `--executorch-backend
-portable` lowers nothing and runs every op on ExecuTorch's portable kernels. Shapes are the example's (static).
+portable` lowers nothing and runs every op on ExecuTorch's portable kernels. Shapes are the example's (static), or
+with `--dynamic` bounded: ExecuTorch plans memory for the largest size, so every dynamic dim needs a MAX (`DIM:MIN..MAX`),
+else DEFAULT_MAX_FACTOR times the example's size; `info.dynamic_dims` says which.
 executorch is an optional extra: `pip install lightning-export[executorch]`.
 """
 
@@ -11,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dynamic import dynamic_batch
 from ..errors import ExportError, UsageError, describe_exception
 from . import (
     PRECISIONS,
+    DynamicSupport,
     ExportContext,
     Format,
     Quantization,
@@ -24,11 +28,14 @@ from . import (
     require_installed,
 )
 from ._containers import plain_outputs, report
-from ._graph import captured_stdout, dynamic_shapes_for, exporting
+from ._graph import captured_stdout, check_program_dims, dynamic_info, dynamic_shapes_for, exporting
 from ._int8 import INT8_TOLERANCE, artifact_bytes, counted, int8_info, require_calibration, same_shapes, tensor_leaves
 
 BACKENDS = ("xnnpack", "portable")
 DEFAULT_BACKEND = "xnnpack"
+# A dynamic dim without MAX is bounded at this many times the example's size (memory is planned for the bound).
+DEFAULT_MAX_FACTOR = 4
+SUPPORT = DynamicSupport(default_max_factor=DEFAULT_MAX_FACTOR)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,10 @@ def write(ctx: ExportContext, path: Path) -> Written:
     ex = ctx.inputs()
     with exporting(ctx):
         with plain_outputs(ctx.target) as converted:
-            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, strict=False)
+            dynamic = SUPPORT.applied(ctx.dynamic)
+            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None,
+                                          dynamic_shapes=dynamic_shapes_for(ctx, dynamic), strict=False)
+        check_program_dims(program, dynamic, "executorch")
         edge = to_edge_transform_and_lower(
             program, partitioner=partitioners, compile_config=EdgeCompileConfig(_check_ir_validity=False)
         )
@@ -90,7 +100,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
         "ops_delegated": delegated,
         "ops_total": total,
         "input_shapes": [list(t.shape) for t in ex.tensors()],
-        "shapes": "static (the example's); ExecuTorch programs here take exactly these shapes",
+        "shapes": "static (the example's); ExecuTorch programs here take exactly these shapes" if dynamic is None
+        else "the --dynamic dims up to their MAX (memory planned for it), the others static",
+        **({"dynamic_dims": dynamic_info(dynamic)} if dynamic is not None else {}),
         **containers,
     }
     return Written(f"executorch.exir ({backend})", notes, info)
@@ -135,10 +147,10 @@ class ExecuTorchRunner:
             raise RuntimeError(f"the program takes {len(self.input_meta)} inputs, {len(tensors)} were given")
         feed = []
         for i, (t, m) in enumerate(zip(tensors, self.input_meta)):
-            want = list(m.sizes())
-            if list(t.shape) != want:
-                # The runtime would read past or short of the buffer; say it instead.
-                raise RuntimeError(f"input {i} has shape {list(t.shape)}, the program was exported for {want}")
+            want = list(m.sizes())  # the largest shape memory was planned for (the shape, for a static program)
+            if t.dim() != len(want) or any(a > b for a, b in zip(t.shape, want)):
+                # The runtime would read past the buffer; say it instead.
+                raise RuntimeError(f"input {i} has shape {list(t.shape)}, the program takes at most {want}")
             feed.append(t.detach().contiguous())
         return list(self.method.execute(feed))
 
@@ -196,8 +208,9 @@ def write_int8(ctx: ExportContext, path: Path) -> Written:
             # Captured with a dynamic batch when calibration batches differ from the example's shapes: the
             # captured module enforces its shapes.
             dynamic = None
-            if not all(same_shapes(b, ex) for b in calibration):
-                dynamic = dynamic_shapes_for(module, ex.args, ex.kwargs)
+            batch = dynamic_batch(module, ex)
+            if batch is not None and not all(same_shapes(b, ex) for b in calibration):
+                dynamic = dynamic_shapes_for(ctx, batch)
             captured = torch.export.export(module, ex.args, ex.kwargs or None, dynamic_shapes=dynamic,
                                            strict=False).module()
             quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
@@ -240,7 +253,8 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
-        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
+        isolate=True,  # a flipped bit can crash its runtime (make fuzz flips bits in every format's files)
+        dynamic=SUPPORT,
         size_estimate=size_estimate,
         sniff=lambda s: s.zip_names is None and s.head[4:6] == b"ET",  # the flatbuffer's file identifier
         options=ExecuTorchOptions,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import PRECISIONS, ExportContext, Format, Written, register
+from . import PRECISIONS, DynamicSupport, ExportContext, Format, Written, register
 from ._containers import plain_outputs, report
-from ._graph import dynamic_shapes_for, exporting, graph_estimate
+from ._graph import check_program_dims, dynamic_info, dynamic_shapes_for, exporting, graph_estimate, rnn_loops
 from ._io import sink
 
 
@@ -15,13 +15,17 @@ def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
     ex = ctx.inputs()
-    with exporting(ctx), plain_outputs(ctx.target) as converted:
-        dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
-        program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+    with exporting(ctx), plain_outputs(ctx.target) as converted, rnn_loops(ctx.dynamic):
+        program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dynamic_shapes_for(ctx),
+                                      strict=False)
+        check_program_dims(program, ctx.dynamic, "exported-program")
         # Through a Python file that never fails a write: torch's writer aborts the process when one does.
         with sink(path) as f:
             torch.export.save(program, f)  # type: ignore[arg-type]  # a file-like Sink
-    return Written("torch.export", *report(converted))
+    notes, info = report(converted)
+    if ctx.dynamic is not None:
+        info["dynamic_dims"] = dynamic_info(ctx.dynamic)
+    return Written("torch.export", notes, info)
 
 
 def load_program(path: Path) -> Any:
@@ -64,7 +68,7 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
-        dynamic_batch=True,
+        dynamic=DynamicSupport(),
         precisions=PRECISIONS,
         size_estimate=graph_estimate,
         # A torch.export archive (models/*.json); AOTInductor packages (aotinductor/) are claimed first.

@@ -22,7 +22,8 @@ from typing import Any
 from ..build.pretrained import cache_was_on, is_pretrained, select_pretrained, unwrap_peft
 from ..errors import ExportError, UsageError
 from ..statedict import LazyTensors, tensor_specs
-from . import ExportContext, Format, Written, option, register, storage_bytes
+from . import DynamicSupport, ExportContext, Format, Written, option, register, storage_bytes
+from ._graph import dynamic_info
 from .safetensors import write_safetensors
 
 SUFFIX = "-hf"
@@ -177,6 +178,10 @@ def write(ctx: ExportContext, path: Path) -> Written:
         notes.append(f"tokenizer from {own.tokenizer} copied in")
     info = {"files": sorted(p.name for p in path.iterdir()), "shards": len(plan.filename_to_tensors),
             "architecture": type(model).__name__, "tied_keys": sorted(tied)}
+    if ctx.dynamic is not None:
+        info["shapes"] = ("no shapes stored (the transformers class runs at any size its code takes); verified at "
+                          "other sizes of the --dynamic dims")
+        info["dynamic_dims"] = dynamic_info(ctx.dynamic)
     return Written("transformers config.save_pretrained + huggingface_hub shard plan + lexport.safetensors", notes,
                    info)
 
@@ -237,6 +242,9 @@ register(
         load,
         atol=1e-5,
         rtol=1e-4,
+        # Weights and a config, no graph: the folder's class runs at any size its code takes (a position table
+        # bounds it), so --dynamic is taken and verification runs it at the other sizes, as for a trace.
+        dynamic=DynamicSupport(exported=False),
         size_estimate=size_estimate,
         sniff=_sniff,
         options=HuggingfaceOptions,

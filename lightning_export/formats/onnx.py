@@ -18,8 +18,17 @@ from ..errors import (
     source_pointers,
 )
 from ..outputs import write_os_error
-from . import PRECISIONS, ExportContext, Format, Quantization, Written, module_bytes, option, register
-from ._graph import dynamic_shapes_for, exporting, graph_estimate, tail
+from . import PRECISIONS, DynamicSupport, ExportContext, Format, Quantization, Written, module_bytes, option, register
+from ._graph import (
+    DimSpecialized,
+    check_program_dims,
+    dynamic_info,
+    dynamic_shapes_for,
+    exporting,
+    graph_estimate,
+    rnn_loops,
+    tail,
+)
 from ._int8 import INT8_TOLERANCE
 from ._onnx_quantize import DYNAMIC_TOLERANCE, INPUTS_METADATA, write_dynamic_int8, write_static_int8
 
@@ -135,7 +144,9 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
 
     ex = ctx.inputs()
     opts = ctx.options_as(OnnxOptions)
-    dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
+    dyn = dynamic_shapes_for(ctx)
+    if dyn is not None:
+        _check_bounds(ctx, dyn)
     program = torch.onnx.export(
         ctx.module(),
         _positional(ex),
@@ -150,7 +161,27 @@ def _dynamo(ctx: ExportContext, path: Path, external: bool) -> None:
     )
     if program is None:
         raise RuntimeError("the dynamo exporter returned no program")
+    if getattr(program, "exported_program", None) is not None:
+        check_program_dims(program.exported_program, ctx.dynamic, "onnx")
     program.save(str(path), external_data=external)
+
+
+def _check_bounds(ctx: ExportContext, dyn: Any) -> None:
+    """The bounds forward's code puts on the --dynamic dims, from torch.export's own program: the ONNX exporter's
+    program has them relaxed (a table of 64 positions would give a graph that fails at 65). A dim torch.export
+    fixes is left to the ONNX exporter, which keeps some that torch.export unrolls (nn.GRU's length)."""
+    import torch
+
+    ex = ctx.inputs()
+    try:
+        with rnn_loops(ctx.dynamic):  # as torch.onnx exports them
+            program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+    except Exception:  # noqa: BLE001 - the ONNX exporter reports its own failure (and falls back)
+        return
+    try:
+        check_program_dims(program, ctx.dynamic, "onnx")
+    except DimSpecialized:
+        pass
 
 
 def _torchscript(ctx: ExportContext, path: Path) -> None:
@@ -163,11 +194,27 @@ def _torchscript(ctx: ExportContext, path: Path) -> None:
     kwargs: dict[str, Any] = {}
     if opts.opset is not None:
         kwargs["opset_version"] = opts.opset
-    if ctx.dynamic_batch:
-        kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
+    if ctx.dynamic is not None:
+        kwargs["dynamic_axes"] = dynamic_axes(ctx.dynamic, names)
     if opts.output_names:
         kwargs["output_names"] = list(opts.output_names)
     torch.onnx.export(ctx.module(), args, str(path), input_names=names, dynamo=False, **kwargs)
+
+
+def dynamic_axes(dynamic: Any, names: list[str]) -> dict[str, dict[int, str]]:
+    """The TorchScript-based exporter's dynamic_axes: per input name, its --dynamic dims, named like the dynamo
+    exporter's named batch ("batch" for dim 0, else dim<N>, shared by the inputs whose dims vary together)."""
+    axes: dict[str, dict[int, str]] = {}
+    groups = dynamic.groups()
+    for group in groups:
+        same_dim = [x for x in groups if x[0].dim == group[0].dim]
+        axis = "batch" if group[0].dim == 0 else f"dim{group[0].dim}"
+        if len(same_dim) > 1:
+            axis += f"_{same_dim.index(group)}"
+        for d in group:
+            if d.leaf < len(names):
+                axes.setdefault(names[d.leaf], {})[d.dim] = axis
+    return axes
 
 
 # The dynamo exporter writes opset >= 18 whatever is asked; older opsets come from the TorchScript-based one.
@@ -187,6 +234,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
             _dynamo(ctx, path, external)
             exporter = "torch.onnx.dynamo"
         except Exception as e:  # noqa: BLE001 - any dynamo failure: try the other exporter, keep the reason
+            if isinstance(e, UsageError) and not isinstance(e, DimSpecialized):
+                raise  # a bound in forward's code (check_program_dims): a trace would break past it too
             if write_os_error(e) is not None:  # a full disk or an I/O error: the other exporter fares no better
                 raise
             errors.append(f"dynamo exporter: {describe_exception(e)}")
@@ -223,6 +272,8 @@ def write(ctx: ExportContext, path: Path) -> Written:
     if external:
         notes.append("weights are over 1.8 GB: stored as ONNX external data beside the .onnx file")
     info = _describe(path)
+    if ctx.dynamic is not None:
+        info["dynamic_dims"] = dynamic_info(ctx.dynamic)
     names = list(opts.input_names) or default_input_names(ctx.target, ctx.example)
     if info["inputs"] != names:
         # The TorchScript-based exporter drops inputs the graph does not use: record every tensor's name, so a
@@ -423,8 +474,8 @@ register(
         load,
         atol=1e-4,
         rtol=1e-3,
-        dynamic_batch=True,
-        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
+        isolate=True,  # a flipped bit can crash its runtime (make fuzz flips bits in every format's files)
+        dynamic=DynamicSupport(),
         size_estimate=graph_estimate,
         sniff=_sniff,
         options=OnnxOptions,

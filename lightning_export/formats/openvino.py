@@ -9,7 +9,7 @@ CPU plugin.
   takes and returns float16.
 - Verification compiles the IR for "CPU" with `INFERENCE_PRECISION_HINT=f32`: on CPUs with AMX or AVX512-BF16 the
   plugin's default is bf16, which would verify a different computation than the one compared.
-- Shapes are the example's; `--dynamic-batch` makes dim 0 of every input dynamic (-1).
+- Shapes are the example's; `--dynamic` makes the dims it names dynamic (-1, or MIN..MAX).
 
 openvino is an optional extra: `pip install 'lightning-export[openvino]'`.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError, describe_exception
-from . import ExportContext, Format, Quantization, Written, installed_check, register
-from ._graph import captured_stdout, dynamic_shapes_for, exporting, graph_estimate
+from . import DynamicSupport, ExportContext, Format, Quantization, Written, installed_check, register
+from ._graph import captured_stdout, check_program_dims, dynamic_info, dynamic_shapes_for, exporting, graph_estimate
 from ._int8 import INT8_TOLERANCE, WorkDir, artifact_bytes, int8_info, require_calibration, tensor_leaves
 
 INSTALL_HINT = "Install it with: pip install 'lightning-export[openvino]' (or pip install openvino)."
@@ -70,8 +70,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
     ex = ctx.inputs()
     tensors = list(ex.tensors())
     with exporting(ctx):
-        dyn = dynamic_shapes_for(ctx.target, ex.args, ex.kwargs) if ctx.dynamic_batch else None
-        program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dyn, strict=False)
+        program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dynamic_shapes_for(ctx),
+                                      strict=False)
+        check_program_dims(program, ctx.dynamic, "openvino",
+                           also="onnx and exported-program keep an nn.GRU/nn.LSTM's length dynamic (a while_loop, "
+                           "which OpenVINO's converter does not run at other lengths)")
         try:
             model = ov.convert_model(program)
         except Exception as e:  # noqa: BLE001 - OpenVINO's frontend refused an op: its reason, exit 5
@@ -81,16 +84,16 @@ def write(ctx: ExportContext, path: Path) -> Written:
                 "something it uses. The run's other formats are unaffected.",
             ) from e
         _stable_names(model, type(ctx.target).__name__)
-        # convert_model leaves every dim of an exported program dynamic; pin the example's shapes (batch -1 with
-        # --dynamic-batch) so the IR says what it was verified for.
+        # convert_model leaves every dim of an exported program dynamic; pin the example's shapes (-1 for the
+        # --dynamic dims, or their MIN..MAX) so the IR says what it was verified for.
         shapes = []
         if len(model.inputs) == len(tensors):
             new = {}
-            for port, t in zip(model.inputs, tensors):
-                dims = list(t.shape)
-                if ctx.dynamic_batch and dims:
-                    dims[0] = -1
-                new[port] = ov.PartialShape(dims)
+            for i, (port, t) in enumerate(zip(model.inputs, tensors)):
+                dims: list[Any] = list(t.shape)
+                for d in (ctx.dynamic.of_leaf(i) if ctx.dynamic is not None else []):
+                    dims[d.dim] = -1 if d.min is None and d.max is None else [d.min or 1, d.max or -1]
+                new[port] = ov.PartialShape([ov.Dimension(*x) if isinstance(x, list) else x for x in dims])
                 shapes.append(dims)
             model.reshape(new)
         ov.save_model(model, str(path), compress_to_fp16=False)
@@ -110,8 +113,9 @@ def write(ctx: ExportContext, path: Path) -> Written:
         "weights_type": "float16" if precision == "fp16" else "float32",
         "compress_to_fp16": False,
         "input_shapes": shapes or [list(t.shape) for t in tensors],
-        "shapes": "batch (dim 0) dynamic, other dims static (the example's)" if ctx.dynamic_batch
-        else "static (the example's)",
+        "shapes": "the --dynamic dims dynamic (-1, or [MIN, MAX]), the others static (the example's)"
+        if ctx.dynamic is not None else "static (the example's)",
+        **({"dynamic_dims": dynamic_info(ctx.dynamic)} if ctx.dynamic is not None else {}),
         "bin_bytes": bin_path(path).stat().st_size,
     }
     notes = []
@@ -270,8 +274,8 @@ register(
         load,
         atol=1e-4,
         rtol=1e-4,
-        dynamic_batch=True,
-        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
+        isolate=True,  # a flipped bit can crash its runtime (make fuzz flips bits in every format's files)
+        dynamic=DynamicSupport(),
         size_estimate=graph_estimate,  # the .bin holds the weights (float32 by default), the .xml a few kB per op
         sniff=_sniff,
         companions=companions,

@@ -1,8 +1,8 @@
 """`tflite`: `litert_torch.convert` (formerly ai_edge_torch; torch.export underneath) → a LiteRT flatbuffer
 `<stem>.tflite`, run by the LiteRT interpreter (`ai_edge_litert.interpreter`, XNNPACK-delegated on CPU).
 
-Shapes are static: every input takes exactly the example's shape (batch included); `--dynamic-batch` is not
-honoured (the artifact is verified at the example's batch only). Integer inputs keep their dtype where the converter
+Shapes are static: every input takes exactly the example's shape (batch included); `--dynamic` and
+`--dynamic-batch` are refused (exit 2): the converter writes static shapes, and LiteRT needs them. Integer inputs keep their dtype where the converter
 keeps it; where it narrows int64 to int32, lexport's runner casts (the values must fit).
 
 The extras: `pip install 'lightning-export[litert]'` (litert-torch and ai-edge-litert).
@@ -105,8 +105,6 @@ def write(ctx: ExportContext, path: Path) -> Written:
     except Exception as e:  # noqa: BLE001 - written but the interpreter cannot run it: an export failure
         raise ExportError(f"the LiteRT interpreter cannot load the .tflite: {describe_exception(e)}") from e
     notes = []
-    if ctx.dynamic_batch:
-        notes.append("--dynamic-batch is not honoured by tflite: the flatbuffer takes the example's shapes only")
     by_name = {d["name"]: d for d in runner.input_details}
     narrowed = [
         f"{name}: {str(t.dtype).replace('torch.', '')} -> {by_name[name]['dtype'].__name__}"
@@ -237,6 +235,8 @@ register(
             "int8": "--quantize int8 is not supported for tflite: litert-torch's quantizer path (PT2E with its own "
             "quantizer, calibrated and converted before lowering) is not wired into lexport; export tflite without "
             "--quantize (fp32: LiteRT's CPU kernels compute in float32)",
+            # No Format.dynamic: --dynamic and --dynamic-batch are refused, with this reason.
+            "dynamic": "the LiteRT converter and interpreter need the example's shapes",
         },
     )
 )

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Advice, ExportError, UsageError, describe_exception, export_failure
-from . import PRECISIONS, ExportContext, Format, Written, option, register
-from ._graph import exporting, graph_estimate
+from . import PRECISIONS, DynamicSupport, ExportContext, Format, Written, option, register
+from ._graph import dynamic_info, exporting, graph_estimate
 from ._io import save_isolated
 
 MODES = ("trace", "script")
@@ -53,7 +53,11 @@ def write(ctx: ExportContext, path: Path) -> Written:
             exporter = "torch.jit.trace"
         # torch.jit.save aborts the process when a write fails: it runs in a child process (see _io).
         save_isolated(lambda p: torch.jit.save(scripted, p), path)
-    return Written(exporter, [NOTE])
+    info: dict[str, Any] = {}
+    if ctx.dynamic is not None:
+        info = {"shapes": "captured at the example's shapes; verified at other sizes of the --dynamic dims",
+                "dynamic_dims": dynamic_info(ctx.dynamic)}
+    return Written(exporter, [NOTE], info)
 
 
 def check(opts: TorchScriptOptions, requested: bool) -> None:
@@ -81,6 +85,7 @@ register(
         load,
         atol=1e-5,
         rtol=1e-5,
+        dynamic=DynamicSupport(exported=False),  # a trace takes other sizes where its ops do: verification says
         size_estimate=graph_estimate,
         sniff=lambda s: s.has_dir("/code/") and s.has_member("/constants.pkl"),
         options=TorchScriptOptions,

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..agreement import gate, measure
 from ..compare import Verification, compare_outputs, compare_tensor_maps
-from ..errors import describe_exception
+from ..errors import UsageError, describe_exception
 from ..formats import ExportContext, Format
 from ..inputs import batch_size
 from .data import HeldOut
@@ -34,9 +34,15 @@ def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOpti
         return compare_tensor_maps(ctx.state_dict, loaded)
     atol = opts.atol if opts.atol is not None else fmt.atol
     rtol = opts.rtol if opts.rtol is not None else fmt.rtol
-    dynamic = opts.dynamic_batch and fmt.dynamic_batch
-    runs = refs.runs(dynamic=dynamic)
-    program_batch = None if dynamic else batch_size(ctx.inputs())
+    # A format that declares Format.dynamic is checked at other sizes of the --dynamic dims, within the bounds it
+    # exported (its default MAX where it plans memory ahead, its smallest size).
+    dynamic = fmt.dynamic.applied(refs.dynamic) if fmt.dynamic is not None else None
+    try:
+        runs = refs.runs(dynamic)
+    except UsageError as e:  # the module fails at a size within a format's default bound
+        return failed(e.message)
+    any_batch = dynamic is not None and any(d.dim == 0 and d.max is None for d in dynamic.dims)
+    program_batch = None if any_batch else batch_size(ctx.inputs())
     if refs.held_out is not None:
         _require_held_out(fmt, opts, refs.held_out, program_batch)
     held = _held_out_runs(refs.held_out, program_batch)
@@ -58,6 +64,9 @@ def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOpti
     v = compare_outputs(expected, actual, atol=atol, rtol=rtol, labels=labels)
     v.problems[:0] = problems
     v.inputs_checked = len(runs) + len(held)
+    if dynamic is not None:
+        v.shapes_checked = [{"run": label, "shapes": [list(t.shape) for t in data.tensors()]}
+                            for label, data, _ in runs + [h[:3] for h in held]]
     v.passed = v.passed and not problems
     if held and not problems and refs.held_out is not None:
         _agreement(v, fmt, opts, refs.held_out, expected[len(runs):], actual[len(runs):], [r[3] for r in held],

@@ -50,8 +50,8 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 # The options verify reads from a manifest (null means "not recorded").
 OPTION_KINDS: dict[str, str] = {
     "module": "text", "attr": "text", "config": "text", "init_args": "object", "init_args_file": "text",
-    "inputs": "texts", "example_inputs": "text", "dynamic_batch": "bool", "seed": "int", "random_inputs": "int",
-    "atol": "number", "rtol": "number", "trust_checkpoint": "bool", "allow_globals": "texts",
+    "inputs": "texts", "example_inputs": "text", "dynamic_batch": "bool", "dynamic": "texts", "seed": "int",
+    "random_inputs": "int", "atol": "number", "rtol": "number", "trust_checkpoint": "bool", "allow_globals": "texts",
     "max_growth": "number", "precision": "text", "quantize": "text", "data": "text", "data_batches": "int",
     "data_input": "text|int", "min_agreement": "number", "data_sha256": "hex",
 }

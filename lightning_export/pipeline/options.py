@@ -33,7 +33,9 @@ class ExportOptions:
     init_args_file: Path | None = None
     inputs: tuple[str, ...] = ()
     example_inputs: Path | None = None
-    dynamic_batch: bool = False
+    dynamic_batch: bool = False  # --dynamic 0
+    # --dynamic SPEC values (dynamic.parse_dynamic): the dims of the inputs that take other sizes, with bounds.
+    dynamic: tuple[str, ...] = ()
     output: Path | None = None
     output_dir: Path | None = None
     force: bool = False
@@ -86,9 +88,9 @@ class ExportOptions:
 # Each format's own options are declared on its Format (formats.option) and added below.
 RUN_MANIFEST_OPTIONS: dict[str, bool] = {
     "formats": False, "module": True, "attr": True, "config": True, "init_args": True, "init_args_file": True,
-    "inputs": True, "example_inputs": True, "dynamic_batch": True, "seed": True, "random_inputs": True,
-    "atol": True, "rtol": True, "strict_finite": False, "trust_checkpoint": False, "allow_globals": False,
-    "max_growth": True, "meta_build": False, "precision": True, "quantize": True, "data": True,
+    "inputs": True, "example_inputs": True, "dynamic_batch": True, "dynamic": True, "seed": True,
+    "random_inputs": True, "atol": True, "rtol": True, "strict_finite": False, "trust_checkpoint": False,
+    "allow_globals": False, "max_growth": True, "meta_build": False, "precision": True, "quantize": True, "data": True,
     "data_batches": True, "data_input": True, "min_agreement": True,
 }
 
@@ -156,7 +158,9 @@ def options_from(checkpoint: str | os.PathLike[str], options: Mapping[str, Any])
     options = dict(options)
     if isinstance(options.get("formats"), str):
         options["formats"] = (options["formats"],)
-    for key in ("formats", "inputs", "allow_globals", "input_names", "output_names"):
+    if isinstance(options.get("dynamic"), str):
+        options["dynamic"] = (options["dynamic"],)
+    for key in ("formats", "inputs", "allow_globals", "input_names", "output_names", "dynamic"):
         if key in options:
             options[key] = tuple(options[key])
     if isinstance(options.get("init_args"), dict):

@@ -16,6 +16,7 @@ from ..build.importing import resolve_class
 from ..build.module import BuiltModule, build_module, seeded, select_attr
 from ..build.pretrained import merged_copy, without_cache
 from ..data.files import load_tensor_file
+from ..dynamic import parse_dynamic, resolve
 from ..errors import CheckpointError, UsageError, UserModuleError
 from ..formats import REGISTRY, ExportContext, Format, check_quantize_request, for_run
 from ..inputs import Inputs, InputSpec
@@ -119,26 +120,47 @@ class References:
     def __init__(self, target: Any, example: Inputs, opts: ExportOptions) -> None:
 
         self.target = target
+        self.seed = opts.seed
         self.sets = [example] + [inputs.random_like(example, opts.seed + i) for i in range(1, opts.random_inputs + 1)]
         self.labels = ["example input"] + [f"random input {i}" for i in range(1, opts.random_inputs + 1)]
-        self.dynamic_set: Inputs | None = None
-        b = inputs.batch_size(example)
-        if opts.dynamic_batch and b is not None:
-            self.dynamic_set = inputs.random_like(example, opts.seed + 1000, batch=b + 1)
-        self._cache: dict[int, Any] = {}
+        self.dynamic: Any = None  # dynamic.Resolved with --dynamic: verification derives the other sizes from it
+        self._cache: dict[Any, Any] = {}
         self.held_out: HeldOut | None = None  # pipeline.data.HeldOut with --data: real batches, checked with agreement
 
     def get(self, i: int) -> Any:
         if i not in self._cache:
-            data = self.sets[i] if i >= 0 or self.dynamic_set is None else self.dynamic_set
-            self._cache[i] = inputs.detached(inputs.run_forward(self.target, data))
+            self._cache[i] = inputs.detached(inputs.run_forward(self.target, self.sets[i]))
         return self._cache[i]
 
-    def runs(self, dynamic: bool) -> list[tuple[str, Inputs, Any]]:
+    def runs(self, dynamic: Any = None) -> list[tuple[str, Any, Any]]:
+        """(label, inputs, eager outputs): the example, the random inputs and, for `dynamic` (a dynamic.Resolved,
+        bounded as the format needs), random inputs at the other sizes of its dims."""
         out = [(label, data, self.get(i)) for i, (label, data) in enumerate(zip(self.labels, self.sets))]
-        if dynamic and self.dynamic_set is not None:
-            out.append((f"batch of {self.dynamic_set.tensors()[0].shape[0]}", self.dynamic_set, self.get(-1)))
+        return out + (self.dynamic_runs(dynamic) if dynamic is not None else [])
+
+    def dynamic_runs(self, dynamic: Any) -> list[tuple[str, Any, Any]]:
+        out = []
+        for n, (label, sizes) in enumerate(dynamic.runs()):
+            key = ("dynamic", label)
+            if key not in self._cache:
+                data = inputs.random_like(self.sets[0], self.seed + 1000 + n, sizes=sizes)
+                try:
+                    ref = inputs.detached(inputs.run_forward(self.target, data))
+                except UserModuleError as e:
+                    raise UsageError(
+                        f"{dynamic.spec.flags()}: the module itself fails at {label} (the example has "
+                        f"{_example_sizes(dynamic)}): {e.message.split(': ', 1)[-1][:400]}",
+                        hint=f"Export with the dims forward takes at any size only: {dynamic.without_run(sizes)} (or "
+                        "bound them with DIM:MIN..MAX).",
+                    ) from e
+                self._cache[key] = (data, ref)
+            data, ref = self._cache[key]
+            out.append((label, data, ref))
         return out
+
+
+def _example_sizes(dynamic: Any) -> str:
+    return ", ".join(f"{d.label()} = {d.size}" for d in dynamic.dims)
 
 
 def check_flags(opts: ExportOptions) -> Supplied:
@@ -161,12 +183,30 @@ def with_format_options(formats: list[Format], opts: ExportOptions) -> list[Form
     own options checked (an option of a format this run does not write may be refused)."""
     check_quantize_request(formats, opts.quantize, has_data=opts.data is not None)
     formats = [for_run(f, opts.precision, opts.quantize) for f in formats]
+    check_dynamic_formats(formats, opts)
     asked = {f.name for f in formats}
     for name, own in format_options(opts).items():
         fmt = REGISTRY[name]
         if fmt.check is not None:
             fmt.check(own, name in asked)
     return formats
+
+
+def check_dynamic_formats(formats: list[Format], opts: ExportOptions) -> None:
+    """--dynamic parsed (exit 2 when malformed) and refused for a graph format that takes static shapes only (no
+    Format.dynamic; its refusals["dynamic"] says why)."""
+    spec = parse_dynamic(opts.dynamic, opts.dynamic_batch)
+    if spec is None:
+        return
+    static = [f for f in formats if f.kind == "graph" and f.dynamic is None]
+    if static:
+        flag = "--dynamic" if opts.dynamic else "--dynamic-batch"
+        names = ", ".join(f.name for f in static)
+        why = "; ".join(f.refusals["dynamic"] for f in static if "dynamic" in f.refusals)
+        raise UsageError(
+            f"{flag}: {names} takes static shapes only" + (f" ({why})" if why else ""),
+            hint=f"Export {names} in a run of its own without {flag}, at the shape it will be fed.",
+        )
 
 
 def check_input_flags(opts: ExportOptions) -> list[InputSpec]:
@@ -225,7 +265,7 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Forma
         target, state_dict = None, _weights_under_attr(ckpt, opts.attr)
     with phase(CheckpointError, "checking the weights for NaN/Inf"):
         check_finite_weights(state_dict, opts, report)
-    ctx = ExportContext(target=target, state_dict=state_dict, example=None, dynamic_batch=opts.dynamic_batch)
+    ctx = ExportContext(target=target, state_dict=state_dict, example=None)
     own = format_options(opts)
     graph = [f for f in formats if f.kind == "graph"]
     refs = None
@@ -308,13 +348,11 @@ def _references(opts: ExportOptions, report: Report, step: Step, graph: list[For
     with step("running the module on the example inputs"), phase(UserModuleError, "running the module"):
         example, source = _example_inputs(opts, specs, ctx.target, lightning_module)
         ctx = replace(ctx, example=example)
-        if opts.dynamic_batch and any(f.dynamic_batch for f in graph) and inputs.batch_size(example) == 1:
-            raise UsageError(
-                "--dynamic-batch needs example inputs with a batch of 2 or more: torch.export "
-                "specializes dimensions of size 1",
-                hint="Pass --input with a batch >= 2, e.g. --input float32[2,...].",
-            )
+        spec = parse_dynamic(opts.dynamic, opts.dynamic_batch)
+        if spec is not None and any(f.dynamic is not None for f in graph):
+            ctx = replace(ctx, dynamic=resolve(spec, ctx.target, example))
         refs = References(ctx.target, example, opts)
+        refs.dynamic = ctx.dynamic
         try:
             reference = refs.get(0)
         except UserModuleError as e:
@@ -327,6 +365,9 @@ def _references(opts: ExportOptions, report: Report, step: Step, graph: list[For
         if note:
             ctx = replace(ctx, target=merged)
             report.notes.append(note)
+    if ctx.dynamic is not None:
+        with step("running the module at other sizes of the --dynamic dims"):
+            refs.dynamic_runs(ctx.dynamic)  # a module that takes no other size is exit 2 before any export
     for fmt in {f.name: f for f in graph}.values():
         if fmt.prepare is not None:
             own[fmt.name] = fmt.prepare(replace(ctx, options=own[fmt.name]), reference, own[fmt.name])
