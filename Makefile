@@ -29,7 +29,7 @@ test: $(STAMP)
 # 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
 fuzz: $(STAMP)
 	LEXPORT_FUZZ_EXAMPLES=$${LEXPORT_FUZZ_EXAMPLES:-5000} $(PY) -m pytest -q tests/test_fuzz.py -k pickle_structures $(PYTEST_ARGS)
-	# Issue 21: 300 bit flips and truncations per artifact format (.pte .tflite .onnx .xml/.bin .pt2 .aoti.pt2 TorchScript).
+	# 300 bit flips and truncations per artifact format (.pte .tflite .onnx .xml/.bin .pt2 .aoti.pt2 TorchScript).
 	LEXPORT_FUZZ_ARTIFACTS=$${LEXPORT_FUZZ_ARTIFACTS:-300} $(PY) -m pytest -q tests/test_artifacts_hostile.py -k fuzzed $(PYTEST_ARGS)
 
 # ruff on everything; mypy on the package (configured in pyproject.toml).

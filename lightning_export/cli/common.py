@@ -48,7 +48,8 @@ def execute(
     code = 0
     with _stdout_to_stderr(json_out) as real_stdout:
         try:
-            report = work(Steps(stderr if show else None))
+            with Steps(stderr if show else None) as steps:  # on a terminal: progress bars under the step lines
+                report = work(steps)
         except LexportError as e:
             report, code = e.report, e.exit_code
             error = error_json(e)

@@ -173,7 +173,7 @@ register(
         rtol=1e-5,
         dynamic=SUPPORT,
         precisions=PRECISIONS,
-        isolate=True,  # a flipped bit can crash the runtime (issue 21's bit-flip fuzz)
+        isolate=True,  # a shared library: a malformed one can crash the process that loads it
         size_estimate=size_estimate,
         sniff=lambda s: s.has_dir("aotinductor/"),
         sniff_order=10,

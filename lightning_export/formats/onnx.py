@@ -474,7 +474,6 @@ register(
         load,
         atol=1e-4,
         rtol=1e-3,
-        isolate=True,  # a flipped bit can crash its runtime (make fuzz flips bits in every format's files)
         dynamic=DynamicSupport(),
         size_estimate=graph_estimate,
         sniff=_sniff,

@@ -274,7 +274,6 @@ register(
         load,
         atol=1e-4,
         rtol=1e-4,
-        isolate=True,  # a flipped bit can crash its runtime (make fuzz flips bits in every format's files)
         dynamic=DynamicSupport(),
         size_estimate=graph_estimate,  # the .bin holds the weights (float32 by default), the .xml a few kB per op
         sniff=_sniff,

@@ -123,6 +123,7 @@ class OptionsKwargs(TypedDict, total=False):
     inputs: Sequence[str]
     example_inputs: PathArg | None
     dynamic_batch: bool
+    dynamic: Sequence[str]
     output: PathArg | None
     output_dir: PathArg | None
     force: bool
@@ -139,6 +140,8 @@ class OptionsKwargs(TypedDict, total=False):
     precision: str | None
     quantize: str | None
     executorch_backend: str
+    max_shard_size: str | None
+    tokenizer: PathArg | None
     trust_checkpoint: bool
     allow_globals: Sequence[str]
     strict_finite: bool
@@ -151,6 +154,7 @@ class OptionsKwargs(TypedDict, total=False):
     min_agreement: float
     data_sha256: str | None
     manifest: PathArg | None
+    settings: dict[str, Any] | None
 
 
 def options_from(checkpoint: str | os.PathLike[str], options: Mapping[str, Any]) -> ExportOptions:
