@@ -10,8 +10,8 @@ import time
 import pytest
 
 from lightning_export.bounded import MAX_DEPTH, TooDeep, iter_containers, load_yaml, short_repr
-from lightning_export.build.arguments import constructor_arguments
-from lightning_export.build.configs import describes_object, instantiate_arguments
+from lightning_export.construct.arguments import constructor_arguments
+from lightning_export.construct.configs import describes_object, instantiate_arguments
 from lightning_export.errors import CheckpointError, UsageError
 
 

@@ -139,7 +139,7 @@ def test_project_classes_resolve_from_the_project_root(tmp_path: Path) -> None:
 def test_hydra_run_config_with_paths_only_hydra_resolves(tmp_path: Path) -> None:
     """A Hydra run's config has `${hydra:runtime.output_dir}` paths outside `model:`; only `model:` is resolved."""
     pytest.importorskip("omegaconf")
-    from lightning_export.build.configs import read_model_section
+    from lightning_export.construct.configs import read_model_section
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text(textwrap.dedent(HYDRA_CONFIG) + "paths:\n  output_dir: ${hydra:runtime.output_dir}\n")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_export.agreement import DEFAULT_MIN_AGREEMENT, gate, measure, require
-from lightning_export.build.datamodule import build_datamodule, read_data_section, take_batches
+from lightning_export.construct.datamodule import build_datamodule, read_data_section, take_batches
 from lightning_export.data.batches import forward_signature, prepare, rebatch, take, to_inputs
 from lightning_export.data.files import load_batches_file
 from lightning_export.errors import UsageError, UserModuleError, VerificationError

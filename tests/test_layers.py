@@ -35,7 +35,7 @@ LAYERS: dict[str, int] = {
     "lightning_export.safeload": 2,
     "lightning_export.sources": 3,
     "lightning_export.data": 4,  # example inputs, --data batches (files, LightningDataModules)
-    "lightning_export.build": 5,
+    "lightning_export.construct": 5,
     "lightning_export.formats": 6,
     "lightning_export.pipeline": 7,
     "lightning_export.cli": 8,

@@ -101,7 +101,7 @@ def lexport(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", rich_help_panel=o.OUTPUT)] = False,  # noqa: E501
 ) -> None:
     def options(eff: Any) -> Any:
-        from ..build.argfiles import parse_init_arg
+        from ..construct.argfiles import parse_init_arg
         from ..pipeline.options import ExportOptions
 
         v = eff.values

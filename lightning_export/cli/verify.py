@@ -66,7 +66,7 @@ def verify(
     }
 
     def work(steps: Steps) -> Any:
-        from ..build.argfiles import parse_init_arg
+        from ..construct.argfiles import parse_init_arg
         from ..pipeline.verify import verify as verify_artifacts
 
         # Only what was typed; the manifest (if any) fills the rest, then ExportOptions' defaults.

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from ..build.importing import lightning_base
+from ..construct.importing import lightning_base
 from ..errors import UsageError
 from ._base import ExportContext, storage_bytes
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..build.pretrained import cache_was_on, is_pretrained, select_pretrained, unwrap_peft
+from ..construct.pretrained import cache_was_on, is_pretrained, select_pretrained, unwrap_peft
 from ..errors import ExportError, UsageError
 from ..statedict import LazyTensors, tensor_specs
 from . import DynamicSupport, ExportContext, Format, Written, option, register, storage_bytes

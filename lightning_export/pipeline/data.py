@@ -37,7 +37,7 @@ def read_data(
     if str(source) == CONFIG_SOURCE:
         if config is None:
             raise UsageError("--data config reads the data: section of --config; pass --config FILE too")
-        from ..build.datamodule import build_datamodule, exits_refused, read_data_section, take_batches
+        from ..construct.datamodule import build_datamodule, exits_refused, read_data_section, take_batches
 
         section = read_data_section(config)
         with exits_refused(f"--data config: the datamodule {section.class_path or ''}".rstrip()):

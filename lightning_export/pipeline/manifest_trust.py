@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..bounded import TooDeep, iter_containers
-from ..build.argfiles import load_args_file
-from ..build.configs import describes_object
+from ..construct.argfiles import load_args_file
+from ..construct.configs import describes_object
 from ..errors import UsageError
 from ..userpath import ensure_cwd_importable
 

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import inputs, outputs
-from ..build.argfiles import load_args_file
-from ..build.arguments import constructor_arguments
-from ..build.configs import read_model_section
-from ..build.importing import resolve_class
-from ..build.module import BuiltModule, build_module, seeded, select_attr
-from ..build.pretrained import merged_copy, without_cache
+from ..construct.argfiles import load_args_file
+from ..construct.arguments import constructor_arguments
+from ..construct.configs import read_model_section
+from ..construct.importing import resolve_class
+from ..construct.module import BuiltModule, build_module, seeded, select_attr
+from ..construct.pretrained import merged_copy, without_cache
 from ..data.files import load_tensor_file
 from ..dynamic import parse_dynamic, resolve
 from ..errors import CheckpointError, UsageError, UserModuleError

@@ -1,6 +1,6 @@
 """`--data config`: the user's LightningDataModule from the `data:` section of `--config`, and its batches.
 
-Built by the engine that wrote the config, as the model is (build/configs.py): a LightningCLI `data: {class_path,
+Built by the engine that wrote the config, as the model is (construct/configs.py): a LightningCLI `data: {class_path,
 init_args}` through jsonargparse (LightningCLI's own engine, driven by the class's signature and type hints), a
 Hydra `data: {_target_: ...}` through Hydra's `instantiate` after OmegaConf resolves its interpolations.
 
