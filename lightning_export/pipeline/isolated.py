@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import describe_exception
+from ..progress import track
 
 LOG_TAIL = 600  # bytes of the runtime's own last words kept for the message after a crash
 
@@ -46,17 +47,20 @@ def can_isolate() -> bool:
     return hasattr(os, "fork") and sys.platform.startswith("linux")
 
 
-def _run_here(fmt: Any, path: Path, inputs: list[Any]) -> Ran:
+def _run_here(fmt: Any, path: Path, inputs: list[Any], *, show: bool = True) -> Ran:
+    """`show`: inputs done as a progress row on a terminal (never from a forked child, whose output is a log)."""
     try:
         loaded = fmt.load(path)
     except Exception as e:  # noqa: BLE001 - an artifact its own runtime cannot load has failed verification
         return Ran(load_error=describe_exception(e))
     results: list[tuple[Any, str | None]] = []
-    for data in inputs:
-        try:
-            results.append((loaded(*data.args, **data.kwargs), None))
-        except Exception as e:  # noqa: BLE001 - the artifact fails where the module does not
-            results.append((None, describe_exception(e)))
+    with track(f"verifying {fmt.name}", len(inputs) if show else 0, unit="inputs") as task:
+        for data in inputs:
+            try:
+                results.append((loaded(*data.args, **data.kwargs), None))
+            except Exception as e:  # noqa: BLE001 - the artifact fails where the module does not
+                results.append((None, describe_exception(e)))
+            task.advance()
     return Ran(results=results)
 
 
@@ -77,7 +81,7 @@ def _child(fmt: Any, path: Path, inputs: list[Any], w: int, log: int) -> None:
         torch.set_num_threads(1)
         # The loaded runtime is released when _run_here returns (its destructors run: an AOTInductor package's
         # extracted library is removed), before os._exit.
-        payload = _encode(_run_here(fmt, path, inputs))
+        payload = _encode(_run_here(fmt, path, inputs, show=False))
         view = memoryview(payload)
         while view:
             view = view[os.write(w, view):]
