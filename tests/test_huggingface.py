@@ -371,3 +371,27 @@ def test_dynamic_dims_are_verified_at_other_sizes_in_the_folder(hf_ckpts, tmp_pa
     checked = [tuple(s) for r in art["verification"]["shapes_checked"] for s in r["shapes"]]
     assert {c[0] for c in checked} >= {1, 2, 5} and {c[1] for c in checked} >= {4, 8, 17}, checked
     assert [d["dim"] for d in art["info"]["dynamic_dims"]] == [0, 1]
+
+
+@pytest.mark.parametrize("case", ["names-a-function", "pickle-beside-bad-safetensors", "huge-config"])
+def test_a_hostile_folder_given_to_verify_fails_cleanly(hf_ckpts, tmp_path, case):
+    """A folder handed to `lexport verify` is untrusted: config.json may name only a PreTrainedModel class, weights
+    come from safetensors only (a pickled pytorch_model.bin beside them is never read), config.json is bounded."""
+    from hostile import call, payloads, write_torch_zip
+
+    folder, marker = tmp_path / "evil-hf", tmp_path / "MARKER"
+    folder.mkdir()
+    architecture = "pipeline" if case == "names-a-function" else "GPT2LMHeadModel"
+    config = {"architectures": [architecture], "model_type": "gpt2"}
+    if case == "huge-config":
+        config["padding"] = "x" * (17 << 20)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\0" * 64)
+    module, qual, args = payloads(marker)["os.system"]
+    write_torch_zip(folder / "pytorch_model.bin", [("data.pkl", b"\x80\x02" + call(module, qual, *args) + b"."),
+                                                   ("byteorder", b"little"), ("version", b"3\n")], prefix="archive")
+    res = invoke("verify", folder, hf_ckpts["gpt2"], "--module", GPT2, "--attr", "model", "--json")
+    assert res.code == 1, res
+    (art,) = res.json()["artifacts"]
+    assert art["format"] == "huggingface" and not art["verification"]["passed"]
+    assert not marker.exists()

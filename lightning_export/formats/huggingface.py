@@ -30,6 +30,7 @@ SUFFIX = "-hf"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few kB
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -200,12 +201,20 @@ def load(path: Path) -> Any:
 
     transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar is not lexport's to print
 
-    config = json.loads((path / "config.json").read_text())
-    names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
+    config_file = path / "config.json"
+    if config_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"config.json is {config_file.stat().st_size} bytes: not a model config")
+    config = json.loads(config_file.read_text())
+    names = config.get("architectures") if isinstance(config, dict) else None
+    name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+    cls = getattr(transformers, name, None) if name else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"config.json names no transformers class ({names})")
-    model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    # A folder given to verify is untrusted: safetensors only (never a pickled pytorch_model.bin beside it), no code
+    # from the folder (auto_map), nothing from the hub.
+    loader: Any = cls  # output_loading_info=True returns (model, info), which the stubs do not say
+    model, info = loader.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
+                                         use_safetensors=True, trust_remote_code=False)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise ValueError(f"{cls.__name__}.from_pretrained: " + "; ".join(f"{k} {sorted(map(str, v))[:10]}"
