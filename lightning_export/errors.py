@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import struct
+import zipfile
+import zlib
 from typing import Any
 
 
@@ -19,6 +22,14 @@ class Advice(enum.Enum):
     @property
     def text(self) -> str:
         return ADVICE_TEXT[self]
+
+
+# What Python's zipfile raises on a malformed archive, besides BadZipFile: a flipped bit in a header can ask for an
+# unsupported version or compression (NotImplementedError), an encrypted member (RuntimeError), a short read.
+ZIP_READ_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError,
+    struct.error, zlib.error, KeyError,
+)
 
 
 class LexportError(Exception):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..dynamic import DynamicSupport
-from ..errors import UsageError
+from ..errors import ZIP_READ_ERRORS, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -244,7 +244,7 @@ def detect_format(path: Path) -> Format:
             try:
                 with zipfile.ZipFile(path) as z:
                     names = tuple(z.namelist())  # zipfile read the whole directory already: bounded by the file
-            except (zipfile.BadZipFile, OSError, ValueError):
+            except ZIP_READ_ERRORS:
                 names = None
     except FileNotFoundError:
         raise UsageError(f"artifact not found: {path}") from None

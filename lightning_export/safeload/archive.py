@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bounded import iter_containers
-from ..errors import Advice, CheckpointError
+from ..errors import ZIP_READ_ERRORS, Advice, CheckpointError
 from ..progress import track
 from ..text import fmt_bytes, printable
 
@@ -115,7 +115,7 @@ def read_archive(path: Path, file_size: int, max_growth: float) -> Archive:
 
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as e:
+    except ZIP_READ_ERRORS as e:
         raise corrupt(f"its zip directory cannot be read ({printable(str(e))[:200]})") from e
     with zf, open(path, "rb") as f:
         infos = zf.infolist()
@@ -183,7 +183,7 @@ def _check_metadata_records(zf: zipfile.ZipFile, prefix: str, names: set[str]) -
             continue
         try:
             data = zf.read(full)  # zipfile checks the CRC-32 when it reaches the end of the record
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+        except ZIP_READ_ERRORS as e:
             raise CheckpointError(
                 f"record {printable(full)} does not match its CRC-32: the file is corrupt or was altered "
                 f"({printable(str(e))[:120]})"
@@ -341,7 +341,6 @@ def _crc_storage(s: Storage, swap: bool, advance: Any) -> int:
     """CRC-32 of a storage's bytes, read in place (zlib releases the GIL); byte-swapped back first when torch
     swapped the file's big-endian data on load."""
     import ctypes
-    import zlib
 
     crc = 0
     if swap and s.element_size > 1:

@@ -17,6 +17,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import ZIP_READ_ERRORS
+
 # The file-name prefixes torch.export.save gives constants (torch/export/pt2_archive/constants.py): objects that
 # only a full unpickler reads.
 OPAQUE_PREFIX = "opaque_obj_"
@@ -49,7 +51,7 @@ def check_pickles(path: Path) -> int:
     (and the globals it names) when one would need a full unpickler. Returns the number of records read."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except ZIP_READ_ERRORS as e:
         raise UnsafeArchiveError(f"not a readable zip archive ({e})") from None
     file_size = os.path.getsize(path)
     checked = 0
@@ -71,7 +73,7 @@ def check_pickles(path: Path) -> int:
                     if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
                         continue  # raw tensor bytes or JSON: read without unpickling
                     data = head + f.read()
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            except ZIP_READ_ERRORS as e:
                 raise UnsafeArchiveError(f"{info.filename} cannot be read ({e})") from None
             if head.startswith(ZIP_MAGIC):
                 _load_weights_only(info.filename, data)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from ..errors import CheckpointError
+from ..errors import ZIP_READ_ERRORS, CheckpointError
 from .folder import existing, inside
 
 METADATA_FILE = ".metadata"
@@ -366,7 +366,7 @@ def check_record(root: Path, chunk: Chunk, entry: TensorEntry, verify_crc: bool 
                         with z.open(info) as data:
                             while data.read(1 << 20):
                                 pass
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+    except ZIP_READ_ERRORS as e:
         raise CheckpointError(f"{where} is corrupt ({short(e)})") from e
 
 
