@@ -20,9 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..address_space import bounded
 from ..errors import describe_exception
 from ..progress import track
 
+# What the child may map beyond the forked process: a malformed file that declares a huge tensor (a .tflite asking for
+# [134217730, 10] made LiteRT allocate 5 GB) fails there instead of taking the machine's memory; real models get
+# this much plus 16 times the artifact's size.
+CHILD_EXTRA_BYTES = 4 << 30
 LOG_TAIL = 600  # bytes of the runtime's own last words kept for the message after a crash
 
 
@@ -81,7 +86,9 @@ def _child(fmt: Any, path: Path, inputs: list[Any], w: int, log: int) -> None:
         torch.set_num_threads(1)
         # The loaded runtime is released when _run_here returns (its destructors run: an AOTInductor package's
         # extracted library is removed), before os._exit.
-        payload = _encode(_run_here(fmt, path, inputs, show=False))
+        with bounded(CHILD_EXTRA_BYTES + 16 * _artifact_bytes(path)):
+            ran = _run_here(fmt, path, inputs, show=False)
+        payload = _encode(ran)
         view = memoryview(payload)
         while view:
             view = view[os.write(w, view):]
@@ -89,6 +96,13 @@ def _child(fmt: Any, path: Path, inputs: list[Any], w: int, log: int) -> None:
         code = 3
     finally:
         os._exit(code)
+
+
+def _artifact_bytes(path: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in ([*path.rglob("*")] if path.is_dir() else [path]) if p.is_file())
+    except OSError:
+        return 0
 
 
 def _encode(ran: Ran) -> bytes:
