@@ -22,6 +22,7 @@ from typing import Any
 
 from ..address_space import bounded
 from ..errors import describe_exception
+from ..formats import Format
 from ..progress import track
 
 # What the child may map beyond the forked process: a malformed file that declares a huge tensor (a .tflite asking for
@@ -40,10 +41,10 @@ class Ran:
     crashed: str | None = None
 
 
-def run_artifact(fmt: Any, path: Path, inputs: list[Any]) -> Ran:
+def run_artifact(fmt: Format, path: Path, inputs: list[Any]) -> Ran:
     """Load `path` with fmt.load and call it on each of `inputs` (inputs.Inputs): in a child process when the format
     declares `isolate`, else here."""
-    if getattr(fmt, "isolate", False) and can_isolate():
+    if fmt.isolate and can_isolate():
         return _run_in_child(fmt, path, inputs)
     return _run_here(fmt, path, inputs)
 
