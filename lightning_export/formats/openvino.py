@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import ExportError, describe_exception
 from . import DynamicSupport, ExportContext, Format, Quantization, Written, installed_check, register
-from ._graph import captured_stdout, check_program_dims, dynamic_info, dynamic_shapes_for, exporting, graph_estimate
+from ._graph import DimSpecialized, captured_stdout, check_program_dims, dynamic_info, dynamic_shapes_for, exporting, graph_estimate
 from ._int8 import INT8_TOLERANCE, WorkDir, artifact_bytes, int8_info, require_calibration, tensor_leaves
 
 INSTALL_HINT = "Install it with: pip install 'lightning-export[openvino]' (or pip install openvino)."
@@ -69,14 +69,24 @@ def write(ctx: ExportContext, path: Path) -> Written:
     precision = ctx.precision
     ex = ctx.inputs()
     tensors = list(ex.tensors())
+    frontend = "torch.export"
     with exporting(ctx):
         program = torch.export.export(ctx.module(), ex.args, ex.kwargs or None, dynamic_shapes=dynamic_shapes_for(ctx),
                                       strict=False)
-        check_program_dims(program, ctx.dynamic, "openvino",
-                           also="onnx and exported-program keep an nn.GRU/nn.LSTM's length dynamic (a while_loop, "
-                           "which OpenVINO's converter does not run at other lengths)")
+        source: Any = program
         try:
-            model = ov.convert_model(program)
+            check_program_dims(program, ctx.dynamic, "openvino")
+        except DimSpecialized:
+            # torch.export unrolls nn.GRU/nn.LSTM over the example's length (its while_loop form is one OpenVINO's
+            # converter runs wrongly at other lengths); OpenVINO's TorchScript frontend maps them to its own
+            # sequence ops, whose length is dynamic. Anything else that fixes a dim keeps the message.
+            if not _has_rnn(ctx.module()) or ex.kwargs or len(tensors) != len(ex.args):
+                raise
+            source = ctx.module()
+            frontend = "torchscript"
+        try:
+            model = ov.convert_model(source) if source is program else ov.convert_model(
+                source, example_input=_ov_example(ex))
         except Exception as e:  # noqa: BLE001 - OpenVINO's frontend refused an op: its reason, exit 5
             raise ExportError(
                 f"openvino.convert_model cannot convert the module: {describe_exception(e)}",
@@ -108,6 +118,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     default_hint = _default_cpu_precision(ov)
     info: dict[str, Any] = {
         "openvino": version,
+        "frontend": frontend,
         "inference_precision_hint": INFERENCE_PRECISION,
         "cpu_default_inference_precision": default_hint,
         "weights_type": "float16" if precision == "fp16" else "float32",
@@ -119,12 +130,21 @@ def write(ctx: ExportContext, path: Path) -> Written:
         "bin_bytes": bin_path(path).stat().st_size,
     }
     notes = []
+    if frontend == "torchscript":
+        notes.append("nn.GRU/nn.LSTM with a dynamic length: converted by OpenVINO's TorchScript frontend (its own "
+                     "sequence ops; torch.export fixes the length)")
     if default_hint and default_hint != INFERENCE_PRECISION:
         notes.append(
             f"verified with INFERENCE_PRECISION_HINT={INFERENCE_PRECISION}; this CPU's default is {default_hint}: "
             "pass the same hint when deploying for the verified numbers"
         )
     return Written(f"openvino.convert_model {version}", notes, info)
+
+
+def _has_rnn(module: Any) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.RNNBase) for m in module.modules())
 
 
 def _stable_names(model: Any, name: str) -> None:
