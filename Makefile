@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers: one per core, at most 4 (each worker trains the session's fixture checkpoints itself).
 JOBS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 2)
 
-.PHONY: demo test lint bench clean fuzz
+.PHONY: demo test test-slow test-all lint bench clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,17 @@ demo: $(STAMP)
 		--to state-dict --to safetensors --to torchscript --to onnx --to exported-program --to openvino --to tflite \
 		--output-dir .demo/out --force
 
+# Every claim at least once, under 5 minutes on 2 cores. --dist loadgroup: a file's expensive fixtures (xdist_group)
+# are built on one worker, not on each.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+
+# The rest: every compiled format (aoti, executorch, LiteRT) in the every-format checks, DeepSpeed and DDP runs.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 # 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
 fuzz: $(STAMP)

@@ -145,6 +145,20 @@ def available_formats(names: str | list[str]) -> list[str]:
             and all(installed(m) for m in EXTRA_MODULES.get(n, ()))]
 
 
+# ------------------------------------------------------------------------------ the two tiers
+# `make test` runs `-m "not slow"` (every claim at least once, under 5 minutes on 2 cores); `make test-slow` runs the
+# rest, which repeats a claim across every compiled format (aoti, executorch, LiteRT), multi-process Trainer layouts
+# and the larger fuzz draws. CI (.ci/run) runs both. Collection is the same in every worker: the mark only selects.
+SLOW = pytest.mark.slow
+# The formats a compile makes slow (seconds each): an "every format" test runs them in the slow tier.
+COMPILED_FORMATS = ("aoti", "executorch", "tflite")
+
+
+def tiered(values: list, fast: list | tuple) -> list:
+    """Parametrize values; those not in `fast` are marked slow."""
+    return [v if v in fast else pytest.param(v, marks=SLOW) for v in values]
+
+
 # Children that run lexport under RLIMIT_AS: one BLAS thread (OpenBLAS sizes a buffer per thread at import and
 # aborts when that fails), and the limit set above what importing torch + Lightning + onnxruntime maps on this
 # machine (a CUDA build of torch maps several GB more than the CPU build), so the limit keeps its meaning: any

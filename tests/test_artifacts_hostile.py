@@ -19,7 +19,9 @@ from pathlib import Path
 
 import hostile as H
 import pytest
-from conftest import available_formats, invoke, patch_format, run_lexport
+from conftest import available_formats, invoke, patch_format, run_lexport, tiered
+
+pytestmark = pytest.mark.xdist_group("artifacts")  # its module/session fixtures are built once, on one worker
 
 MODULE = ("--module", "fixtures.modules:MyClassifierModule", "--attr", "model")
 CASES = int(os.environ.get("LEXPORT_FUZZ_ARTIFACTS", "6"))
@@ -108,7 +110,8 @@ def test_isolated_and_in_process_agree(artifacts: dict, ckpts: dict, monkeypatch
 
 
 # ----------------------------------------------------------------------------------- bit flips and truncation
-@pytest.mark.parametrize("fmt", FUZZED)
+# The runtimes that load in a forked child (executorch, LiteRT, aoti) take seconds per case: slow tier.
+@pytest.mark.parametrize("fmt", tiered(FUZZED, fast=["onnx", "openvino", "exported-program", "torchscript"]))
 def test_fuzzed_artifacts_end_cleanly(artifacts: dict, ckpts: dict, tmp_path: Path, fmt: str) -> None:
     """One bit flipped, or the file cut: a documented exit code (never 70, never a signal), one JSON object, no
     traceback. An OpenVINO IR has its .xml or its .bin mutated."""

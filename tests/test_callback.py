@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, SLOW
 
 
 def _trainer(tmp_path: Path, callback, **kw):
@@ -154,6 +154,7 @@ print(f"RANK {{trainer.global_rank}} EXPORTED {{len(cb.exported)}}", flush=True)
 """
 
 
+@SLOW
 def test_ddp_two_processes_export_once(tmp_path: Path) -> None:
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(repo=str(REPO), root=str(tmp_path / "ckpt"))))

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, Result, invoke, run_lexport
+from conftest import REPO, SLOW, Result, invoke, run_lexport
 
 from lightning_export.errors import CheckpointError
 from lightning_export.sources.deepspeed import is_deepspeed_folder, load_deepspeed, open_folder, strip_forward_prefix
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="deepspeed is not installed (it is in the dev extra: pip install -e '.[dev]'); these tests write real "
     "DeepSpeed checkpoints with it",
-)
+), SLOW]  # the fixture runs two real DeepSpeed trainings (ZeRO-2 on 2 processes, ZeRO-3): about 35 s
 
 MODULE = "fixtures.modules:MyClassifierModule"
 RUNS = {"zero2": ("2", "2"), "zero3": ("3", "1")}  # name -> (stage, devices)

@@ -174,9 +174,9 @@ def test_truncation_points(sources: list[Source], cut: int) -> None:
 # nothing partial left, the input unchanged, the payload never run; and when it exits 0 without a module, the
 # published state dict must hold exactly what torch.load(mmap=False) reads from the file.
 #
-# LEXPORT_FUZZ_EXAMPLES sets the number of examples (default 200; `make fuzz` runs 5000).
+# LEXPORT_FUZZ_EXAMPLES sets the number of examples (default 60; `make fuzz` runs 5000).
 # ===================================================================================================================
-PICKLE_EXAMPLES = int(os.environ.get("LEXPORT_FUZZ_EXAMPLES", "200"))
+PICKLE_EXAMPLES = int(os.environ.get("LEXPORT_FUZZ_EXAMPLES", "60"))
 PER_EXAMPLE_SECONDS = float(os.environ.get("LEXPORT_FUZZ_SECONDS", "20"))
 HARD_KILL_SECONDS = 180  # a hung example dumps every thread's stack and ends the run instead of hanging it
 AS_HEADROOM = 3 << 30  # address space an example may add to the test process (a multi-GB allocation fails)

@@ -31,7 +31,7 @@ from pathlib import Path
 import hostile as H
 import pytest
 import torch
-from conftest import REPO, address_space_limit, baseline_rss, limited_env
+from conftest import REPO, address_space_limit, baseline_rss, limited_env, tiered
 
 CLASSIFIER = "fixtures.modules:MyClassifierModule"
 # Address-space limit for the child: torch, Lightning, onnxruntime and a full 5-format export of the fixture run
@@ -417,7 +417,7 @@ def test_hostile_json(name: str, tmp_path: Path, ckpts: dict) -> None:
 HUMAN = [n for n, c in CASES.items() if c.human]
 
 
-@pytest.mark.parametrize("name", HUMAN)
+@pytest.mark.parametrize("name", tiered(HUMAN, fast=[n for n in HUMAN if not n.endswith("-module")]))
 def test_hostile_human(name: str, tmp_path: Path, ckpts: dict) -> None:
     """Without --json: one `error (...)` message and at most a hint on stderr (no warnings, no second error),
     nothing on stdout."""

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import available_formats, invoke
+from conftest import COMPILED_FORMATS, available_formats, invoke, tiered
 
 from fixtures.targets import PRECISION_TARGETS, class_path, fresh_input, rebuild
+
+pytestmark = pytest.mark.xdist_group("precision")  # its module/session fixtures are built once, on one worker
 
 STORED = {"wide_mlp_16true": torch.float16, "convnet_bf16true": torch.bfloat16, "transformer_16true": torch.float16}
 
@@ -63,13 +65,15 @@ def test_graphs_export_in_the_constructors_dtypes_with_no_flag(precision_ckpts, 
     torch.testing.assert_close(program(x), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", tiered(["plain", "compiled"], fast=["plain"]))
 @pytest.mark.parametrize("name", ["wide_mlp_16true", "convnet_bf16true"])
-def test_every_graph_format_with_no_flag(precision_ckpts, tmp_path, name):
+def test_every_graph_format_with_no_flag(precision_ckpts, tmp_path, name, group):
     """A 16-true and a bf16-true module to every graph format this machine has, in one run each: each verified by
-    lexport against the float32 module."""
+    lexport against the float32 module (the compiled formats, aoti/executorch/tflite, in the slow tier)."""
     from lightning_export.formats import REGISTRY
 
-    graph = available_formats([n for n, f in REGISTRY.items() if f.kind == "graph"])
+    graph = [n for n in available_formats([n for n, f in REGISTRY.items() if f.kind == "graph"])
+             if (n in COMPILED_FORMATS) == (group == "compiled")]
     res, report = _export(precision_ckpts, name, tmp_path, *graph)
     assert res.code == 0, res
     assert sorted(a["format"] for a in report["artifacts"] if a["verification"]["passed"]) == sorted(graph)

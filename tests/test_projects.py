@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import available_formats, invoke, run_lexport
+from conftest import COMPILED_FORMATS, available_formats, invoke, run_lexport, tiered
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.xdist_group("projects")]
 
 NET = '''
 import os
@@ -222,19 +222,23 @@ def test_forward_taking_a_dict_batch_exports_to_onnx(ckpts: dict, tmp_path: Path
                                atol=1e-5, rtol=1e-4)
 
 
-def test_forward_taking_a_dict_batch_exports_to_every_graph_format(ckpts: dict, tmp_path: Path) -> None:
-    """forward(batch: dict) to torchscript, exported-program, executorch, aoti, openvino and tflite (those installed)
-    in one run (onnx above): each is verified by lexport in its own runtime; the exported program is also called
-    here with a dict."""
+@pytest.mark.parametrize("group", tiered(["plain", "compiled"], fast=["plain"]))
+def test_forward_taking_a_dict_batch_exports_to_every_graph_format(ckpts: dict, tmp_path: Path, group: str) -> None:
+    """forward(batch: dict) to torchscript, exported-program, executorch, aoti, openvino and tflite (those installed;
+    the compiled ones in the slow tier) in one run (onnx above): each is verified by lexport in its own runtime; the
+    exported program is also called here with a dict."""
     from lightning_export.formats import REGISTRY
 
-    graph = available_formats([n for n, f in REGISTRY.items() if f.kind == "graph" and n != "onnx"])
-    assert {"torchscript", "exported-program", "aoti"} <= set(graph), graph
+    graph = [n for n in available_formats([n for n, f in REGISTRY.items() if f.kind == "graph" and n != "onnx"])
+             if (n in COMPILED_FORMATS) == (group == "compiled")]
+    assert {"torchscript", "exported-program"} <= set(graph) if group == "plain" else "aoti" in graph, graph
     res = invoke(ckpts["dict_batch"], "--module", "fixtures.modules:DictBatchModel",
                  *(a for n in graph for a in ("--to", n)), "--output-dir", tmp_path / "out", "--json")
     assert res.code == 0, res
     report = json.loads(res.stdout)
     assert sorted(a["format"] for a in report["artifacts"] if a["verification"]["passed"]) == sorted(graph), report
+    if group == "compiled":
+        return
     program = torch.export.load(str(tmp_path / "out" / "dict_batch.pt2")).module()
     batch = {"x": torch.randn(2, 4), "bias": torch.randn(2, 2)}
     torch.testing.assert_close(program(batch), _dict_module(ckpts["dict_batch"])(batch).detach())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke
+from conftest import invoke, tiered
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -238,7 +238,7 @@ def test_dataclass_and_dict_subclass_outputs_export_as_dicts(p3, tmp_path, name,
         torch.testing.assert_close(got[f], getattr(want, f).detach())
 
 
-@pytest.mark.parametrize("fmt", ["executorch", "aoti"])
+@pytest.mark.parametrize("fmt", tiered(["executorch", "aoti"], fast=["executorch"]))
 def test_namedtuple_output_exports_to_every_torch_export_format(p3, tmp_path, fmt) -> None:
     if fmt == "executorch":
         pytest.importorskip("executorch")

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, available_formats, invoke, run_lexport
+from conftest import COMPILED_FORMATS, REPO, SLOW, available_formats, invoke, run_lexport
 
-# The formats whose optional extra is missing drop out here (make test installs them all).
-FORMATS = ",".join(available_formats("state-dict,safetensors,torchscript,onnx,exported-program,executorch,aoti"))
+pytestmark = pytest.mark.xdist_group("release")  # its module/session fixtures are built once, on one worker
+
+# The formats whose optional extra is missing drop out here (make test installs them all). The compiled ones
+# (executorch, aoti) are checked the same way in the slow tier (test_compiled_formats_same_bytes_twice).
+FORMATS = ",".join(available_formats("state-dict,safetensors,torchscript,onnx,exported-program"))
+COMPILED = available_formats([f for f in COMPILED_FORMATS if f != "tflite"])
 
 
 def _sha(p: Path) -> str:
@@ -51,6 +55,26 @@ def test_same_bytes_twice_and_equal_to_the_manifest(release: dict) -> None:
         assert a["bytes"] == first.stat().st_size
         assert a["verification"]["passed"]
     assert [a["sha256"] for a in report1["artifacts"]] == [a["sha256"] for a in manifest["artifacts"]]
+
+
+@SLOW
+@pytest.mark.skipif(not COMPILED, reason="needs the executorch extra (aoti is torch's own)")
+def test_compiled_formats_same_bytes_twice(ckpts: dict, tmp_path: Path) -> None:
+    """The release run's check for the compiled formats: two processes, the same bytes, equal to the manifest's."""
+    ckpt = Path(ckpts["cli"])
+    config = ckpt.parent / "cli" / "config.yaml"
+    shas = []
+    for i in (1, 2):
+        out = tmp_path / f"run{i}"
+        res = run_lexport(ckpt, "--config", config, "--to", ",".join(COMPILED), "--output-dir", out,
+                          "--manifest", out / "manifest.json", "--json")
+        assert res.code == 0, res
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert {a["format"] for a in manifest["artifacts"]} == set(COMPILED)
+        for a in manifest["artifacts"]:
+            assert _sha(out / a["path"]) == a["sha256"] and a["verification"]["passed"]
+        shas.append({a["format"]: a["sha256"] for a in manifest["artifacts"]})
+    assert shas[0] == shas[1], "a compiled format is not reproducible"
 
 
 def test_inspect_reports_the_cli_run(release: dict) -> None:

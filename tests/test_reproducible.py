@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import available_formats, run_lexport
+from conftest import COMPILED_FORMATS, available_formats, run_lexport, tiered
+
+pytestmark = pytest.mark.xdist_group("reproducible")  # its module/session fixtures are built once, on one worker
 
 MODULE = "fixtures.modules:GlobalRandomExample"
 
@@ -36,10 +38,12 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def test_random_example_input_array_gives_the_same_bytes_in_every_format(random_example_ckpt, tmp_path):
+@pytest.mark.parametrize("group", tiered(["plain", "compiled"], fast=["plain"]))
+def test_random_example_input_array_gives_the_same_bytes_in_every_format(random_example_ckpt, tmp_path, group):
+    """Two runs in two processes, every format (the compiled ones, aoti/executorch/tflite, in the slow tier)."""
     from lightning_export.formats import REGISTRY
 
-    formats = available_formats(list(REGISTRY))
+    formats = [f for f in available_formats(list(REGISTRY)) if (f in COMPILED_FORMATS) == (group == "compiled")]
     runs = []
     for i in (1, 2):
         out = tmp_path / f"run{i}"
