@@ -20,10 +20,10 @@ def _lightning_cli(root: Path, subclass: bool) -> tuple[Path, Path]:
     import pytorch_lightning as pl
     from pytorch_lightning.cli import LightningCLI
 
-    from fixtures import modules as M
+    from fixtures import config_modules as C
 
     model_args = [
-        "--model.encoder=fixtures.modules.CliEncoder",
+        "--model.encoder=fixtures.config_modules.CliEncoder",
         "--model.encoder.hidden=8",
         "--model.optimizer=torch.optim.SGD",
         "--model.optimizer.lr=0.1",
@@ -31,7 +31,8 @@ def _lightning_cli(root: Path, subclass: bool) -> tuple[Path, Path]:
     ]
     args = [
         "fit",
-        *(["--model=fixtures.modules.CallableOptModel", "--data=fixtures.modules.CliDataModule"] if subclass else []),
+        *(["--model=fixtures.config_modules.CallableOptModel", "--data=fixtures.config_modules.CliDataModule"]
+          if subclass else []),
         *model_args,
         "--trainer.max_steps=2",
         f"--trainer.default_root_dir={root}",
@@ -43,7 +44,7 @@ def _lightning_cli(root: Path, subclass: bool) -> tuple[Path, Path]:
         "--trainer.enable_model_summary=false",
     ]
     pl.seed_everything(0, verbose=False)
-    cli = LightningCLI(M.CallableOptModel, M.CliDataModule, subclass_mode_model=subclass,
+    cli = LightningCLI(C.CallableOptModel, C.CliDataModule, subclass_mode_model=subclass,
                        subclass_mode_data=subclass, args=args)
     log_dir = Path(cli.trainer.log_dir)
     (ckpt,) = sorted((log_dir / "checkpoints").glob("*.ckpt"))
@@ -74,7 +75,7 @@ def test_lightning_cli_plain_mode_needs_module_only_for_graph_formats(cli_runs: 
     # Weights formats never need the class.
     res = invoke(ckpt, "--config", config, "--to", "safetensors", "-o", tmp_path / "m.safetensors")
     assert res.code == 0, res
-    res = invoke(ckpt, "--config", config, "--module", "fixtures.modules:CallableOptModel", "--to", "onnx",
+    res = invoke(ckpt, "--config", config, "--module", "fixtures.config_modules:CallableOptModel", "--to", "onnx",
                  "-o", tmp_path / "m.onnx")
     assert res.code == 0, res
 
@@ -82,7 +83,7 @@ def test_lightning_cli_plain_mode_needs_module_only_for_graph_formats(cli_runs: 
 def test_checkpoint_class_paths_alone_are_never_imported(cli_runs: dict, tmp_path: Path) -> None:
     """Without the config, the checkpoint's own class_path values are refused, not imported."""
     ckpt, _ = cli_runs["subclass"]
-    res = invoke(ckpt, "--module", "fixtures.modules:CallableOptModel", "--to", "onnx", "-o", tmp_path / "m.onnx")
+    res = invoke(ckpt, "--module", "fixtures.config_modules:CallableOptModel", "--to", "onnx", "-o", tmp_path / "m.onnx")
     assert res.code == 4, res
     assert "does not import classes named inside a checkpoint" in " ".join(res.stderr.split())
 
@@ -91,9 +92,9 @@ HYDRA_CONFIG = """
 data:
   in_features: 6
 model:
-  _target_: fixtures.modules.HydraLitModule
+  _target_: fixtures.config_modules.HydraLitModule
   net:
-    _target_: fixtures.modules.CliEncoder
+    _target_: fixtures.config_modules.CliEncoder
     in_features: ${data.in_features}
     hidden: 5
   optimizer:
@@ -144,5 +145,5 @@ def test_hydra_run_config_with_paths_only_hydra_resolves(tmp_path: Path) -> None
     cfg = tmp_path / "config.yaml"
     cfg.write_text(textwrap.dedent(HYDRA_CONFIG) + "paths:\n  output_dir: ${hydra:runtime.output_dir}\n")
     section = read_model_section(cfg)
-    assert section.style == "hydra" and section.class_path == "fixtures.modules.HydraLitModule"
+    assert section.style == "hydra" and section.class_path == "fixtures.config_modules.HydraLitModule"
     assert section.args["net"]["in_features"] == 6

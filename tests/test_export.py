@@ -282,7 +282,7 @@ def test_injected_submodule_via_init_args_file(ckpts, tmp_path):
     assert_same_outputs("onnx", report.artifacts[0].path, ref, (x,))
 
 
-@pytest.mark.parametrize("name,module", [("cli", None), ("cli_plain", "fixtures.modules:CliModel")])
+@pytest.mark.parametrize("name,module", [("cli", None), ("cli_plain", "fixtures.config_modules:CliModel")])
 def test_lightning_cli_config(ckpts, tmp_path, name, module):
     import yaml
 
@@ -292,7 +292,7 @@ def test_lightning_cli_config(ckpts, tmp_path, name, module):
     res = invoke(*args)
     assert res.code == 0, res
     if module is None:  # the class came from the config's class_path
-        assert res.json()["module"] == "fixtures.modules.CliModel"
+        assert res.json()["module"] == "fixtures.config_modules.CliModel"
     # The config's init_args really are used: change the width there and the checkpoint no longer fits.
     data = yaml.safe_load(config.read_text())
     section = data["model"]["init_args"] if "class_path" in data["model"] else data["model"]

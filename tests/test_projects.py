@@ -184,7 +184,7 @@ def test_numpy_hparams_load_after_exactly_one_round_of_the_hint(ckpts: dict, tmp
     ckpt = ckpts["numpy_hparams"]
     res = invoke(ckpt, "--to", "safetensors", "-o", tmp_path / "w.safetensors")
     assert res.code == 0, res
-    args = [ckpt, "--module", "fixtures.modules:NumpyNormModel", "--to", "onnx", "-o", tmp_path / "m.onnx"]
+    args = [ckpt, "--module", "fixtures.config_modules:NumpyNormModel", "--to", "onnx", "-o", tmp_path / "m.onnx"]
     res = invoke(*args)
     assert res.code == 4, res
     lines = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("--allow-global ")]
@@ -197,7 +197,7 @@ def test_numpy_hparams_load_after_exactly_one_round_of_the_hint(ckpts: dict, tmp
 
 # ----------------------------------------------------------------------------------------- dict batch
 def _dict_module(ckpt: Path) -> torch.nn.Module:
-    from fixtures.modules import DictBatchModel
+    from fixtures.config_modules import DictBatchModel
 
     return DictBatchModel.load_from_checkpoint(ckpt, weights_only=False).eval()
 
@@ -206,7 +206,7 @@ def _dict_module(ckpt: Path) -> torch.nn.Module:
 def test_forward_taking_a_dict_batch_exports_to_onnx(ckpts: dict, tmp_path: Path, opset) -> None:
     """torch.onnx.export reads a trailing dict in args as kwargs; a forward(batch: dict) must still export."""
     extra = ["--opset", str(opset)] if opset else []
-    res = invoke(ckpts["dict_batch"], "--module", "fixtures.modules:DictBatchModel", "--to", "onnx",
+    res = invoke(ckpts["dict_batch"], "--module", "fixtures.config_modules:DictBatchModel", "--to", "onnx",
                  "-o", tmp_path / "d.onnx", *extra)
     assert res.code == 0, res
     import onnxruntime as ort
@@ -232,7 +232,7 @@ def test_forward_taking_a_dict_batch_exports_to_every_graph_format(ckpts: dict, 
     graph = [n for n in available_formats([n for n, f in REGISTRY.items() if f.kind == "graph" and n != "onnx"])
              if (n in COMPILED_FORMATS) == (group == "compiled")]
     assert {"torchscript", "exported-program"} <= set(graph) if group == "plain" else "aoti" in graph, graph
-    res = invoke(ckpts["dict_batch"], "--module", "fixtures.modules:DictBatchModel",
+    res = invoke(ckpts["dict_batch"], "--module", "fixtures.config_modules:DictBatchModel",
                  *(a for n in graph for a in ("--to", n)), "--output-dir", tmp_path / "out", "--json")
     assert res.code == 0, res
     report = json.loads(res.stdout)

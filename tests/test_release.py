@@ -83,7 +83,7 @@ def test_inspect_reports_the_cli_run(release: dict) -> None:
     assert res.code == 0, res
     s = res.json()
     assert s["global_step"] == raw["global_step"] == 2
-    assert s["class_path"] == "fixtures.modules.CliModel"
+    assert s["class_path"] == "fixtures.config_modules.CliModel"
     assert s["hparams"]["hidden"] == 12
     assert {"net", "net.0", "net.2"} <= {n["path"] for n in s["submodules"]}
 

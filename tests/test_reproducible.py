@@ -12,7 +12,7 @@ from conftest import COMPILED_FORMATS, available_formats, run_lexport, tiered
 
 pytestmark = pytest.mark.xdist_group("reproducible")  # its module/session fixtures are built once, on one worker
 
-MODULE = "fixtures.modules:GlobalRandomExample"
+MODULE = "fixtures.config_modules:GlobalRandomExample"
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def random_example_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
+    from fixtures.config_modules import GlobalRandomExample
     from fixtures.make_checkpoints import _TRAINER_KWARGS, _quiet
-    from fixtures.modules import GlobalRandomExample
 
     path = tmp_path_factory.mktemp("random-example") / "random_example.ckpt"
     with _quiet():

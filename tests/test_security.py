@@ -384,13 +384,13 @@ def test_lightning_cli_checkpoint_needs_module(ckpts: dict, tmp_path: Path) -> N
     src = tmp_path / "cli.ckpt"
     shutil.copyfile(ckpts["cli"], src)
     raw = torch.load(str(src), weights_only=True)
-    assert raw["hyper_parameters"]["_class_path"] == "fixtures.modules.CliModel"
+    assert raw["hyper_parameters"]["_class_path"] == "fixtures.config_modules.CliModel"
     assert "_instantiator" in raw["hyper_parameters"]
     res = invoke(src, "--to", "onnx", "--output-dir", tmp_path / "out")
     assert res.code == 2, res
-    assert "--module fixtures.modules:CliModel" in _flat(res.stderr).replace("'", "")
+    assert "--module fixtures.config_modules:CliModel" in _flat(res.stderr).replace("'", "")
     # ... and the command it suggests works.
-    res = invoke(src, "--module", "fixtures.modules.CliModel", "--to", "state-dict", "--output-dir",
+    res = invoke(src, "--module", "fixtures.config_modules.CliModel", "--to", "state-dict", "--output-dir",
                  tmp_path / "out")
     assert res.code == 0, res
 
@@ -478,6 +478,6 @@ def test_loaders_are_code_running_names(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["pathlib.PosixPath", "hydra._internal.target_policy._DeferredTarget", "numpy.ndarray",
-                                  "torch.optim.adam.Adam", "fixtures.modules.CliEncoder"])
+                                  "torch.optim.adam.Adam", "fixtures.config_modules.CliEncoder"])
 def test_ordinary_classes_stay_placeholders(name: str) -> None:
     assert not code_running(name)
