@@ -154,6 +154,35 @@ def test_data_file_claiming_more_than_it_holds_is_refused(tmp_path: Path) -> Non
         load_batches_file(tmp_path / "one.pt")
 
 
+def test_data_file_that_is_no_torch_save_file_is_named_by_its_flag(tmp_path: Path) -> None:
+    """The checkpoint loader's refusals of what is not a file torch.save wrote name `--data PATH` and a file, never a
+    checkpoint (the loader renders them from its subject), and keep the data file's hint."""
+    import os
+    import pickle
+
+    (tmp_path / "dir.pt").mkdir()
+    os.mkfifo(tmp_path / "fifo.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps([[1.0, 2.0]], protocol=4))
+    (tmp_path / "text.pt").write_text('{"x": [1, 2]}')
+    said = {
+        "dir.pt": "is a directory, not a torch.save file",
+        "fifo.pt": "is a named pipe (FIFO), not a torch.save file",
+        "empty.pt": "is empty (0 bytes); the file was not written completely",
+        "plain.pt": "is a plain Python pickle (protocol 4), not a file written by torch.save",
+        "text.pt": "is a text file (JSON, YAML or similar), not a torch.save file",
+        "missing.pt": ": file not found",
+    }
+    for name, what in said.items():
+        path = tmp_path / name
+        with pytest.raises(UsageError) as e:
+            load_batches_file(path)
+        message = e.value.message
+        assert message.startswith(f"--data {path}{what}" if what[0] == ":" else f"--data {path} {what}"), message
+        assert "checkpoint" not in str(e.value).lower(), str(e.value)
+        assert e.value.exit_code == 2 and (e.value.hint or "").startswith("Save a list of batches"), e.value.hint
+
+
 # ---- datamodules from a config ---------------------------------------------------------------------------------
 def test_datamodule_from_lightningcli_config(trained: dict, tmp_path: Path) -> None:
     section = read_data_section(trained["config"])

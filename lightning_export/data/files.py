@@ -43,6 +43,7 @@ def load_tensor_file(path: Path, flag: str, hint: str, *, max_growth: float | No
     from ..safeload.archive import DEFAULT_MAX_GROWTH
     from ..safeload.loader import load_verified
     from ..safeload.placeholders import unloaded_in
+    from ..safeload.subject import Subject
 
     p = Path(path)
     growth = DEFAULT_MAX_GROWTH if max_growth is None else max_growth
@@ -64,15 +65,13 @@ def load_tensor_file(path: Path, flag: str, hint: str, *, max_growth: float | No
         return obj, tensors
 
     try:
-        return load_verified(p, select, trust=False, allow_globals=(), max_growth=growth)
+        # The loader names the file as `flag PATH`, a torch.save file (never a checkpoint) in every message.
+        return load_verified(p, select, trust=False, allow_globals=(), max_growth=growth, subject=Subject.flagged(flag))
     except CheckpointError as e:
-        # The checkpoint loader's words ("checkpoint not found", "not a checkpoint file") read as this file.
-        text = e.message.replace("checkpoint file", "torch.save file").replace("checkpoint", "file")
-        # --allow-global and --trust-checkpoint are the checkpoint's flags: a data file never needs them.
-        message = f"{flag} {p}{text[len(str(p)):]}" if text.startswith(str(p)) else f"{flag} {p}: {text}"
         if e.advice is Advice.MAX_GROWTH:
-            raise UsageError(message, advice=e.advice) from e
-        raise UsageError(message, hint=hint) from e
+            raise UsageError(e.message, advice=e.advice) from e
+        # --allow-global and --trust-checkpoint are the checkpoint's flags: a data file never needs them.
+        raise UsageError(e.message, hint=hint) from e
 
 
 def _tensors(obj: Any) -> dict[str, Any]:

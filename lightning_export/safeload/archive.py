@@ -19,6 +19,7 @@ from ..bounded import iter_containers
 from ..errors import ZIP_READ_ERRORS, Advice, CheckpointError
 from ..progress import track
 from ..text import fmt_bytes, printable
+from .subject import CHECKPOINT, Subject
 
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_MAX_GROWTH = 4.0
@@ -36,22 +37,22 @@ _CRC_CHUNK = 16 << 20
 _METADATA_RECORDS = ("data.pkl", "byteorder", ".format_version", ".storage_alignment", "version", ".data/version")
 
 
-def check_file(path: Path) -> int:
+def check_file(path: Path, subject: Subject = CHECKPOINT) -> int:
     """Refuse what is not a readable regular file, without opening anything else (open() blocks on a FIFO).
     Returns the file size."""
+    name = subject.name(path)
     try:
         st = os.stat(path)
     except OSError as e:
         if path.is_symlink():
-            raise CheckpointError(f"checkpoint {path} is a dangling symbolic link (or a link loop)") from e
+            raise CheckpointError(f"{subject.called(path)} is a dangling symbolic link (or a link loop)") from e
         if isinstance(e, FileNotFoundError):
-            raise CheckpointError(f"checkpoint not found: {path}") from e
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+            raise CheckpointError(subject.not_found(path)) from e
+        raise CheckpointError(subject.about(path, f"cannot read {path}: {e.strerror or e}")) from e
     if stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(
-            f"{path} is a directory, not a checkpoint file (nor a checkpoint folder: it has no .metadata, nor "
-            "DeepSpeed's latest)"
-        )
+        folder = (f" (nor a {subject.noun} folder: it has no .metadata, nor DeepSpeed's latest)"
+                  if subject.folders else "")
+        raise CheckpointError(f"{name} is a directory, not a {subject.file_noun}{folder}")
     if not stat.S_ISREG(st.st_mode):
         kind = (
             "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
@@ -59,7 +60,7 @@ def check_file(path: Path) -> int:
             else "not a regular file"
         )
         raise CheckpointError(
-            f"{path} is {kind}, not a checkpoint file: lexport reads only regular files, whose size bounds its work",
+            f"{name} is {kind}, not a {subject.file_noun}: lexport reads only regular files, whose size bounds its work",
             hint="Save the stream to a file first, then pass that file.",
         )
     size = st.st_size
@@ -67,21 +68,21 @@ def check_file(path: Path) -> int:
         with open(path, "rb") as f:
             head = f.read(64)
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+        raise CheckpointError(subject.about(path, f"cannot read {path}: {e.strerror or e}")) from e
     if size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); the checkpoint was not written completely")
+        raise CheckpointError(f"{name} is empty (0 bytes); the {subject.noun} was not written completely")
     if head.startswith(ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path} is truncated or corrupt: its zip directory is missing")
+            raise CheckpointError(f"{name} is truncated or corrupt: its zip directory is missing")
         return size
     if head[:1] == b"\x80" and head[1:2] in (b"\x03", b"\x04", b"\x05"):
         # torch.save writes a zip, or (legacy) protocol-2 pickles after a magic number: never this.
         raise CheckpointError(
-            f"{path} is a plain Python pickle (protocol {head[1]}), not a checkpoint written by torch.save",
+            f"{name} is a plain Python pickle (protocol {head[1]}), not a {subject.noun} written by torch.save",
         )
     stripped = head.lstrip()
     if stripped[:1] in (b"{", b"[") or (head and all(32 <= b < 127 or b in (9, 10, 13) for b in head)):
-        raise CheckpointError(f"{path} is a text file (JSON, YAML or similar), not a torch checkpoint")
+        raise CheckpointError(f"{name} is a text file (JSON, YAML or similar), not a {subject.torch_noun}")
     return size
 
 
@@ -104,14 +105,14 @@ class Archive:
         return all(r.stored for r in self.storages.values())
 
 
-def read_archive(path: Path, file_size: int, max_growth: float) -> Archive:
+def read_archive(path: Path, file_size: int, max_growth: float, subject: Subject = CHECKPOINT) -> Archive:
     """The zip directory of a torch.save file, checked before torch reads anything: every record lies inside the
     file, records do not overlap, stored records are what they claim, and compressed records may not expand past
     the growth bound (a zip bomb is refused before it is inflated). Metadata records are CRC-checked."""
     import struct
 
     def corrupt(why: str) -> CheckpointError:
-        return CheckpointError(f"{path} is truncated, corrupt or crafted: {why}")
+        return CheckpointError(f"{subject.name(path)} is truncated, corrupt or crafted: {why}")
 
     try:
         zf = zipfile.ZipFile(path)
@@ -166,15 +167,16 @@ def read_archive(path: Path, file_size: int, max_growth: float) -> Archive:
         limit = max_growth * file_size + GROWTH_SLACK
         if inflated > limit:
             raise CheckpointError(
-                f"{path}: its compressed records declare {fmt_bytes(inflated)} once inflated, more than {max_growth:g}x "
+                f"{subject.name(path)}: its compressed records declare {fmt_bytes(inflated)} once inflated, more than {max_growth:g}x "
                 f"the file ({fmt_bytes(file_size)}) + {fmt_bytes(GROWTH_SLACK)}; refusing to inflate it (a zip bomb?)",
                 advice=Advice.MAX_GROWTH,
             )
-        byteorder = _check_metadata_records(zf, prefix, names)
+        byteorder = _check_metadata_records(path, zf, prefix, names, subject)
     return Archive(storages, byteorder)
 
 
-def _check_metadata_records(zf: zipfile.ZipFile, prefix: str, names: set[str]) -> str | None:
+def _check_metadata_records(path: Path, zf: zipfile.ZipFile, prefix: str, names: set[str],
+                            subject: Subject) -> str | None:
     """The CRC-32 of the small records torch reads besides the storages; returns the byteorder record's value."""
     byteorder = None
     for short in _METADATA_RECORDS:
@@ -184,10 +186,10 @@ def _check_metadata_records(zf: zipfile.ZipFile, prefix: str, names: set[str]) -
         try:
             data = zf.read(full)  # zipfile checks the CRC-32 when it reaches the end of the record
         except ZIP_READ_ERRORS as e:
-            raise CheckpointError(
-                f"record {printable(full)} does not match its CRC-32: the file is corrupt or was altered "
+            raise CheckpointError(subject.about(
+                path, f"record {printable(full)} does not match its CRC-32: the file is corrupt or was altered "
                 f"({printable(str(e))[:120]})"
-            ) from e
+            )) from e
         if short == "byteorder":
             byteorder = data.decode("ascii", errors="replace")
     return byteorder
@@ -203,22 +205,23 @@ class Storage:
 
 
 def check_tensors(path: Path, state_dict: Mapping[str, Any], *, file_size: int, max_growth: float,
-                   archive: Archive | None) -> list[Storage]:
+                   archive: Archive | None, subject: Subject = CHECKPOINT) -> list[Storage]:
     """Metadata only, no pass over data: every tensor is a CPU strided tensor whose extent fits its storage, and the
     dense bytes of the state dict are bounded by the bytes of the storages behind it. Returns the storages."""
     import torch
 
     storages: dict[int, Storage] = {}
     dense = 0
+    named = subject.name(path)
     for key, t in state_dict.items():
         shown = printable(key)
         if t.device.type != "cpu":
             what = "a meta tensor (a shape without data)" if t.device.type == "meta" else f"on device {t.device}"
-            raise CheckpointError(f"{path}: tensor {shown} is {what}; the file holds no weights for it")
+            raise CheckpointError(f"{named}: tensor {shown} is {what}; the file holds no weights for it")
         if t.layout != torch.strided or t.is_nested:
-            raise CheckpointError(f"{path}: tensor {shown} has layout {t.layout}; only dense tensors can be exported")
+            raise CheckpointError(f"{named}: tensor {shown} has layout {t.layout}; only dense tensors can be exported")
         if t.is_quantized:
-            raise CheckpointError(f"{path}: tensor {shown} is quantized ({t.dtype}); only plain tensors can be exported")
+            raise CheckpointError(f"{named}: tensor {shown} is quantized ({t.dtype}); only plain tensors can be exported")
         numel, esize = t.numel(), t.element_size()
         dense += numel * esize
         if numel == 0:
@@ -227,32 +230,32 @@ def check_tensors(path: Path, state_dict: Mapping[str, Any], *, file_size: int, 
             st = t.untyped_storage()
             nbytes, ptr = st.nbytes(), st.data_ptr()
         except (RuntimeError, NotImplementedError) as e:
-            raise CheckpointError(f"{path}: tensor {shown} has no readable storage ({e})") from e
+            raise CheckpointError(f"{named}: tensor {shown} has no readable storage ({e})") from e
         strides = t.stride()
         if t.storage_offset() < 0 or any(s < 0 for s in strides):
-            raise CheckpointError(f"{path}: tensor {shown} has a negative offset or stride: the file is crafted")
+            raise CheckpointError(f"{named}: tensor {shown} has a negative offset or stride: the file is crafted")
         last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, strides))
         if (last + 1) * esize > nbytes or ptr == 0:
             raise CheckpointError(
-                f"{path}: tensor {shown} reaches byte {(last + 1) * esize:,} of a storage of {nbytes:,} bytes: "
+                f"{named}: tensor {shown} reaches byte {(last + 1) * esize:,} of a storage of {nbytes:,} bytes: "
                 "the file is corrupt or crafted"
             )
         seen = storages.get(ptr)
         if seen is None:
             storages[ptr] = Storage(st, ptr, nbytes, esize, key)
         elif seen.nbytes != nbytes:
-            raise CheckpointError(f"{path}: tensors {printable(seen.key)} and {shown} claim one storage with two "
+            raise CheckpointError(f"{named}: tensors {printable(seen.key)} and {shown} claim one storage with two "
                                   "sizes: the file is corrupt or crafted")
         elif seen.element_size != esize and archive is not None and _swapped(archive):
-            raise CheckpointError(f"{path}: tensors {printable(seen.key)} and {shown} read one byte-swapped "
+            raise CheckpointError(f"{named}: tensors {printable(seen.key)} and {shown} read one byte-swapped "
                                   "storage as two element sizes")
     backed = sum(s.nbytes for s in storages.values())
     if archive is None and backed > file_size:
-        raise CheckpointError(f"{path}: its tensors claim {fmt_bytes(backed)} of storage in a file of {fmt_bytes(file_size)}: "
+        raise CheckpointError(f"{named}: its tensors claim {fmt_bytes(backed)} of storage in a file of {fmt_bytes(file_size)}: "
                               "the file is corrupt or crafted")
     if dense > max_growth * backed + GROWTH_SLACK:
         raise CheckpointError(
-            f"{path}: its state dict expands to {fmt_bytes(dense)} from {fmt_bytes(backed)} of stored weights (tensors that "
+            f"{named}: its state dict expands to {fmt_bytes(dense)} from {fmt_bytes(backed)} of stored weights (tensors that "
             f"repeat one value, e.g. expand() or stride 0), more than {max_growth:g}x + {fmt_bytes(GROWTH_SLACK)}",
             advice=Advice.MAX_GROWTH,
         )
@@ -265,7 +268,8 @@ def _swapped(archive: Archive) -> bool:
     return archive.byteorder is not None and archive.byteorder != sys.byteorder
 
 
-def _map_by_address(path: Path, storages: list[Storage], archive: Archive) -> list[tuple[Storage, Record]]:
+def _map_by_address(path: Path, storages: list[Storage], archive: Archive,
+                    subject: Subject) -> list[tuple[Storage, Record]]:
     """Memory-mapped: torch slices one mapping of the whole file, so storage address - record data offset is one
     base for every storage. The base is derived from the records (page-aligned candidates first: mmap returns a
     page) and must be consistent with every storage; a storage that is not a record of the file is refused.
@@ -312,7 +316,7 @@ def _map_by_address(path: Path, storages: list[Storage], archive: Archive) -> li
         for candidates, check_size in ((sized, True), (anywhere, False)):
             for base in sorted(set(candidates), key=lambda b: (b % 4096 != 0, b)):
                 if budget <= 0:
-                    raise CheckpointError(f"{path}: its records are too regular to be matched to its tensors in "
+                    raise CheckpointError(f"{subject.name(path)}: its records are too regular to be matched to its tensors in "
                                           "bounded time: the file is crafted")
                 if fits(base, check_size) and (not check_size or holds_file_bytes(base, fd)):
                     found = base
@@ -324,16 +328,16 @@ def _map_by_address(path: Path, storages: list[Storage], archive: Archive) -> li
     if found is None:
         s = pivot if not sized else order[0]
         raise CheckpointError(
-            f"{path}: tensor {printable(s.key)} ({s.nbytes:,} bytes) is not read from a record of the file: "
+            f"{subject.name(path)}: tensor {printable(s.key)} ({s.nbytes:,} bytes) is not read from a record of the file: "
             "the file is corrupt or crafted"
         )
     pairs = [(s, by_offset[s.ptr - found]) for s in storages]
     for s, r in pairs:
         if r.size != s.nbytes:
-            raise CheckpointError(
-                f"record {r.name} ({printable(s.key)}) holds {r.size:,} bytes but the file's pickle declares "
+            raise CheckpointError(subject.about(
+                path, f"record {r.name} ({printable(s.key)}) holds {r.size:,} bytes but the file's pickle declares "
                 f"{s.nbytes:,}: the file is corrupt or crafted"
-            )
+            ))
     return pairs
 
 
@@ -372,17 +376,18 @@ def _crcs(storages: list[Storage], swap: bool) -> list[int]:
             return list(pool.map(lambda s: _crc_storage(s, swap, task.advance), storages))
 
 
-def verify_storages(path: Path, storages: list[Storage], archive: Archive, *, mapped: bool) -> None:
+def verify_storages(path: Path, storages: list[Storage], archive: Archive, *, mapped: bool,
+                    subject: Subject = CHECKPOINT) -> None:
     """Every storage behind a state_dict tensor is proven to hold the bytes of its record, by the zip's own CRC-32.
     Memory-mapped: the record is found by address. Read by torch (a compressed record, inflated into memory):
     torch checked that the storage has its record's size, and the record is the one whose size and CRC-32 it has
     (an identical record is as good: the bytes are the same)."""
     swap = _swapped(archive)
     if mapped:
-        pairs = _map_by_address(path, storages, archive)
+        pairs = _map_by_address(path, storages, archive, subject)
         for (s, r), crc in zip(pairs, _crcs([s for s, _ in pairs], swap)):
             if crc != r.crc:
-                raise _crc_error(r.name, s.key)
+                raise _crc_error(path, r.name, s.key, subject)
         return
     by_content: dict[tuple[int, int], Record] = {}
     same_size: dict[int, list[Record]] = {}
@@ -394,17 +399,18 @@ def verify_storages(path: Path, storages: list[Storage], archive: Archive, *, ma
             continue
         candidates = same_size.get(s.nbytes, [])
         if len(candidates) == 1:
-            raise _crc_error(candidates[0].name, s.key)
-        raise CheckpointError(
-            f"tensor {printable(s.key)} ({s.nbytes:,} bytes) matches the CRC-32 of no record of {path}: "
+            raise _crc_error(path, candidates[0].name, s.key, subject)
+        raise CheckpointError(subject.about(
+            path, f"tensor {printable(s.key)} ({s.nbytes:,} bytes) matches the CRC-32 of no record of {path}: "
             "the file is corrupt or was altered"
-        )
+        ))
 
 
-def _crc_error(record: str, key: str) -> CheckpointError:
+def _crc_error(path: Path, record: str, key: str, subject: Subject) -> CheckpointError:
     return CheckpointError(
-        f"record {record} ({printable(key)}) does not match its CRC-32: the file is corrupt or was altered",
-        hint="Re-download or re-copy the checkpoint; nothing was written.",
+        subject.about(path, f"record {record} ({printable(key)}) does not match its CRC-32: the file is corrupt or "
+                      "was altered"),
+        hint=f"Re-download or re-copy the {subject.noun}; nothing was written.",
     )
 
 

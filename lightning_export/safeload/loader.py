@@ -27,6 +27,7 @@ from .messages import explain_load_failure, unpickling_error
 from .placeholders import placeholder
 from .policy import code_running, dtype_classes, import_dotted, qualname
 from .references import reference_only, restore_references
+from .subject import CHECKPOINT, Subject
 
 # Address space torch.load may map beyond the file and its tensors (mmap'd file, Python objects, thread arenas).
 UNPICKLE_SLACK = 256 << 20
@@ -48,45 +49,50 @@ def load_verified(
     allow_globals: tuple[str, ...],
     max_growth: float,
     on_checked: Callable[[], None] | None = None,
+    subject: Subject = CHECKPOINT,
 ) -> Any:
     """One torch.save file under every check: a regular file, the zip directory before torch reads it, weights_only
     (with placeholders and --allow-global), mmap only when all storage records are stored; then `select(obj)` gives
     (result, tensors) and those tensors are proven to be the file's bytes (growth bound, CRC-32). Returns result.
-    `on_checked` runs once the file is known to be a regular file (the hasher starts there)."""
-    file_size = check_file(path)
+    `on_checked` runs once the file is known to be a regular file (the hasher starts there). Every message names the
+    file as `subject` says: a checkpoint, or a torch.save file given with a flag (`--data PATH`)."""
+    file_size = check_file(path, subject)
     import torch
 
     if not trust and _torch_version(torch.__version__) < MIN_TORCH_FOR_UNTRUSTED:
         raise CheckpointError(
-            f"torch {torch.__version__} has known weights_only bypasses; refusing to open an untrusted checkpoint.",
+            subject.about(path, f"torch {torch.__version__} has known weights_only bypasses; refusing to open an "
+                          f"untrusted {subject.noun}."),
             hint="Upgrade to torch >= 2.6, or pass --trust-checkpoint if you trust this file completely.",
         )
     allowed = [import_dotted(name) for name in allow_globals]  # a bad --allow-global fails before any work
     with open(path, "rb") as f:
         is_zip = f.read(4) == ZIP_MAGIC
-    archive = read_archive(path, file_size, max_growth) if is_zip else None
+    archive = read_archive(path, file_size, max_growth, subject) if is_zip else None
     mapped = archive is not None and archive.all_stored
     if on_checked is not None:
         on_checked()
     obj = load_file(path, trust=trust, allowed=allowed, allow_globals=allow_globals, mmap=mapped, is_zip=is_zip,
-                    max_growth=max_growth)
+                    max_growth=max_growth, subject=subject)
     result, tensors = select(obj)
-    storages = check_tensors(path, tensors, file_size=file_size, max_growth=max_growth, archive=archive)
+    storages = check_tensors(path, tensors, file_size=file_size, max_growth=max_growth, archive=archive,
+                             subject=subject)
     if archive is not None:
-        verify_storages(path, storages, archive, mapped=mapped)
+        verify_storages(path, storages, archive, mapped=mapped, subject=subject)
     return result
 
 
 def load_file(path: Path, *, trust: bool, allowed: list[Any], allow_globals: tuple[str, ...] = (),
-              mmap: bool = False, is_zip: bool = True, max_growth: float = DEFAULT_MAX_GROWTH) -> Any:
+              mmap: bool = False, is_zip: bool = True, max_growth: float = DEFAULT_MAX_GROWTH,
+              subject: Subject = CHECKPOINT) -> Any:
     """The file's object: trusted_load when the user trusts it, safe_load otherwise."""
     if trust:
-        return trusted_load(path, mmap=mmap)
+        return trusted_load(path, mmap=mmap, subject=subject)
     return safe_load(path, allowed=allowed, allow_globals=allow_globals, mmap=mmap, is_zip=is_zip,
-                     max_growth=max_growth)
+                     max_growth=max_growth, subject=subject)
 
 
-def trusted_load(path: Path, *, mmap: bool = False) -> Any:
+def trusted_load(path: Path, *, mmap: bool = False, subject: Subject = CHECKPOINT) -> Any:
     """The user said the file is trusted: full unpickling, which runs code from the file; the classes it names are
     imported from the project's root as with python -m."""
     import warnings
@@ -101,7 +107,7 @@ def trusted_load(path: Path, *, mmap: bool = False) -> Any:
             # archives whose storage records are all stored uncompressed (torch inflates the others correctly).
             return torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{explain_load_failure(path, e)} [loaded with --trust-checkpoint]") from e
+        raise CheckpointError(f"{explain_load_failure(path, e, subject)} [loaded with --trust-checkpoint]") from e
 
 
 @contextlib.contextmanager
@@ -118,7 +124,7 @@ def weights_only_enforced() -> Iterator[None]:
 
 
 def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] = (), mmap: bool = False,
-              is_zip: bool = True, max_growth: float = DEFAULT_MAX_GROWTH) -> Any:
+              is_zip: bool = True, max_growth: float = DEFAULT_MAX_GROWTH, subject: Subject = CHECKPOINT) -> Any:
     """weights_only unpickling, with the classes of --allow-global (`allowed`, imported from `allow_globals`) and
     an inert placeholder for every other global the file names, unless one comes from a module that runs code."""
     kwargs: dict[str, Any] = {"map_location": "cpu", "mmap": mmap, "weights_only": True}
@@ -153,13 +159,13 @@ def safe_load(path: Path, *, allowed: list[Any], allow_globals: tuple[str, ...] 
                 except pickle.UnpicklingError:
                     raise e from None
     except pickle.UnpicklingError as e:
-        raise unpickling_error(path, e, is_zip, allowed, allow_globals) from e
+        raise unpickling_error(path, e, is_zip, allowed, allow_globals, subject) from e
     except Exception as e:
         if is_allocation_failure(e):
             raise CheckpointError(
-                f"{path}: unpickling it asks for more memory than {max_growth:g}x its size allows: an object in it "
+                f"{subject.name(path)}: unpickling it asks for more memory than {max_growth:g}x its size allows: an object in it "
                 "(in hyper_parameters or elsewhere) is built with a huge size", advice=Advice.MAX_GROWTH) from e
-        raise CheckpointError(explain_load_failure(path, e)) from e
+        raise CheckpointError(explain_load_failure(path, e, subject)) from e
 
 
 def _same(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..text import printable
 from .policy import allow_global_flag, hint_refusal, module_exists, py3_name, qualname
+from .subject import CHECKPOINT, Subject
 
 
 def describe_unsafe(path: Path) -> list[str]:
@@ -43,14 +44,16 @@ def _weights_only_detail(e: BaseException) -> str:
 
 
 def unpickling_error(
-    path: Path, e: pickle.UnpicklingError, is_zip: bool, allowed: list[Any], allow_globals: tuple[str, ...]
+    path: Path, e: pickle.UnpicklingError, is_zip: bool, allowed: list[Any], allow_globals: tuple[str, ...],
+    subject: Subject = CHECKPOINT,
 ) -> CheckpointError:
     detail = printable(_weights_only_detail(e))
+    name = subject.name(path)
     full = f"{e}\n{e.__context__ or ''}"
     called = _CALLED_RE.search(full)
     if called:  # a function allowed only as a reference (torchmetrics' reducers), called by the file
         return CheckpointError(
-            f"{path} calls {printable(called.group(1))} while loading: a checkpoint only refers to it (torchmetrics "
+            f"{name} calls {printable(called.group(1))} while loading: a {subject.noun} only refers to it (torchmetrics "
             "keeps it in a Metric's state), so lexport refuses the file",
             hint="This file is very likely malicious. Only if you trust it completely: --trust-checkpoint "
             "(full unpickling: runs code from the file).",
@@ -63,7 +66,7 @@ def unpickling_error(
     if not named:
         # No global is involved: the pickle itself is not one torch.save writes (random bytes, a plain pickle,
         # a damaged file). There is nothing to allow; trusting it would not make it a checkpoint.
-        return CheckpointError(f"{path} is not a torch checkpoint, or it is corrupt ({detail})")
+        return CheckpointError(f"{name} is not a {subject.torch_noun}, or it is corrupt ({detail})")
     listed = ", ".join(wanted)
     # The same rule as --allow-global (decided without importing anything new): a name that could never be allowed
     # is never offered, and its presence says what the file is.
@@ -74,7 +77,7 @@ def unpickling_error(
             f"{n}{'' if py3_name(n) == n else f' (that is {py3_name(n)})'}: {reasons[n]}" for n in never[:4]
         )
         return CheckpointError(
-            f"{path} wants Python objects that are not loaded by default: {listed}. "
+            f"{name} wants Python objects that are not loaded by default: {listed}. "
             f"{', '.join(never)} is never allowed: this file tries to run code ({why}).",
             hint="This file is very likely malicious. Only if you trust it completely: --trust-checkpoint "
             "(full unpickling: runs code from the file).",
@@ -84,7 +87,7 @@ def unpickling_error(
         # A name whose module does not exist here cannot be allowed (nor unpickled at all): a damaged name,
         # or a class from a package that is not installed.
         return CheckpointError(
-            f"{path} wants Python objects that are not loaded by default: {listed}; "
+            f"{name} wants Python objects that are not loaded by default: {listed}; "
             f"{', '.join(absent)} cannot be imported here, so the file is corrupt or needs a package that is "
             "not installed",
             hint="If the file is intact, install the package that defines them, then allow them with "
@@ -92,7 +95,7 @@ def unpickling_error(
             "unpickling, runs code from the file).",
         )
     return CheckpointError(
-        f"{path} wants Python objects that are not loaded by default: {listed}",
+        f"{name} wants Python objects that are not loaded by default: {listed}",
         hint=(
             "Two ways in. If you know these classes, allow exactly them (only they are unpickled, nothing else):\n"
             f"{allow_global_flag(wanted)}\n"
@@ -101,7 +104,8 @@ def unpickling_error(
     )
 
 
-def explain_load_failure(path: Path, e: Exception) -> str:
+def explain_load_failure(path: Path, e: Exception, subject: Subject = CHECKPOINT) -> str:
+    name = subject.name(path)
     text = "\n".join(printable(line) for line in str(e).strip().splitlines())
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
     first = text.splitlines()[0].strip() if text else ""
@@ -112,19 +116,19 @@ def explain_load_failure(path: Path, e: Exception) -> str:
     newer = re.search(r"file with version (\d+), but the maximum supported version for reading is (\d+)", text)
     if newer:
         return (
-            f"{path} was written by a newer torch than this one (file format version {newer.group(1)}; "
+            f"{name} was written by a newer torch than this one (file format version {newer.group(1)}; "
             f"torch {_installed_torch()} reads up to version {newer.group(2)}). Upgrade torch to read it."
         )
     if "maximum supported version" in low or ("version" in low and "not supported" in low):
-        return f"{path} was written by a newer torch than this one: {first}. Upgrade torch to read it."
+        return f"{name} was written by a newer torch than this one: {first}. Upgrade torch to read it."
     if "magic number" in low:
-        return f"{path} is not a torch checkpoint (it has no torch.save header), or it is corrupt ({first})"
+        return f"{name} is not a {subject.torch_noun} (it has no torch.save header), or it is corrupt ({first})"
     if any(k in low for k in ("central directory", "zip archive", "failed reading", "eof", "pytorchstreamreader")):
-        return f"{path} is truncated or corrupt ({first})"
+        return f"{name} is truncated or corrupt ({first})"
     if "invalid load key" in low or "unpickling" in low or "pickle" in low:
-        return f"{path} is not a torch checkpoint, or it is corrupt ({first})"
+        return f"{name} is not a {subject.torch_noun}, or it is corrupt ({first})"
     what = first[:300] if first == type(e).__name__ else f"{type(e).__name__}: {first[:300]}"
-    return f"{path} is corrupt or not a torch checkpoint ({what})"
+    return f"{name} is corrupt or not a {subject.torch_noun} ({what})"
 
 
 def _installed_torch() -> str:
