@@ -340,10 +340,9 @@ class _Slice(io.RawIOBase):
         if n == 0:
             return 0
         self.f.seek(self.start + self.pos)
-        data = self.f.read(n)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
+        got = self.f.readinto(memoryview(b).cast("B")[:n])  # straight into the caller's buffer, no copy
+        self.pos += got
+        return got
 
 
 def check_record(root: Path, chunk: Chunk, entry: TensorEntry, verify_crc: bool = True) -> None:
