@@ -46,8 +46,8 @@ from .base import Checkpoint, OpenOptions, hparams_dict
 from .dcp_layout import (
     COPY_HINT,
     META_FILE,
+    FileSlice,
     TensorEntry,
-    _Slice,
     check_folder,
     check_record,
     is_sharded_folder,
@@ -188,13 +188,14 @@ class ShardedCheckpoint:
     def _load_whole(self, entry: TensorEntry) -> Any:
         """A tensor stored as one chunk: its record loaded straight into the tensor returned (torch's reader loads it
         and then copies it into a target, holding it twice), each check torch's planner makes made here."""
+        import builtins
         import io
 
         import torch
 
         chunk = entry.chunks[0]
-        with io.open(self.root / chunk.file, "rb") as f, weights_only_enforced():  # this module's open() is another
-            view = io.BufferedReader(_Slice(f, chunk.offset, chunk.length), 1 << 20)  # large reads go straight in
+        with builtins.open(self.root / chunk.file, "rb") as f, weights_only_enforced():  # not this module's open()
+            view = io.BufferedReader(FileSlice(f, chunk.offset, chunk.length), 1 << 20)  # large reads go straight in
             t = torch.load(view, map_location="cpu", weights_only=True)
         if not isinstance(t, torch.Tensor) or t.dtype != entry.dtype or tuple(t.shape) != tuple(entry.shape):
             what = f"{type(t).__name__} {getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))}"
