@@ -168,6 +168,35 @@ def test_no_verify_with_a_lora_adapter_loads_the_weights_and_merges(hf_ckpts, tm
     assert not any("lora" in k for k in model.state_dict())
 
 
+def test_no_verify_with_weights_stored_in_another_dtype_loads_and_casts_them(hf_ckpts, tmp_path, monkeypatch):
+    """A checkpoint whose weights are bfloat16 (Trainer(precision="bf16-true")) into the float32 module the
+    constructor makes: the writer needs the cast tensors, so --no-verify loads the parameters (cast on load) instead
+    of leaving them on meta; the folder holds the float32 values of the stored bfloat16 weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lightning_export.construct import module as module_mod
+
+    raw = torch.load(hf_ckpts["gpt2"], weights_only=False, map_location="cpu")
+    raw["state_dict"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in raw["state_dict"].items()}
+    ckpt = tmp_path / "bf16.ckpt"
+    torch.save(raw, ckpt)
+    built: list = []
+    real = module_mod.build_module
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr("lightning_export.pipeline.prepare.build_module", spy)
+    res = invoke(ckpt, "--module", GPT2, "--to", "hf", "--no-verify", "-o", tmp_path / "hf")
+    assert res.code == 0, res
+    assert not built[-1].parameters_on_meta
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    want = raw["state_dict"]["model.transformer.wte.weight"].float()
+    assert got["transformer.wte.weight"].dtype == torch.float32
+    assert torch.equal(got["transformer.wte.weight"], want)
+
 _MEASURE = """
 import sys, threading, time
 import torch, torch.distributed.checkpoint, safetensors.torch, huggingface_hub, lightning_export.cli
