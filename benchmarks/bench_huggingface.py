@@ -6,11 +6,19 @@ recipe (consolidate the folder into one file, torch.load it, build the module, s
 
 The checkpoint is a GPT-2-style TinyGPT2Module (fixtures/transformers_modules.py) trained one step by a real
 Trainer, then written as a DCP folder in Lightning's FSDP layout (save_dcp_folder). Each case runs once in a fresh
-subprocess; peak RssAnon (sampled) and VmHWM as in `make bench`.
+subprocess; peak RssAnon (sampled) and VmHWM as in `make bench`. Every case also reports its peak RssAnon above the
+``imports`` baseline (``anon_above_imports_bytes``) and the shard size it was asked for (``max_shard_size``).
+
+- ``imports``: a process that imports what lexport imports for this job (torch, torch.distributed.checkpoint,
+  safetensors, huggingface_hub, transformers' GPT-2 modeling, Lightning, the fixture's module, lexport's CLI, DCP
+  reader and huggingface writer) and exits: the baseline every case is measured above.
 
 - ``lexport``: `lexport FOLDER --module ... --to hf --max-shard-size 100MB` (verification included: the folder is
   loaded back by from_pretrained and run).
-- ``lexport_no_verify``: the same with --no-verify (the writer's own peak).
+- ``lexport_no_verify``: the same with --no-verify: the module is built with its parameters on the meta device and
+  the writer reads one tensor at a time from the folder (the weights are never in memory whole).
+- ``lexport_ckpt_no_verify``: the same from the .ckpt the folder was made from (memory-mapped: its pages are
+  file-backed, not anonymous).
 - ``recipe``: torch.distributed.checkpoint.format_utils.dcp_to_torch_save (the whole folder into one file), then
   torch.load, TinyGPT2Module(...).load_state_dict, module.model.save_pretrained(max_shard_size="100MB").
 """
@@ -41,7 +49,15 @@ sd = torch.load(tmp, weights_only=True)["model"]
 module = TinyGPT2Module(n_embd=int(n_embd), n_layer=int(n_layer), vocab_size=int(vocab))
 module.load_state_dict(sd)
 del sd
-module.model.save_pretrained(out, max_shard_size="100MB")
+module.model.save_pretrained(out, max_shard_size="{shard}")
+"""
+
+SHARD = "100MB"
+
+IMPORTS = """
+import torch, torch.distributed.checkpoint, safetensors.torch, huggingface_hub, pytorch_lightning
+import transformers.models.gpt2.modeling_gpt2, fixtures.transformers_modules
+import lightning_export.cli, lightning_export.sources.dcp, lightning_export.formats.huggingface
 """
 
 MAKE = """
@@ -67,19 +83,28 @@ def main() -> None:
     folder = work / "big_gpt2_dcp.ckpt"
     init = ["--init-arg", f"n_embd={args.n_embd}", "--init-arg", f"n_layer={args.n_layer}",
             "--init-arg", f"vocab_size={args.vocab}"]
-    base = [PY, "-m", "lightning_export", str(folder), "--module", MODULE, "--to", "hf", "--max-shard-size",
-            "100MB", *init, "--random-inputs", "1"]
+    flags = ["--module", MODULE, "--to", "hf", "--max-shard-size", SHARD, *init, "--random-inputs", "1"]
+    base = [PY, "-m", "lightning_export", str(folder), *flags]
     cases = {
+        "imports": [PY, "-c", IMPORTS],
         "lexport": base + ["-o", str(work / "lexport-hf")],
         "lexport_no_verify": base + ["-o", str(work / "lexport-nv-hf"), "--no-verify"],
-        "recipe": [PY, "-c", RECIPE, str(folder), str(work / "consolidated.pt"), str(work / "recipe-hf"), *dims],
+        "lexport_ckpt_no_verify": [PY, "-m", "lightning_export", str(work / "big_gpt2.ckpt"), *flags,
+                                   "-o", str(work / "lexport-ckpt-nv-hf"), "--no-verify"],
+        "recipe": [PY, "-c", RECIPE.replace("{shard}", SHARD), str(folder), str(work / "consolidated.pt"), str(work / "recipe-hf"), *dims],
     }
     weights = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".distcp")
-    results = {"folder_bytes": weights, "model": dict(zip(("n_embd", "n_layer", "vocab"), dims))}
+    results: dict = {"folder_bytes": weights, "model": dict(zip(("n_embd", "n_layer", "vocab"), dims))}
     for name, cmd in cases.items():
         results[name] = measure(cmd, work / f"{name}.log")
-        print(name, {k: round(v / 1e6, 1) if "bytes" in k else round(v, 1) for k, v in results[name].items()})
+        results[name]["max_shard_size"] = SHARD if name != "imports" else None
+        if name != "imports":
+            results[name]["anon_above_imports_bytes"] = (results[name]["peak_anon_bytes"]
+                                                         - results["imports"]["peak_anon_bytes"])
+        print(name, {k: round(v / 1e6, 1) if "bytes" in k else (round(v, 1) if isinstance(v, float) else v)
+                     for k, v in results[name].items()})
     results["lexport_hf_bytes"] = sum(p.stat().st_size for p in (work / "lexport-hf").iterdir())
+    results["largest_shard_bytes"] = max(p.stat().st_size for p in (work / "lexport-hf").glob("*.safetensors"))
     results["recipe_hf_bytes"] = sum(p.stat().st_size for p in (work / "recipe-hf").iterdir())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -21,6 +21,11 @@ class BuiltModule:
     state_dict: Mapping[str, Any]  # the checkpoint's tensors under the attr's prefix, prefix stripped (lazy for a folder)
     notes: list[str] = field(default_factory=list)
     built_on_meta: bool = False
+    # The parameters were left on the meta device (build_module(parameters=False)): the module has its structure
+    # (names, shapes, dtypes, ties, config) and its buffers, and every parameter is read from `state_dict` by whoever
+    # needs it. load_parameters() fills them when something turns out to need the values.
+    parameters_on_meta: bool = False
+    checkpoint_raw: Mapping[str, Any] | None = field(default=None, repr=False)
 
 
 @contextlib.contextmanager
@@ -85,8 +90,14 @@ def build_module(
     *,
     attr: str | None,
     meta: bool = True,
+    parameters: bool = True,
 ) -> BuiltModule:
-    """Build like load_from_checkpoint: cls(**kwargs), configure_model(), on_load_checkpoint(), strict load."""
+    """Build like load_from_checkpoint: cls(**kwargs), configure_model(), on_load_checkpoint(), strict load.
+
+    `parameters=False` (only with `meta`): the checkpoint is checked against the module as strictly, its buffers are
+    loaded, and its parameters stay on the meta device when the checkpoint holds each of them as the module has it
+    (same dtype, tied names with equal values): nothing of the weights is read into memory. Otherwise (built
+    normally, a cast, tied names the checkpoint holds different values under) they are loaded as usual."""
     notes: list[str] = []
     built_on_meta = False
     obj = None
@@ -111,10 +122,13 @@ def build_module(
     except Exception as e:
         raise UserModuleError(f"{cls.__name__}.on_load_checkpoint failed: {type(e).__name__}: {e}") from e
     full_sd = checkpoint_raw["state_dict"]
-    casts = load_strict(obj, full_sd, what=cls.__name__)
-    if casts:
-        notes.append(_cast_note(casts, cls.__name__))
-    leftovers = [n for n, t in [*obj.named_parameters(), *obj.named_buffers()] if t.device.type == "meta"]
+    on_meta = built_on_meta and not parameters and _structure_only(obj, full_sd, what=cls.__name__)
+    if not on_meta:
+        casts = load_strict(obj, full_sd, what=cls.__name__)
+        if casts:
+            notes.append(_cast_note(casts, cls.__name__))
+    named = [*obj.named_buffers()] if on_meta else [*obj.named_parameters(), *obj.named_buffers()]
+    leftovers = [n for n, t in named if t.device.type == "meta"]
     if leftovers:
         raise UserModuleError(f"after loading, these tensors have no values: {', '.join(leftovers[:10])}")
     target = select_attr(obj, attr)
@@ -122,7 +136,56 @@ def build_module(
     sd = strip_prefix(full_sd, prefix)
     if attr:
         load_strict(target, sd, what=f"{cls.__name__}.{attr}", check_only=True)
-    return BuiltModule(obj, target, attr, sd, notes, built_on_meta)
+    return BuiltModule(obj, target, attr, sd, notes, built_on_meta, on_meta, checkpoint_raw if on_meta else None)
+
+
+def load_parameters(built: BuiltModule) -> None:
+    """The parameters a build_module(parameters=False) left on the meta device, loaded as build_module loads them
+    (something needs their values: a peft adapter merged, the module run)."""
+    if not built.parameters_on_meta or built.checkpoint_raw is None:
+        return
+    what = type(built.module).__name__
+    casts = load_strict(built.module, built.checkpoint_raw["state_dict"], what=what)
+    if casts:
+        built.notes.append(_cast_note(casts, what))
+    built.parameters_on_meta, built.checkpoint_raw = False, None
+
+
+def _structure_only(module: Any, state_dict: Mapping[str, Any], *, what: str) -> bool:
+    """Check the checkpoint against the module as load_strict does and load its buffers, leaving the parameters on
+    the meta device; False (nothing changed) when the parameters must be loaded after all: a floating tensor stored
+    in another dtype than the module's (load_strict casts it), or names the module ties that the checkpoint holds
+    different values under (loading unties them). Tied names are compared one tensor at a time, by digest."""
+    load_strict(module, state_dict, what=what, check_only=True)
+    specs = tensor_specs(state_dict)
+    expected = module.state_dict(keep_vars=True)
+    if any(specs[k].dtype != t.dtype for k, t in expected.items()):
+        return False
+    for names in _tied_parameters(module):
+        present = [n for n in names if n in specs]
+        if len({_digest(state_dict[n]) for n in present}) > 1:
+            return False
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    buffers = {k: state_dict[k] for k in expected if k not in params}
+    if buffers:
+        try:
+            module.load_state_dict(buffers, strict=False, assign=True)
+        except Exception as e:
+            raise UserModuleError(f"loading the checkpoint into {what} failed: {e}") from e
+    return True
+
+
+def _digest(t: Any) -> bytes:
+    """sha256 of a tensor's dtype, shape and bytes (a tensor read from a folder is freed once hashed)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+    c = t.detach().contiguous()
+    if c.numel():
+        h.update(c.reshape(-1).view(torch.uint8).numpy().data)
+    return h.digest()
 
 
 def load_strict(module: Any, state_dict: Mapping[str, Any], *, what: str, check_only: bool = False) -> dict[str, Any]:

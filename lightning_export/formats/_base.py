@@ -146,6 +146,12 @@ class Format:
     atol: float = 0.0
     rtol: float = 0.0
     needs_module: bool = True
+    # A graph format whose writer needs of the module only its structure (names, shapes, dtypes, ties, config) and
+    # reads every tensor from ctx.state_dict (the checkpoint, memory-mapped or read one tensor at a time) when the
+    # checkpoint holds it as the module has it. With --no-verify nothing runs the module: it is built with its
+    # parameters left on the meta device, and the weights never sit in memory whole. (A weights format never needs
+    # the module's weights: it writes and is verified from the checkpoint.)
+    writes_from_checkpoint: bool = False
     # Its runtime is native code that can crash (SIGSEGV, SIGABRT) on a malformed file: verification loads and runs
     # the artifact in a child process, and a crash there is a failed verification (pipeline/isolated.py).
     isolate: bool = False

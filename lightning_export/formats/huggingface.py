@@ -90,6 +90,9 @@ class _Picked(LazyTensors):
         for k in keys:
             mine, stored = module_sd[k], specs.get(k)
             use_stored = stored is not None and stored.dtype == mine.dtype and tuple(stored.shape) == tuple(mine.shape)
+            if not use_stored and mine.device.type == "meta":  # the pipeline loads the parameters in that case
+                raise RuntimeError(f"{k}: the checkpoint does not hold it as the module has it, and the module's "
+                                   "parameters were left on the meta device")
             self._from[k] = checkpoint if use_stored else module_sd
             self._specs[k] = stored if use_stored else mine
 
@@ -120,15 +123,21 @@ class _Picked(LazyTensors):
 
 def _tied_copies(model: Any, module_sd: Mapping[str, Any]) -> set[str]:
     """The keys transformers leaves out of a saved state dict: the tied copies it declares (lm_head.weight tied to
-    the input embeddings) and any other key whose tensor shares memory with a key kept."""
+    the input embeddings) and any other key whose tensor shares memory with a key kept (a parameter left on the meta
+    device has no memory: one the module holds under several names, as tied weights are, counts as shared)."""
     declared = getattr(model, "all_tied_weights_keys", None)
     if not isinstance(declared, Mapping):  # transformers 4: a list of patterns, the source being the embeddings
         declared = {}
     drop = {t for t, s in declared.items() if t in module_sd and s in module_sd}
+    parameter = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
     by_storage: dict[Any, list[str]] = {}
     for k, t in module_sd.items():
-        if k not in drop and t.device.type != "meta" and t.numel():
+        if k in drop or not t.numel():
+            continue
+        if t.device.type != "meta":
             by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(k)
+        elif k in parameter:
+            by_storage.setdefault(("meta", parameter[k]), []).append(k)
     for names in by_storage.values():
         drop.update(sorted(names)[1:])
     return drop
@@ -254,6 +263,8 @@ register(
         # Weights and a config, no graph: the folder's class runs at any size its code takes (a position table
         # bounds it), so --dynamic is taken and verification runs it at the other sizes, as for a trace.
         dynamic=DynamicSupport(exported=False),
+        # The writer takes each tensor from the checkpoint (_Picked): with --no-verify the module stays on meta.
+        writes_from_checkpoint=True,
         size_estimate=size_estimate,
         sniff=_sniff,
         options=HuggingfaceOptions,

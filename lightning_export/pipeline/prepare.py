@@ -13,8 +13,8 @@ from ..construct.argfiles import load_args_file
 from ..construct.arguments import constructor_arguments
 from ..construct.configs import read_model_section
 from ..construct.importing import resolve_class
-from ..construct.module import BuiltModule, build_module, seeded, select_attr
-from ..construct.pretrained import merged_copy, without_cache
+from ..construct.module import BuiltModule, build_module, load_parameters, seeded, select_attr
+from ..construct.pretrained import is_peft, merged_copy, without_cache
 from ..data.files import load_tensor_file
 from ..dynamic import parse_dynamic, resolve
 from ..errors import CheckpointError, UsageError, UserModuleError
@@ -56,7 +56,8 @@ def read_supplied(opts: ExportOptions) -> Supplied:
     return Supplied(class_path, args)
 
 
-def _build(opts: ExportOptions, ckpt: Checkpoint, report: Report, given: Supplied) -> BuiltModule:
+def _build(opts: ExportOptions, ckpt: Checkpoint, report: Report, given: Supplied,
+           parameters: bool = True) -> BuiltModule:
 
     class_path, supplied = given.class_path, given.args
     if class_path is None:
@@ -88,7 +89,7 @@ def _build(opts: ExportOptions, ckpt: Checkpoint, report: Report, given: Supplie
         warnings=report.warnings,
     )
     with seeded(opts.seed):
-        built = build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build)
+        built = build_module(cls, kwargs, ckpt.raw, attr=opts.attr, meta=opts.meta_build, parameters=parameters)
     built.module.eval()
     return built
 
@@ -250,12 +251,16 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Forma
                                hash_file=opts.hash_checkpoint, max_growth=opts.max_growth)
     _describe_checkpoint(ckpt, report)
     built = None
+    structure = structure_is_enough(opts, formats)
     # Weights formats never need the class: --config alone does not make lexport import anything for them.
     if opts.module or any(f.needs_module for f in formats):
         with step("building module"), phase(UserModuleError, "building the module"):
-            built = _build_unless_only_weights(opts, ckpt, report, given, formats)
+            built = _build_unless_only_weights(opts, ckpt, report, given, formats, parameters=not structure)
     if built is not None:
         _select_for_formats(built, opts, formats, report)
+        if built.parameters_on_meta and _needs_parameters(built.target):
+            with step("loading the weights into the module"), phase(UserModuleError, "building the module"):
+                load_parameters(built)
         target, state_dict = built.target, built.state_dict
         report.notes.extend(built.notes)
         cache_note = without_cache(target)
@@ -267,7 +272,8 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Forma
         check_finite_weights(state_dict, opts, report)
     ctx = ExportContext(target=target, state_dict=state_dict, example=None)
     own = format_options(opts)
-    graph = [f for f in formats if f.kind == "graph"]
+    # Parameters left on meta: nothing runs the module (no verification; the writers read the checkpoint).
+    graph = [f for f in formats if f.kind == "graph"] if built is None or not built.parameters_on_meta else []
     refs = None
     if graph:
         ctx, refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None, own)
@@ -278,6 +284,23 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Forma
     elif opts.data is not None:
         report.notes.append("--data is not used: weights formats are checked bit for bit against the checkpoint")
     return Prepared(ckpt, ctx, refs, own)
+
+
+def structure_is_enough(opts: ExportOptions, formats: list[Format]) -> bool:
+    """Whether the run needs of the module only its structure: every format writes (and, for a weights format,
+    verifies) from the checkpoint's tensors, and nothing runs the module (--no-verify for a graph format, no
+    --data, --dynamic, --precision or --quantize). The module is then built with its parameters on meta."""
+    if not opts.meta_build or opts.data is not None or opts.dynamic or opts.dynamic_batch:
+        return False
+    if opts.precision or opts.quantize:
+        return False
+    return all(f.kind == "weights" or (f.writes_from_checkpoint and not opts.verify) for f in formats)
+
+
+def _needs_parameters(target: Any) -> bool:
+    """A module whose export needs its parameters' values although its formats read the checkpoint: a peft adapter,
+    merged into a copy of the base weights."""
+    return is_peft(target) or any(is_peft(m) for m in target.modules())
 
 
 def _select_for_formats(built: BuiltModule, opts: ExportOptions, formats: list[Format], report: Report) -> None:
@@ -296,11 +319,11 @@ def _select_for_formats(built: BuiltModule, opts: ExportOptions, formats: list[F
 
 
 def _build_unless_only_weights(opts: ExportOptions, ckpt: Checkpoint, report: Report, given: Supplied,
-                               formats: list[Format]) -> BuiltModule | None:
+                               formats: list[Format], parameters: bool = True) -> BuiltModule | None:
     """The built module; None when every format is a weights format and the constructor needs arguments the safe
     loader left unloaded: the weights never needed the constructor, so they are exported as without --module."""
     try:
-        return _build(opts, ckpt, report, given)
+        return _build(opts, ckpt, report, given, parameters)
     except UnloadedArgumentsError as e:
         if any(f.needs_module for f in formats):
             raise

@@ -315,7 +315,7 @@ def _check_coverage(name: str, shape: tuple[int, ...], chunks: list[Chunk], wher
             raise CheckpointError(f"{where} is corrupt: chunks of {name!r} overlap")
 
 
-class _Slice(io.RawIOBase):
+class FileSlice(io.RawIOBase):
     """A read-only, seekable window [offset, offset + length) of an open file."""
 
     def __init__(self, f: Any, offset: int, length: int) -> None:
@@ -340,10 +340,9 @@ class _Slice(io.RawIOBase):
         if n == 0:
             return 0
         self.f.seek(self.start + self.pos)
-        data = self.f.read(n)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
+        got = self.f.readinto(memoryview(b).cast("B")[:n])  # straight into the caller's buffer, no copy
+        self.pos += got
+        return got
 
 
 def check_record(root: Path, chunk: Chunk, entry: TensorEntry, verify_crc: bool = True) -> None:
@@ -352,7 +351,7 @@ def check_record(root: Path, chunk: Chunk, entry: TensorEntry, verify_crc: bool 
     where = f"{root}/{chunk.file}: the record of {entry.key!r} at byte {chunk.offset}"
     try:
         with open(root / chunk.file, "rb") as f:
-            view = io.BufferedReader(_Slice(f, chunk.offset, chunk.length), 1 << 20)
+            view = io.BufferedReader(FileSlice(f, chunk.offset, chunk.length), 1 << 20)
             with zipfile.ZipFile(view) as z:
                 for info in z.infolist():
                     if info.compress_type != zipfile.ZIP_STORED or info.file_size > chunk.length:
