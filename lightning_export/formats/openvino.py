@@ -22,7 +22,15 @@ from typing import Any
 
 from ..errors import ExportError, describe_exception
 from . import DynamicSupport, ExportContext, Format, Quantization, Written, installed_check, register
-from ._graph import DimSpecialized, captured_stdout, check_program_dims, dynamic_info, dynamic_shapes_for, exporting, graph_estimate
+from ._graph import (
+    DimSpecialized,
+    captured_stdout,
+    check_program_dims,
+    dynamic_info,
+    dynamic_shapes_for,
+    exporting,
+    graph_estimate,
+)
 from ._int8 import INT8_TOLERANCE, WorkDir, artifact_bytes, int8_info, require_calibration, tensor_leaves
 
 INSTALL_HINT = "Install it with: pip install 'lightning-export[openvino]' (or pip install openvino)."
