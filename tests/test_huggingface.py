@@ -381,8 +381,9 @@ def test_lora_is_merged_and_verified_against_the_unmerged_module(hf_ckpts, tmp_p
 
 
 def test_gpt2_lm_exports_to_onnx_and_exported_program_without_a_cache(hf_ckpts, tmp_path):
-    """Without use_cache=False both exits 5 ("DynamicCache ... register a pytree"). With token-level --data: the
-    [B, S, V] logits agree per token, counted over the positions the attention mask keeps."""
+    """Without use_cache=False both exits 5 ("DynamicCache ... register a pytree"). With token-level --data (dict
+    batches of input_ids, attention_mask, labels; no --data-input: the keys the exported graph does not take are
+    left out): the [B, S, V] logits agree per token, counted over the positions the attention mask keeps."""
     import torch
 
     from fixtures.transformers_modules import text_dicts
@@ -392,10 +393,12 @@ def test_gpt2_lm_exports_to_onnx_and_exported_program_without_a_cache(hf_ckpts, 
         b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
     torch.save(batches, tmp_path / "lm.pt")
     res = invoke(hf_ckpts["gpt2"], "--module", GPT2, "--attr", "model", "--to", "onnx,exported-program",
-                 "--output-dir", tmp_path, "--json", "--random-inputs", "2", "--data", tmp_path / "lm.pt",
-                 "--data-input", "input_ids")  # the graph takes input_ids only; the mask still counts positions
+                 "--output-dir", tmp_path, "--json", "--random-inputs", "2", "--data", tmp_path / "lm.pt")
     assert res.code == 0, res
     report = res.json()
+    # The example (and so the graph) takes input_ids only: the batches' attention_mask is not fed (it still counts
+    # the positions), the labels are the labels.
+    assert "attention_mask not among the exported inputs (input_ids)" in report["data"]["rule"], report["data"]
     assert all(a["verification"]["passed"] for a in report["artifacts"])
     assert any("use_cache=False" in n for n in report["notes"])
     kept = int(sum(b["attention_mask"].sum() for b in batches))

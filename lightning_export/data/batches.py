@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import UsageError
@@ -105,6 +105,12 @@ class Signature:
     var_positional: bool
     var_keyword: bool
     optional: tuple[str, ...] = ()  # parameters with a default (a transformers model's labels=None)
+    # The parameters the example inputs bind (the exported program's inputs); None when not known. An optional
+    # parameter the example leaves out (a GPT-2 exported with input_ids only) is not fed from a dict batch.
+    exported: tuple[str, ...] | None = None
+    # Of those, the ones the example passes positionally, in order: a dict batch passes them the same way (an
+    # exported program takes an input the way it was exported with).
+    positional: tuple[str, ...] = ()
 
 
 def forward_signature(module: Any) -> Signature:
@@ -127,6 +133,20 @@ def forward_signature(module: Any) -> Signature:
         optional=tuple(p.name for p in params if p.default is not kinds.empty),
         var_keyword=any(p.kind == kinds.VAR_KEYWORD for p in params),
     )
+
+
+def bound_names(module: Any, example: Inputs) -> tuple[str, ...] | None:
+    """The names of forward's parameters that the example inputs bind, the positional ones first (None when the
+    signature cannot say)."""
+    fn = getattr(module, "forward", module)
+    try:
+        bound = inspect.signature(fn).bind_partial(*example.args, **example.kwargs)
+    except (TypeError, ValueError):
+        return None
+    params = inspect.signature(fn).parameters
+    if any(params[n].kind == inspect.Parameter.VAR_KEYWORD for n in bound.arguments):
+        return None  # **kwargs binds keys the signature does not name: nothing to compare with
+    return tuple(bound.arguments)
 
 
 def parse_pick(value: str | int | None) -> int | str | tuple[int | str, ...] | None:
@@ -195,7 +215,8 @@ def to_inputs(batch: Any, sig: Signature, pick: int | str | tuple[int | str, ...
         # A label key is never an input when forward's parameter of that name is optional (transformers models take
         # labels=None and would compute a loss): the labels of a tokenized batch are the batch's, not forward's.
         kwargs = {k: v for k, v in batch.items() if (sig.var_keyword or k in sig.names)
-                  and not (k in LABEL_KEYS and (k in sig.optional or k not in sig.names))}
+                  and not (k in LABEL_KEYS and (k in sig.optional or k not in sig.names))
+                  and not (sig.exported is not None and k in sig.optional and k not in sig.exported)}
         if not kwargs:
             keys = ", ".join(map(str, list(batch)[:10]))
             raise UsageError(
@@ -205,7 +226,14 @@ def to_inputs(batch: Any, sig: Signature, pick: int | str | tuple[int | str, ...
             )
         left = [k for k in batch if k not in kwargs]
         rule = "each dict batch as keyword arguments" + (f" (left out: {', '.join(map(str, left))})" if left else "")
-        return Inputs((), kwargs), _dict_labels(batch, set(kwargs)), rule
+        unexported = [k for k in left if sig.exported is not None and k in sig.optional and k not in LABEL_KEYS]
+        if unexported:
+            rule += f"; {', '.join(map(str, unexported))} not among the exported inputs ({', '.join(sig.exported or ())})"
+        used = set(kwargs)
+        if sig.positional and all(n in kwargs for n in sig.positional):
+            args = tuple(kwargs.pop(n) for n in sig.positional)
+            return Inputs(args, kwargs), _dict_labels(batch, used), rule
+        return Inputs((), kwargs), _dict_labels(batch, used), rule
     raise UsageError(f"--data: a batch is a {type(batch).__name__}; expected a tensor, a tuple/list or a dict")
 
 
@@ -329,6 +357,8 @@ def prepare(
     pick: int | str | tuple[int | str, ...] | None = None,
     min_calibration_samples: int = MIN_CALIBRATION_SAMPLES,
     min_verification_samples: int = 1,
+    exported: tuple[str, ...] | list[str] | None = None,
+    positional: int = 0,
 ) -> Prepared:
     """Map every batch with `to_inputs` (one rule for all: the first batch's) and split them.
 
@@ -340,6 +370,8 @@ def prepare(
     does not fit, too few usable batches to calibrate, NaN/Inf or several shapes in calibration batches, and
     fewer than `min_verification_samples` held-out samples (a gate that would not run)."""
     sig = forward_signature(module)
+    if exported is not None:
+        sig = replace(sig, exported=tuple(exported), positional=tuple(exported[:positional]))
     if not raw:
         raise UsageError(f"--data: {source} gave no batches")
     mapped: list[Batch] = []

@@ -22,6 +22,8 @@ def read_data(
     pick: str | int | None = None,
     calibrate: bool = False,
     min_verification_samples: int = 1,
+    exported: tuple[str, ...] | None = None,
+    positional: int = 0,
 ) -> tuple[Prepared, dict[str, Any]]:
     """(the mapped, split batches; the record of the source for the JSON and the manifest).
 
@@ -57,7 +59,8 @@ def read_data(
                   "batches_in_file": len(everything)}
     record["batches_read"] = len(raw)
     prepared = prepare(raw, module, source=where, calibrate=calibrate, pick=picked,
-                       min_verification_samples=min_verification_samples)
+                       min_verification_samples=min_verification_samples, exported=exported,
+                       positional=positional)
     return prepared, {**record, **prepared.summary()}
 
 
@@ -102,17 +105,19 @@ class HeldOut:
         return sum(b.samples for b in self.runs(batch)[0])
 
 
-def read_held_out(opts: Any, target: Any, report: Any) -> HeldOut:
+def read_held_out(opts: Any, target: Any, report: Any, example: Any = None) -> HeldOut:
     """`--data` read once for the run (after the module is built: the batch rule reads forward's signature): the
     calibration batches for --quantize int8, the held-out ones for every artifact; what was read goes into the
     report (`data` in the JSON and the manifest) and its notes."""
-    from ..data.batches import MIN_GATE_SAMPLES
+    from ..data.batches import MIN_GATE_SAMPLES, bound_names
     from ..errors import VerificationError
     from .options import is_gated
 
     prepared, record = read_data(opts.data, target, config=opts.config, max_batches=opts.data_batches,
                                  pick=opts.data_input, calibrate=(opts.quantize or "").strip().lower() == "int8",
-                                 min_verification_samples=MIN_GATE_SAMPLES if is_gated(opts) else 1)
+                                 min_verification_samples=MIN_GATE_SAMPLES if is_gated(opts) else 1,
+                                 exported=bound_names(target, example) if example is not None else None,
+                                 positional=len(example.args) if example is not None else 0)
     if opts.data_sha256 and record.get("sha256") != opts.data_sha256:
         raise VerificationError(
             f"--data {opts.data} is not the data the manifest records: sha256 {str(record.get('sha256'))[:16]}… vs "

@@ -279,7 +279,7 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Forma
         ctx, refs = _references(opts, report, step, graph, specs, ctx, built.module if built else None, own)
     if opts.data is not None and refs is not None:
         with step("reading --data"), phase(UserModuleError, f"reading --data {opts.data}"):
-            refs.held_out = read_held_out(opts, ctx.target, report)
+            refs.held_out = read_held_out(opts, ctx.target, report, example=refs.sets[0])
         ctx = replace(ctx, calibration=tuple(b.inputs for b in refs.held_out.prepared.calibration))
     elif opts.data is not None:
         report.notes.append("--data is not used: weights formats are checked bit for bit against the checkpoint")
