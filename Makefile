@@ -23,17 +23,17 @@ demo: $(STAMP)
 		--to state-dict --to safetensors --to torchscript --to onnx --to exported-program --to openvino --to tflite \
 		--output-dir .demo/out --force
 
-# Every claim at least once, under 5 minutes on 2 cores. --dist loadgroup: a file's expensive fixtures (xdist_group)
-# are built on one worker, not on each.
+# Every claim at least once, under 5 minutes on 2 cores. --dist loadscope: a test file runs on one worker, so its
+# module fixtures (an export shared by its tests) are built once, not once per worker.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 # The rest: every compiled format (aoti, executorch, LiteRT) in the every-format checks, DeepSpeed and DDP runs.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope -m slow $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope $(PYTEST_ARGS)
 
 # 5,000 generated checkpoint pickles (shared/self references, depth, declared sizes, globals); summary at the end.
 fuzz: $(STAMP)

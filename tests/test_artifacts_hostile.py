@@ -21,8 +21,6 @@ import hostile as H
 import pytest
 from conftest import available_formats, invoke, patch_format, run_lexport, tiered
 
-pytestmark = pytest.mark.xdist_group("artifacts")  # its module/session fixtures are built once, on one worker
-
 MODULE = ("--module", "fixtures.modules:MyClassifierModule", "--attr", "model")
 CASES = int(os.environ.get("LEXPORT_FUZZ_ARTIFACTS", "6"))
 FUZZED = ["executorch", "tflite", "onnx", "openvino", "exported-program", "torchscript"] + (["aoti"] if CASES > 50 else [])

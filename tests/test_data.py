@@ -16,8 +16,6 @@ from lightning_export.data.batches import forward_signature, prepare, rebatch, t
 from lightning_export.data.files import load_batches_file
 from lightning_export.errors import UsageError, UserModuleError, VerificationError
 
-pytestmark = pytest.mark.xdist_group("int8")  # its module/session fixtures are built once, on one worker
-
 
 @pytest.fixture
 def trained(int8_trained: dict) -> dict:

@@ -15,8 +15,6 @@ from lightning_export.dynamic import parse_dynamic, resolve
 from lightning_export.errors import LexportError, UsageError
 from lightning_export.inputs import Inputs
 
-pytestmark = pytest.mark.xdist_group("dynamic")  # its module/session fixtures are built once, on one worker
-
 
 @pytest.fixture(scope="session")
 def dyn_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

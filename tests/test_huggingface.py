@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import available_formats, invoke
 
-pytestmark = pytest.mark.xdist_group("huggingface")  # its module/session fixtures are built once, on one worker
-
 pytest.importorskip("transformers", reason="needs the huggingface extra (transformers)")
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -12,8 +12,6 @@ import pytest
 import torch
 from conftest import available_formats, installed, invoke
 
-pytestmark = pytest.mark.xdist_group("int8")  # its module/session fixtures are built once, on one worker
-
 MODULE = "fixtures.int8_data:PatternClassifier"
 # openvino's int8 also needs nncf (in the openvino extra); a format whose extra is missing drops out here.
 INT8 = [f for f in available_formats("onnx,executorch,openvino") if f != "openvino" or installed("nncf")]

@@ -16,8 +16,6 @@ from conftest import COMPILED_FORMATS, available_formats, invoke, tiered
 
 from fixtures.targets import PRECISION_TARGETS, class_path, fresh_input, rebuild
 
-pytestmark = pytest.mark.xdist_group("precision")  # its module/session fixtures are built once, on one worker
-
 STORED = {"wide_mlp_16true": torch.float16, "convnet_bf16true": torch.bfloat16, "transformer_16true": torch.float16}
 
 

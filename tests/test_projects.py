@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import COMPILED_FORMATS, available_formats, invoke, run_lexport, tiered
 
-pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.xdist_group("projects")]
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 NET = '''
 import os

@@ -14,8 +14,6 @@ import pytest
 import torch
 from conftest import COMPILED_FORMATS, REPO, SLOW, available_formats, invoke, run_lexport
 
-pytestmark = pytest.mark.xdist_group("release")  # its module/session fixtures are built once, on one worker
-
 # The formats whose optional extra is missing drop out here (make test installs them all). The compiled ones
 # (executorch, aoti) are checked the same way in the slow tier (test_compiled_formats_same_bytes_twice).
 FORMATS = ",".join(available_formats("state-dict,safetensors,torchscript,onnx,exported-program"))

@@ -10,8 +10,6 @@ import pytest
 import torch
 from conftest import COMPILED_FORMATS, available_formats, run_lexport, tiered
 
-pytestmark = pytest.mark.xdist_group("reproducible")  # its module/session fixtures are built once, on one worker
-
 MODULE = "fixtures.config_modules:GlobalRandomExample"
 
 

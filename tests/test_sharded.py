@@ -25,8 +25,6 @@ from lightning_export.errors import CheckpointError
 from lightning_export.sources.dcp import ShardedCheckpoint, folder_sha256, load_sharded
 from lightning_export.sources.dcp_layout import is_sharded_folder, read_dcp_metadata
 
-pytestmark = pytest.mark.xdist_group("sharded")  # its module/session fixtures are built once, on one worker
-
 MODULE = "fixtures.modules:MyClassifierModule"
 
 
