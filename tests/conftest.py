@@ -159,6 +159,18 @@ def tiered(values: list, fast: list | tuple) -> list:
     return [v if v in fast else pytest.param(v, marks=SLOW) for v in values]
 
 
+# The longest files first (measured with --durations): with --dist loadscope a worker takes a whole file, and a long
+# one taken last would run alone while the other worker idles. The same order in every worker (a fixed list).
+LONGEST_FIRST = ("test_int8", "test_huggingface", "test_hostile", "test_sharded", "test_faults", "test_targets",
+                 "test_edge", "test_release", "test_real_projects", "test_dynamic_shapes", "test_precision",
+                 "test_projects", "test_summary", "test_reproducible", "test_cli")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each file keeps its own order
+
+
 # Children that run lexport under RLIMIT_AS: one BLAS thread (OpenBLAS sizes a buffer per thread at import and
 # aborts when that fails), and the limit set above what importing torch + Lightning + onnxruntime maps on this
 # machine (a CUDA build of torch maps several GB more than the CPU build), so the limit keeps its meaning: any

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import invoke
+from conftest import invoke, tiered
 
 from fixtures.targets import fresh_input, rebuild
 from lightning_export import LexportError, export
@@ -137,7 +137,7 @@ def test_openvino_keep_failed_renames_the_bin_too(target_ckpts, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["convnet", "transformer"])
+@pytest.mark.parametrize("name", tiered(["convnet", "transformer"], fast=["convnet"]))
 def test_tflite(target_ckpts, tmp_path, name):
     """Verified by lexport with the LiteRT interpreter, re-run here with it on fresh inputs; static shapes (int64
     tokens become int32 inputs); two exports are byte-identical."""

@@ -389,7 +389,10 @@ def _common_checks(name: str, case: Case, run: Run, tmp: Path, out: Path, before
         assert "never allowed" in " ".join(text.split()).lower(), f"{name}: the refusal does not say the name is never allowed: {run}"
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# The hparams bombs through a module build (`hparams-*-module`, ~7 s each: a child importing Lightning) are in the
+# slow tier; the same files without --module, and tests/test_security.py's in-process walks, stay in make test.
+@pytest.mark.parametrize("name", tiered(list(CASES), fast=[n for n in CASES
+                                                           if not (n.startswith("hparams-") and n.endswith("-module"))]))
 def test_hostile_json(name: str, tmp_path: Path, ckpts: dict) -> None:
     """The case with --json: exit code, strict JSON with the same code, one-line message, nothing left behind."""
     case, args, out = _prepare(name, tmp_path, ckpts)

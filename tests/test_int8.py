@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import available_formats, installed, invoke
+from conftest import available_formats, installed, invoke, tiered
 
 MODULE = "fixtures.int8_data:PatternClassifier"
 # openvino's int8 also needs nncf (in the openvino extra); a format whose extra is missing drops out here.
@@ -37,8 +37,8 @@ def _held_out_agreement(trained: dict, fmt: str, path: Path, batch: int = 8) -> 
     return agreed / len(y), correct / len(y)
 
 
-def _export(trained: dict, tmp_path: Path, *extra: object) -> dict:
-    res = invoke(trained["ckpt"], "--to", ",".join(INT8), "--quantize", "int8", "--output-dir", tmp_path / "out",
+def _export(trained: dict, tmp_path: Path, *extra: object, formats: list[str] = INT8) -> dict:
+    res = invoke(trained["ckpt"], "--to", ",".join(formats), "--quantize", "int8", "--output-dir", tmp_path / "out",
                  "--manifest", tmp_path / "out" / "manifest.json", "--min-agreement", "0.98", "--json", *extra)
     assert res.code == 0, res.stdout + res.stderr
     return json.loads(res.stdout)
@@ -84,9 +84,10 @@ def test_int8_from_a_data_file_then_verify_manifest(int8_trained: dict, tmp_path
     assert res.code == 1 and "sha256" in res.stderr and "--data" in res.stderr, res.stderr
 
 
-@pytest.mark.skipif(not INT8, reason="no int8 runtime installed")
-def test_int8_from_a_lightningcli_datamodule(int8_trained: dict, tmp_path: Path) -> None:
-    report = _export(int8_trained, tmp_path, "--config", int8_trained["config"], "--data", "config")
+# Every int8 format is calibrated from a data file above; from a datamodule, onnx (the others in the slow tier).
+@pytest.mark.parametrize("fmt", tiered(INT8, fast=["onnx"]))
+def test_int8_from_a_lightningcli_datamodule(int8_trained: dict, tmp_path: Path, fmt: str) -> None:
+    report = _export(int8_trained, tmp_path, "--config", int8_trained["config"], "--data", "config", formats=[fmt])
     assert report["data"]["kind"] == "datamodule" and report["data"]["loader"] == "val_dataloader"
     assert report["data"]["class"] == "fixtures.int8_data.SyntheticDataModule"
     assert any("val_dataloader() of fixtures.int8_data.SyntheticDataModule" in n for n in report["notes"])

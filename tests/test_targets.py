@@ -82,7 +82,7 @@ def run_pte(path, x):
     return method.execute([x])[0]
 
 
-@pytest.mark.parametrize("name,backend", [("convnet", None), ("transformer", "portable")])
+@pytest.mark.parametrize("name,backend", [("convnet", None), pytest.param("transformer", "portable", marks=pytest.mark.slow)])
 def test_executorch(monkeypatch, target_ckpts, tmp_path, name, backend):
     pytest.importorskip("executorch")
     a = lexport(monkeypatch, target_ckpts, name, "executorch", tmp_path, executorch_backend=backend)
