@@ -145,4 +145,8 @@ def test_int8_refusals(int8_trained: dict, tmp_path: Path) -> None:
     assert res.code == 2 and "hostile.pt" in res.stderr and "ReLU" in res.stderr, res.stderr
     res = invoke(ckpt, "--config", int8_trained["broken"], "--to", "onnx", "--data", "config", "--output-dir", out)
     assert res.code == 4 and "dataset not found at /data/imagenet" in res.stderr, res.stderr
+    if "executorch" in INT8:  # its int8 program takes the example's shapes: never half-dynamic
+        res = invoke(ckpt, "--module", MODULE, "--to", "executorch", "--quantize", "int8", "--data",
+                     int8_trained["data"], "--dynamic", "0", "--output-dir", out)
+        assert res.code == 2 and "does not take --dynamic" in res.stderr, res.stderr
     assert not out.exists() or not any(out.iterdir())
