@@ -171,6 +171,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each file keeps its own order
 
 
+def peak_above_imports_script(imports: str) -> str:
+    """`python -c` code that imports `imports` (what the run will import, so the baseline holds them), then runs the
+    CLI on sys.argv[1:] while sampling its own RssAnon every 2 ms; prints `PEAK_ABOVE_IMPORTS <bytes> EXIT <code>`
+    to stderr (anonymous memory: heap and tensors, not the page cache of mapped files)."""
+    return f"""
+import sys, threading, time
+import {imports}
+import lightning_export.cli
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+base, peak, done = anon(), [0], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+code = lightning_export.cli.app(prog_name="lexport", args=sys.argv[1:], standalone_mode=False)
+done.append(1)
+print(f"PEAK_ABOVE_IMPORTS {{peak[0] - base}} EXIT {{code}}", file=sys.stderr)
+"""
+
+
 # Children that run lexport under RLIMIT_AS: one BLAS thread (OpenBLAS sizes a buffer per thread at import and
 # aborts when that fails), and the limit set above what importing torch + Lightning + onnxruntime maps on this
 # machine (a CUDA build of torch maps several GB more than the CPU build), so the limit keeps its meaning: any

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import available_formats, invoke
+from conftest import available_formats, invoke, peak_above_imports_script
 
 pytest.importorskip("transformers", reason="needs the huggingface extra (transformers)")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -128,21 +128,26 @@ def test_dcp_folder_and_ckpt_give_the_same_bytes(exported):
         assert p.read_bytes() == (b / p.name).read_bytes()
 
 
-def test_no_verify_leaves_the_parameters_on_meta_and_writes_the_same_bytes(hf_ckpts, exported, tmp_path,
-                                                                            monkeypatch):
-    """--no-verify from the DCP folder and from the .ckpt: the module keeps its parameters on the meta device (the
-    writer reads every tensor from the checkpoint, tied weights found by the parameter the module shares), and the
-    folder is byte for byte the verified one's."""
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every BuiltModule the pipeline builds in this test, in order."""
     from lightning_export.construct import module as module_mod
 
-    built: list = []
+    made: list = []
     real = module_mod.build_module
 
     def spy(*args, **kwargs):
-        built.append(real(*args, **kwargs))
-        return built[-1]
+        made.append(real(*args, **kwargs))
+        return made[-1]
 
     monkeypatch.setattr("lightning_export.pipeline.prepare.build_module", spy)
+    return made
+
+
+def test_no_verify_leaves_the_parameters_on_meta_and_writes_the_same_bytes(hf_ckpts, exported, tmp_path, built):
+    """--no-verify from the DCP folder and from the .ckpt: the module keeps its parameters on the meta device (the
+    writer reads every tensor from the checkpoint, tied weights found by the parameter the module shares), and the
+    folder is byte for byte the verified one's."""
     want = exported["sharded"][0]
     for name in ("gpt2_dcp", "gpt2"):
         res = invoke(hf_ckpts[name], "--module", GPT2, "--to", "hf", "--max-shard-size", "40KB", "--no-verify",
@@ -168,27 +173,17 @@ def test_no_verify_with_a_lora_adapter_loads_the_weights_and_merges(hf_ckpts, tm
     assert not any("lora" in k for k in model.state_dict())
 
 
-def test_no_verify_with_weights_stored_in_another_dtype_loads_and_casts_them(hf_ckpts, tmp_path, monkeypatch):
+def test_no_verify_with_weights_stored_in_another_dtype_loads_and_casts_them(hf_ckpts, tmp_path, built):
     """A checkpoint whose weights are bfloat16 (Trainer(precision="bf16-true")) into the float32 module the
     constructor makes: the writer needs the cast tensors, so --no-verify loads the parameters (cast on load) instead
     of leaving them on meta; the folder holds the float32 values of the stored bfloat16 weights."""
     import torch
     from safetensors.torch import load_file
 
-    from lightning_export.construct import module as module_mod
-
     raw = torch.load(hf_ckpts["gpt2"], weights_only=False, map_location="cpu")
     raw["state_dict"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in raw["state_dict"].items()}
     ckpt = tmp_path / "bf16.ckpt"
     torch.save(raw, ckpt)
-    built: list = []
-    real = module_mod.build_module
-
-    def spy(*args, **kwargs):
-        built.append(real(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr("lightning_export.pipeline.prepare.build_module", spy)
     res = invoke(ckpt, "--module", GPT2, "--to", "hf", "--no-verify", "-o", tmp_path / "hf")
     assert res.code == 0, res
     assert not built[-1].parameters_on_meta
@@ -197,24 +192,9 @@ def test_no_verify_with_weights_stored_in_another_dtype_loads_and_casts_them(hf_
     assert got["transformer.wte.weight"].dtype == torch.float32
     assert torch.equal(got["transformer.wte.weight"], want)
 
-_MEASURE = """
-import sys, threading, time
-import torch, torch.distributed.checkpoint, safetensors.torch, huggingface_hub, lightning_export.cli
-import lightning_export.sources.dcp, lightning_export.formats.huggingface, fixtures.transformers_modules
-import transformers.models.gpt2.modeling_gpt2
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-base, peak, done = anon(), [0], []
-def sample():
-    while not done:
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
-code = lightning_export.cli.app(prog_name="lexport", args=sys.argv[1:], standalone_mode=False)
-done.append(1)
-print(f"PEAK_ABOVE_IMPORTS {peak[0] - base} EXIT {code}", file=sys.stderr)
-"""
+_MEASURE = peak_above_imports_script(
+    "torch, torch.distributed.checkpoint, safetensors.torch, huggingface_hub, lightning_export.sources.dcp, "
+    "lightning_export.formats.huggingface, fixtures.transformers_modules, transformers.models.gpt2.modeling_gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke
+from conftest import invoke, peak_above_imports_script
 
 from lightning_export.errors import CheckpointError
 from lightning_export.sources.dcp import ShardedCheckpoint, folder_sha256, load_sharded
@@ -465,22 +465,8 @@ def test_weight_formats_hold_one_tensor_at_a_time(big_folder, tmp_path, monkeypa
     _assert_bit_equal(load_file(next(tmp_path.glob("*.safetensors"))), want)
 
 
-_MEASURE = """
-import sys, threading, time
-import torch, torch.distributed.checkpoint, safetensors.torch, lightning_export.cli, lightning_export.sources.dcp
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-base, peak, done = anon(), [0], []
-def sample():
-    while not done:
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
-code = lightning_export.cli.app(prog_name="lexport", args=sys.argv[1:], standalone_mode=False)
-done.append(1)
-print(f"PEAK_ABOVE_IMPORTS {peak[0] - base} EXIT {code}", file=sys.stderr)
-"""
+_MEASURE = peak_above_imports_script(
+    "torch, torch.distributed.checkpoint, safetensors.torch, lightning_export.sources.dcp")
 
 
 def test_peak_memory_is_far_below_the_weights(big_folder, tmp_path):
