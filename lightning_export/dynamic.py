@@ -252,17 +252,19 @@ def resolve(spec: DynamicSpec, module: Any, example: Any) -> Resolved:
                 size = int(tensors[i].shape[r.dim])
                 chosen[(i, r.dim)] = DynamicDim(i, names[i][0], r.dim, size, r.min, r.max, n)
     for d in chosen.values():
-        _check_example_size(d, spec)
+        _check_example_size(d, spec, tuple(int(x) for x in tensors[d.leaf].shape), str(tensors[d.leaf].dtype))
     return Resolved(spec, tuple(sorted(chosen.values(), key=lambda d: (d.leaf, d.dim))))
 
 
-def _check_example_size(d: DynamicDim, spec: DynamicSpec) -> None:
+def _check_example_size(d: DynamicDim, spec: DynamicSpec, shape: tuple[int, ...], dtype: str) -> None:
     if d.size < 2:
         what = "a batch of 2 or more" if d.dim == 0 else f"a size of 2 or more in dim {d.dim}"
+        wanted = ",".join(str(2 if i == d.dim else n) for i, n in enumerate(shape))
         raise UsageError(
             f"{spec.flags()}: {d.label()} is {d.size} in the example inputs; dynamic dims need {what}: torch.export "
             "specializes dimensions of size 0 and 1",
-            hint="Give example inputs with that dim >= 2, e.g. --input float32[2,...] (or --example-inputs FILE).",
+            hint=f"Give example inputs with that dim >= 2, e.g. --input {dtype.removeprefix('torch.')}[{wanted}] "
+            "(or --example-inputs FILE).",
         )
     if (d.min is not None and d.size < d.min) or (d.max is not None and d.size > d.max):
         raise UsageError(f"{spec.flags()}: {d.label()} is {d.size} in the example inputs, outside its range "

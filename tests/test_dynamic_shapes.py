@@ -103,8 +103,13 @@ def test_specs_that_do_not_fit_the_example_are_usage_errors(text, needle):
 def test_size_one_example_dims_are_refused_up_front():
     module = TwoInputs()
     example = Inputs((torch.zeros(1, 16, dtype=torch.long), {"mask": torch.ones(1, 16)}), {})
-    with pytest.raises(UsageError, match="batch of 2 or more"):
+    with pytest.raises(UsageError, match="batch of 2 or more") as e:
         resolve(parse_dynamic([], dynamic_batch=True), module, example)
+    assert "--input int64[2,16]" in e.value.hint
+    example = Inputs((torch.zeros(3, 1, dtype=torch.long), {"mask": torch.ones(3, 1)}), {})
+    with pytest.raises(UsageError, match="size of 2 or more in dim 1") as e:
+        resolve(parse_dynamic(["input_ids=1"]), module, example)
+    assert "--input int64[3,2]" in e.value.hint  # the dim asked for, not the batch
 
 
 def test_names_dict_keys_ties_and_the_sizes_checked():

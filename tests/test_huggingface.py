@@ -289,7 +289,10 @@ def test_not_a_pretrained_model_is_exit_2_naming_the_class(hf_ckpts, tmp_path):
     res = invoke(hf_ckpts["gpt2"], "--module", GPT2, "--attr", "model.transformer.wte", "--to", "hf",
                  "--output-dir", tmp_path)
     assert res.code == 2, res
-    assert "PreTrainedModel" in res.stdout + res.stderr and "Embedding" in res.stdout + res.stderr
+    said = res.stdout + res.stderr
+    assert "PreTrainedModel" in said and "Embedding" in said
+    # --attr went past the model: the hint names the one that works (the LightningModule's, not inside wte).
+    assert "Select one with --attr model." in said and "No submodule" not in said, said
 
 
 def test_bad_max_shard_size_is_exit_2(hf_ckpts, tmp_path):
@@ -425,6 +428,29 @@ def bert_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fixtures.transformers_modules import make_transformer_checkpoints
 
     return make_transformer_checkpoints(tmp_path_factory.mktemp("bert"), names=("bert",))["bert"]
+
+
+def test_text_batches_padded_to_other_lengths_name_the_dynamic_flag(bert_ckpt, tmp_path):
+    """Batches padded per batch (a collator's lengths 4 to 7; the example's is 8) cannot run in a program
+    exported with the example's shapes: exit 2 before any export, naming the input, the dim and --dynamic 0,1 (not
+    one runtime error per batch); with --dynamic they verify."""
+    import torch
+
+    from fixtures.transformers_modules import text_dicts
+
+    batches = [{k: (v[:, :n] if v.dim() == 2 else v) for k, v in b.items()}
+               for b, n in zip(text_dicts(64, seed=5, batch=16), (4, 5, 6, 7))]
+    torch.save(batches, tmp_path / "padded.pt")
+    res = invoke(bert_ckpt, "--module", BERT, "--to", "onnx", "--data", tmp_path / "padded.pt", "--output-dir",
+                 tmp_path / "out", "--json")
+    assert res.code == 2, res
+    error = res.json()["error"]
+    assert "input_ids dim 1 = 4, 5, 6, 7" in error["message"] and "--dynamic 0,1 " in error["message"], error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    res = invoke(bert_ckpt, "--module", BERT, "--to", "onnx", "--data", tmp_path / "padded.pt", "--dynamic",
+                 "0,1:1..64", "--output-dir", tmp_path / "out", "--json")  # its 64 positions bound the length
+    assert res.code == 0, res
+    assert res.json()["artifacts"][0]["verification"]["agreement"]["samples"] == 64
 
 
 def test_int8_dynamic_bert_onnx_gated_on_text_batches(bert_ckpt, tmp_path):

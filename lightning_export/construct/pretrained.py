@@ -43,6 +43,9 @@ def select_pretrained(module: Any, attr: str | None) -> tuple[str | None, str | 
     if is_pretrained(target) or is_peft(target):
         return attr, None
     candidates = [f"{attr}.{c}" if attr else c for c in pretrained_candidates(target)]
+    if not candidates and attr:
+        # --attr went past the model (model.classifier inside model): the models of the whole LightningModule.
+        candidates = pretrained_candidates(module)
     if attr is None and len(candidates) == 1:
         return candidates[0], (f"{type(module).__name__} holds one transformers model, {candidates[0]} "
                                f"({type(select_attr(module, candidates[0])).__name__}): exported as --attr {candidates[0]}")
@@ -68,8 +71,9 @@ def without_cache(target: Any) -> str | None:
         return None
     config.use_cache = False
     config._lexport_cache_off = True  # travels with deepcopy; a saved config.json keeps the user's use_cache
+    generates = bool(getattr(model, "can_generate", lambda: False)())
     return (f"{type(model).__name__}: exported with use_cache=False (one forward without a KV cache, which no "
-            "exporter can return); generation config unchanged")
+            "exporter can return)" + ("; generation config unchanged" if generates else ""))
 
 
 def cache_was_on(config: Any) -> bool:

@@ -105,6 +105,47 @@ class HeldOut:
         return sum(b.samples for b in self.runs(batch)[0])
 
 
+def _sizes_a_static_program_cannot_take(prepared: Prepared, example: Any, formats: Any,
+                                        names: tuple[str, ...] | None) -> UsageError | None:
+    """Held-out batches whose sizes differ from the example's beyond the batch (text padded per batch: lengths 10,
+    14, 20 for an example of 16) cannot run in a program exported with the example's shapes: exit 2 naming the
+    --dynamic flag, before anything is exported, rather than every batch failing in the runtime."""
+    from ..formats import REGISTRY
+
+    def fixes_shapes(name: str) -> bool:
+        support = REGISTRY[name].dynamic
+        return support is None or support.exported
+
+    static = [n for n in formats if n in REGISTRY and REGISTRY[n].kind == "graph" and fixes_shapes(n)]
+    if not static:
+        return None
+    want = [tuple(t.shape) for t in example.tensors()]
+    names = names if names is not None and len(names) == len(want) else ()
+    seen: dict[tuple[int, int], set[int]] = {}
+    for b in prepared.verification:
+        got = [tuple(t.shape) for t in b.inputs.tensors()]
+        if len(got) != len(want):
+            return None
+        for i, (g, w) in enumerate(zip(got, want)):
+            if len(g) != len(w):
+                return None
+            for d in range(1, len(w)):
+                if g[d] != w[d]:
+                    seen.setdefault((i, d), set()).add(g[d])
+    if not seen:
+        return None
+    (i, d), sizes = next(iter(seen.items()))
+    label = f"{names[i]} dim {d}" if i < len(names) else f"input {i} dim {d}"
+    dims = ",".join(str(x) for x in sorted({0, *(dd for _, dd in seen)}))
+    largest = max(sizes)
+    return UsageError(
+        f"--data: the held-out batches have {label} = {', '.join(map(str, sorted(sizes)[:6]))} where the example "
+        f"inputs have {want[i][d]}; {', '.join(static)} export the example's shapes and cannot run them",
+        hint=f"Export those dims dynamic: --dynamic {dims} (a bound where the model has one: DIM:MIN..MAX, e.g. "
+        f"{d}:1..{max(largest, want[i][d])}), or give batches padded to the example's sizes.",
+    )
+
+
 def read_held_out(opts: Any, target: Any, report: Any, example: Any = None) -> HeldOut:
     """`--data` read once for the run (after the module is built: the batch rule reads forward's signature): the
     calibration batches for --quantize int8, the held-out ones for every artifact; what was read goes into the
@@ -113,10 +154,11 @@ def read_held_out(opts: Any, target: Any, report: Any, example: Any = None) -> H
     from ..errors import VerificationError
     from .options import is_gated
 
+    names = bound_names(target, example) if example is not None else None
     prepared, record = read_data(opts.data, target, config=opts.config, max_batches=opts.data_batches,
                                  pick=opts.data_input, calibrate=(opts.quantize or "").strip().lower() == "int8",
                                  min_verification_samples=MIN_GATE_SAMPLES if is_gated(opts) else 1,
-                                 exported=bound_names(target, example) if example is not None else None,
+                                 exported=names,
                                  positional=len(example.args) if example is not None else 0)
     if opts.data_sha256 and record.get("sha256") != opts.data_sha256:
         raise VerificationError(
@@ -134,4 +176,10 @@ def read_held_out(opts: Any, target: Any, report: Any, example: Any = None) -> H
         f"({record['verification_samples']} samples) are held out to verify every artifact (what ran in each is in its "
         f"agreement); {record['rule']}"
     )
-    return HeldOut(target, prepared, record)
+    held = HeldOut(target, prepared, record)
+    problem = (_sizes_a_static_program_cannot_take(prepared, example, opts.formats, names)
+               if example is not None and not opts.dynamic else None)
+    if problem is not None:
+        held.runs(None)  # the eager module runs them first (cached for verification): its own failure comes first
+        raise problem
+    return held
