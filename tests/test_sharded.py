@@ -432,6 +432,28 @@ def big_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return folder, sd
 
 
+def test_a_whole_record_that_is_not_what_the_metadata_says_is_refused(tmp_path):
+    """One-chunk tensors are loaded straight from their record: a .metadata that points a weight at another
+    weight's record (another shape) is exit 3 naming the key, the byte and both shapes, never a wrong tensor."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "swapped.ckpt"
+    sd = {"model.fc1.weight": torch.randn(20, 10), "model.fc1.bias": torch.randn(20),
+          "model.fc2.weight": torch.randn(2, 20), "model.fc2.bias": torch.randn(2)}
+    dcp.save({"model": sd}, checkpoint_id=folder, no_dist=True)
+    torch.save({"epoch": 0, "global_step": 1, "hyper_parameters": {}}, folder / "meta.pt")
+    md = _raw_metadata(folder)
+    keys = {k.fqn: k for k in md.storage_data}
+    a, b = keys[_weight_fqn(md, "model.fc1.weight")], keys[_weight_fqn(md, "model.fc2.weight")]
+    md.storage_data[a], md.storage_data[b] = md.storage_data[b], md.storage_data[a]
+    _write_metadata(folder, md)
+    res = invoke(folder, "--attr", "model", "--to", "safetensors", "--output-dir", tmp_path / "out", "--json")
+    assert res.code == 3, res
+    message = res.json()["error"]["message"]
+    assert "fc1.weight" in message and "(2, 20)" in message and "(20, 10)" in message, message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_weight_formats_hold_one_tensor_at_a_time(big_folder, tmp_path, monkeypatch):
     """lexport FOLDER --attr model --to state-dict --to safetensors: every consumer (NaN check, both writers, both
     verifications) holds at most one tensor read from the folder at any moment, counted exactly by the folder's
