@@ -138,13 +138,12 @@ def forward_signature(module: Any) -> Signature:
 def bound_names(module: Any, example: Inputs) -> tuple[str, ...] | None:
     """The names of forward's parameters that the example inputs bind, the positional ones first (None when the
     signature cannot say)."""
-    fn = getattr(module, "forward", module)
     try:
-        bound = inspect.signature(fn).bind_partial(*example.args, **example.kwargs)
+        signature = inspect.signature(getattr(module, "forward", module))
+        bound = signature.bind_partial(*example.args, **example.kwargs)
     except (TypeError, ValueError):
         return None
-    params = inspect.signature(fn).parameters
-    if any(params[n].kind == inspect.Parameter.VAR_KEYWORD for n in bound.arguments):
+    if any(signature.parameters[n].kind == inspect.Parameter.VAR_KEYWORD for n in bound.arguments):
         return None  # **kwargs binds keys the signature does not name: nothing to compare with
     return tuple(bound.arguments)
 

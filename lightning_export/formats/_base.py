@@ -94,6 +94,8 @@ class Quantization:
     rtol: float
     description: str
     require: Callable[[], object] | None = None
+    # Whether its artifact can take the --dynamic dims (False: refused before slow work, exit 2).
+    takes_dynamic: bool = True
     # At the peak the directory holds the fp32 artifact, a pre-processed copy and the quantized artifact.
     size_factor: int = 3
 

@@ -106,9 +106,9 @@ def _refused(fmt: Format, flag: str, value: str) -> UsageError:
     return UsageError(message, hint=f"{flag} {value} applies to {', '.join(takers)}." if takers else None)
 
 
-def check_quantize_request(formats: list[Format], quantize: str | None, has_data: bool) -> None:
+def check_quantize_request(formats: list[Format], quantize: str | None, has_data: bool, dynamic: bool = False) -> None:
     """UsageError (exit 2) before any slow work: a calibrated --quantize without --data, a format that does not take
-    the value, or a quantizer's optional extra that is not installed."""
+    the value (or not with --dynamic), or a quantizer's optional extra that is not installed."""
     quantize = normalize_quantize(quantize)
     if quantize is None:
         return
@@ -121,6 +121,12 @@ def check_quantize_request(formats: list[Format], quantize: str | None, has_data
                 f"--quantize {quantize} is static quantization: its activation ranges are calibrated on real "
                 "batches; pass --data FILE.pt (a list of batches) or --data config (the data: section of --config)",
                 hint="--quantize int8-dynamic (onnx) needs no data.",
+            )
+        if dynamic and not q.takes_dynamic:
+            raise UsageError(
+                f"--quantize {quantize} --to {fmt.name} writes a program for the example's shapes; it does not take "
+                "--dynamic",
+                hint="Export the int8 program without --dynamic, or the float32 one (no --quantize) with --dynamic.",
             )
         if q.require is not None:
             require_installed(q.require)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..data.batches import Prepared, parse_pick, prepare, take
 from ..errors import UsageError
+from ..inputs import Inputs
 
 CONFIG_SOURCE = "config"  # --data config: the data: section of --config
 
@@ -105,7 +106,7 @@ class HeldOut:
         return sum(b.samples for b in self.runs(batch)[0])
 
 
-def _sizes_a_static_program_cannot_take(prepared: Prepared, example: Any, formats: Any,
+def _sizes_a_static_program_cannot_take(prepared: Prepared, example: Inputs, formats: Any,
                                         names: tuple[str, ...] | None) -> UsageError | None:
     """Held-out batches whose sizes differ from the example's beyond the batch (text padded per batch: lengths 10,
     14, 20 for an example of 16) cannot run in a program exported with the example's shapes: exit 2 naming the
@@ -146,7 +147,7 @@ def _sizes_a_static_program_cannot_take(prepared: Prepared, example: Any, format
     )
 
 
-def read_held_out(opts: Any, target: Any, report: Any, example: Any = None) -> HeldOut:
+def read_held_out(opts: Any, target: Any, report: Any, example: Inputs | None = None) -> HeldOut:
     """`--data` read once for the run (after the module is built: the batch rule reads forward's signature): the
     calibration batches for --quantize int8, the held-out ones for every artifact; what was read goes into the
     report (`data` in the JSON and the manifest) and its notes."""

@@ -182,7 +182,8 @@ def format_options(opts: ExportOptions) -> dict[str, object]:
 def with_format_options(formats: list[Format], opts: ExportOptions) -> list[Format]:
     """Formats wrapped for --precision/--quantize (exit 2 where a format does not take them), then every format's
     own options checked (an option of a format this run does not write may be refused)."""
-    check_quantize_request(formats, opts.quantize, has_data=opts.data is not None)
+    check_quantize_request(formats, opts.quantize, has_data=opts.data is not None,
+                           dynamic=bool(opts.dynamic or opts.dynamic_batch))
     formats = [for_run(f, opts.precision, opts.quantize) for f in formats]
     check_dynamic_formats(formats, opts)
     asked = {f.name for f in formats}
