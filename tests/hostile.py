@@ -645,7 +645,7 @@ def noisy_module(dirpath: Path) -> tuple[Path, Path]:
     return mod, ckpt
 
 
-# ------------------------------------------------------------------------------------------ artifacts (issue 21)
+# ---------------------------------------------------------------------------------- artifacts given to verify
 def pt2_with_pickle(src: Path, dst: Path, marker: Path, member: str = "data/sample_inputs/model.pt",
                     name: str = "os.system") -> Path:
     """A copy of a torch.export archive (.pt2) whose pickle record `member` (a torch.save zip: the sample inputs by

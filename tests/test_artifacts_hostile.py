@@ -1,4 +1,4 @@
-"""Issue 21: artifacts given to `lexport verify` are as hostile as checkpoints.
+"""Artifacts given to `lexport verify` are as hostile as checkpoints.
 
 A `.pt2` whose pickles name os.system never runs it; a runtime that crashes natively on a malformed file crashes in a
 child process (a failed verification, exit 1, JSON as always); bit-flipped and truncated artifacts of every format

@@ -227,7 +227,7 @@ def test_hydra_data_section(tmp_path: Path) -> None:
     assert got.loader == "val_dataloader" and [b[0].shape[0] for b in got.batches] == [8, 8, 8]
 
 
-# ---- issue 21: a gate that did not run is a failure; data that cannot run is said -----------------------------
+# ---- a gate that did not run is a failure; data that cannot run is said -----------------------------
 MODULE = "fixtures.int8_data:PatternClassifier"
 
 

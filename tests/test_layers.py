@@ -19,14 +19,14 @@ LAYERS: dict[str, int] = {
     "lightning_export.version": 0,
     "lightning_export.errors": 0,
     "lightning_export.text": 0,
-    "lightning_export.progress": 0,  # progress of long steps as data; the CLI draws it (issue 24)
+    "lightning_export.progress": 0,  # progress of long steps as data; the CLI draws it
     "lightning_export.bounded": 1,
     "lightning_export.address_space": 1,
     "lightning_export.hashing": 1,
     "lightning_export.statedict": 1,
     "lightning_export.userpath": 1,
     "lightning_export.report": 1,
-    "lightning_export.summary": 1,  # the report as markdown for $GITHUB_STEP_SUMMARY (issue 24)
+    "lightning_export.summary": 1,  # the report as markdown for $GITHUB_STEP_SUMMARY
     "lightning_export.compare": 1,
     "lightning_export.agreement": 1,  # top-1 agreement and accuracies between runs
     "lightning_export.inputs": 1,
@@ -300,3 +300,17 @@ def test_no_private_names_through_module_aliases() -> None:
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 bad.append(f"{m}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_tracker_references_in_code_tests_or_docs() -> None:
+    """Code, tests and docs say what a thing does, not which tracker ticket asked for it."""
+    import re
+
+    root = PACKAGE.parent
+    pattern = re.compile(r"\b" + "issue" + r"s? ?#?\d+", re.IGNORECASE)
+    files = [root / "README.md", root / "CONTRIBUTING.md", root / "Makefile"]
+    for folder in ("lightning_export", "tests", "fixtures", "benchmarks"):
+        files += sorted((root / folder).rglob("*.py"))
+    bad = [f"{p.relative_to(root)}:{n}: {line.strip()}" for p in files if p.exists()
+           for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert len(files) > 50 and not bad, "\n".join(bad)

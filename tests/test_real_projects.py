@@ -322,7 +322,7 @@ def test_detector_gets_messages_that_name_what_happened_and_what_works(p3, tmp_p
 
 
 def test_detector_onnx_alone_fails_verification_with_what_works(p3, tmp_path) -> None:
-    """`--to onnx` alone (issue 21): the dynamo exporter refuses, the TorchScript-based fallback traces the example's
+    """`--to onnx` alone: the dynamo exporter refuses, the TorchScript-based fallback traces the example's
     sizes, verification fails (exit 1), and the exit-1 message says what works, as exported-program's refusal does:
     the advice is recorded by the writer (info.traced_data_dependent), not matched from message text."""
     res = invoke(p3["detector"], "--module", f"{MOD}:TinyDetector", "--to", "onnx", "--output-dir", tmp_path, "--json")
