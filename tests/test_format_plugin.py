@@ -1,72 +1,88 @@
-"""A format added from outside the package: one module that registers a Format, and nothing else edited. This one
-writes the weights as a numpy .npz; the test runs it through the CLI like any built-in format (export, verify,
-detection by `lexport verify`, refusal of --precision and --quantize, its own option in the manifest)."""
+"""A format added from outside the package: one module (fixtures/npz_format.py, numpy .npz weights) and nothing in
+lexport edited. It reaches the real CLI the way an installed package's does, through an entry point of the group
+`lightning_export.formats` (a .dist-info on PYTHONPATH, as pip would write it), and gets everything a built-in format
+gets: --to, --help, its own option (--format-option), the manifest, verify's detection, --precision/--quantize
+refusals."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from lightning_export.formats import REGISTRY, ExportContext, Format, Sniffed, Written, option, register
-from tests.conftest import invoke
+from lightning_export.formats import ENTRY_POINT_GROUP, REGISTRY, register
+from tests.conftest import REPO, invoke, run_lexport
 
 
-@dataclass(frozen=True)
-class NpzOptions:
-    # Named like an existing run option (a new format with a new option adds one ExportOptions field and a flag);
-    # the manifest records it because the format declares it.
-    hash_checkpoint: bool = option(True)
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the plugin module and the metadata pip writes for a package that declares the entry point."""
+    site = tmp_path_factory.mktemp("site")
+    shutil.copyfile(REPO / "fixtures" / "npz_format.py", site / "npz_format.py")
+    info = site / "lexport_npz-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lexport-npz\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nnpz = npz_format:NPZ\n")
+    return site
 
 
-def _write(ctx: ExportContext, path: Path) -> Written:
-    import numpy as np
+def _env(site: Path, **extra: str) -> dict[str, str]:
+    import os
 
-    arrays = {k: v.detach().cpu().numpy() for k, v in ctx.state_dict.items()}
-    with open(path, "wb") as f:  # np.savez adds ".npz" to a name that lacks it
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-    return Written("numpy.savez", info={"arrays": len(arrays), "hashed": ctx.options_as(NpzOptions).hash_checkpoint})
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), **extra}
 
 
-def _load(path: Path) -> dict[str, Any]:
-    import numpy as np
-    import torch
+def test_an_installed_plugin_format_exports_verifies_and_records_its_own_option(site, ckpts, tmp_path) -> None:
+    out, manifest = tmp_path / "w.npz", tmp_path / "m.json"
+    res = run_lexport(ckpts["classifier"], "--to", "npz", "-o", out, "--format-option", "npz.compress=true",
+                      "--manifest", manifest, "--json", env=_env(site))
+    assert res.code == 0, res
+    (artifact,) = res.json()["artifacts"]
+    assert artifact["format"] == "npz" and artifact["verification"]["passed"], artifact
+    assert artifact["exporter"] == "numpy.savez_compressed" and artifact["info"]["compressed"] is True
+    with zipfile.ZipFile(out) as z:  # the option reached the writer: the members are deflated
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    options = json.loads(manifest.read_text())["options"]
+    assert options["formats"] == ["npz"] and options["format_options"] == {"npz": {"compress": True}}
+    # Detected by its sniff; the checkpoint (a session fixture) lies outside the manifest's folder: named.
+    res = run_lexport("verify", "--manifest", manifest, ckpts["classifier"], "--json", env=_env(site))
+    assert res.code == 0 and res.json()["artifacts"][0]["format"] == "npz", res
+    help_text = run_lexport("--help", env=_env(site)).stdout
+    assert "npz" in help_text
 
-    with np.load(path, allow_pickle=False) as z:
-        return {k: torch.from_numpy(z[k]) for k in z.files}
+
+def test_plugin_option_names_and_values_are_checked(site, ckpts, tmp_path) -> None:
+    res = run_lexport(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz",
+                      "--format-option", "npz.compres=true", env=_env(site))
+    assert res.code == 2 and "npz has no option 'compres'" in res.stderr and "Its options: compress" in res.stderr, res
+    res = run_lexport(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz",
+                      "--format-option", "npz.compress=maybe", env=_env(site))
+    assert res.code == 2 and "npz.compress=maybe: give true or false" in res.stderr, res
+    assert not (tmp_path / "w.npz").exists()
 
 
-def _sniff(s: Sniffed) -> bool:
-    return s.zip_names is not None and bool(s.zip_names) and all(n.endswith(".npy") for n in s.zip_names)
-
-
-NPZ = Format("npz", ".npz", "weights", "numpy .npz of the state dict", _write, _load, needs_module=False,
-             sniff=_sniff, options=NpzOptions)
+def test_without_plugins_the_format_is_unknown(site, ckpts, tmp_path) -> None:
+    res = run_lexport(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz",
+                      env=_env(site, LEXPORT_PLUGINS="0"))
+    assert res.code == 2 and "unknown format 'npz'" in res.stderr, res
 
 
 @pytest.fixture
 def npz_format():
+    """The same Format registered in this process (the Python API's way), removed afterwards."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "fixtures"))
+    try:
+        from npz_format import NPZ
+    finally:
+        sys.path.remove(str(REPO / "fixtures"))
     register(NPZ)
     yield NPZ
     del REGISTRY["npz"]
-
-
-def test_a_format_registered_from_outside_exports_and_verifies(npz_format, ckpts, tmp_path) -> None:
-    out = tmp_path / "w.npz"
-    manifest = tmp_path / "m.json"
-    res = invoke(ckpts["classifier"], "--to", "npz", "-o", out, "--json", "--manifest", manifest)
-    assert res.code == 0, res.stdout + res.stderr
-    (artifact,) = json.loads(res.stdout)["artifacts"]
-    assert artifact["format"] == "npz" and artifact["verification"]["passed"], artifact
-    assert artifact["exporter"] == "numpy.savez" and artifact["info"]["arrays"] > 0
-    assert json.loads(manifest.read_text())["options"]["hash_checkpoint"] is True  # --json asks for the full read
-    assert artifact["info"]["hashed"] is True  # the format got its own option
-    res = invoke("verify", out, ckpts["classifier"], "--json")  # found by its sniff, checked bit for bit
-    assert res.code == 0, res.stdout + res.stderr
-    assert json.loads(res.stdout)["artifacts"][0]["format"] == "npz"
 
 
 def test_a_format_without_declared_precisions_refuses_them(npz_format, ckpts, tmp_path) -> None:
@@ -75,3 +91,28 @@ def test_a_format_without_declared_precisions_refuses_them(npz_format, ckpts, tm
     res = invoke(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz", "--quantize", "int8-dynamic")
     assert res.code == 2 and "applies to onnx" in res.stderr, res.stderr
     assert not (tmp_path / "w.npz").exists()
+
+
+def test_format_options_through_the_python_api(npz_format, ckpts, tmp_path) -> None:
+    import lightning_export
+
+    report = lightning_export.export(ckpts["classifier"], formats="npz", output=tmp_path / "w.npz",
+                                     format_options={"npz": {"compress": True}}, manifest=tmp_path / "m.json")
+    assert report.artifacts[0].info["compressed"] is True
+    assert json.loads((tmp_path / "m.json").read_text())["options"]["format_options"] == {"npz": {"compress": True}}
+    from lightning_export.errors import UsageError
+
+    with pytest.raises(UsageError, match="npz has no option 'level'"):
+        lightning_export.export(ckpts["classifier"], formats="npz", output=tmp_path / "x.npz",
+                                format_options={"npz": {"level": 9}})
+
+
+def test_a_built_in_option_through_format_option_is_the_flag(ckpts, tmp_path) -> None:
+    """`--format-option onnx.opset=17` is --opset 17: the writer, the report and the manifest say 17."""
+    manifest = tmp_path / "m.json"
+    res = invoke(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--attr", "model",
+                 "--to", "onnx", "-o", tmp_path / "m.onnx", "--format-option", "onnx.opset=17",
+                 "--manifest", manifest, "--json")
+    assert res.code == 0, res
+    assert res.json()["artifacts"][0]["info"]["opset"] == 17
+    assert json.loads(manifest.read_text())["options"]["opset"] == 17

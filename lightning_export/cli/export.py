@@ -84,6 +84,7 @@ def lexport(
     data: o.Data = None,
     data_batches: o.DataBatches = None,
     data_input: o.DataInput = None,
+    format_option: Annotated[list[str], typer.Option("--format-option", metavar="FORMAT.OPTION=VALUE", help="Set a format's own option (repeatable): onnx.opset=17, or an option of a format added by a plugin. Wins over the option's own flag.", rich_help_panel="Format options")] = [],  # noqa: B006, E501
     min_agreement: o.MinAgreement = None,
     executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).", rich_help_panel=o.OUTPUT)] = "xnnpack",  # noqa: E501
     max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
@@ -102,7 +103,7 @@ def lexport(
 ) -> None:
     def options(eff: Any) -> Any:
         from ..construct.argfiles import parse_init_arg
-        from ..pipeline.options import ExportOptions
+        from ..pipeline.options import ExportOptions, parse_format_option
 
         v = eff.values
         return ExportOptions(
@@ -135,6 +136,7 @@ def lexport(
             data=v["data"],
             data_batches=v["data_batches"],
             data_input=v["data_input"],
+            format_options=tuple(parse_format_option(item) for item in v["format_option"]),
             min_agreement=v["min_agreement"] if v["min_agreement"] is not None else ExportOptions.min_agreement,
             executorch_backend=v["executorch_backend"],
             max_shard_size=v["max_shard_size"],

@@ -2,8 +2,8 @@
 
 This module is the interface other packages use: the types a format is made of, the registry, and the helpers
 the pipeline needs (a run's formats wrapped for --precision/--quantize, quiet exporter logs). Adding a format is
-one module that calls `register` (built-in ones are listed in `_load_all`; another package's registers itself on
-import)."""
+one module in this folder that calls `register` (found by `_load_all`, nothing else edited), or a module of another
+package named by an entry point of the group `lightning_export.formats`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ._graph import captured_stdout, exporting, graph_estimate, quiet_torch_logs
 from ._precision import check_quantize_request, for_run, normalize_precision, normalize_quantize, quantizations
 
 __all__ = [
-    "ALIASES", "DynamicSupport", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
+    "ALIASES", "DynamicSupport", "ENTRY_POINT_GROUP", "PLUGIN_ERRORS", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
     "Sniffed", "Writer", "Written", "captured_stdout", "check_quantize_request", "detect_format", "exporting",
     "for_run", "get_format", "graph_estimate", "installed_check", "module_bytes", "normalize_precision",
     "normalize_quantize", "option", "parse_format_list", "quantizations", "quiet_torch_logs", "register",
@@ -42,13 +42,43 @@ __all__ = [
 ]
 
 
-def _load_all() -> None:
-    # Registration order is the order of --help and of the README table.
-    import importlib
+# The entry-point group through which an installed package adds formats: `name = "pkg.module:FORMAT"` (a Format,
+# registered when loaded) or `name = "pkg.module"` (a module that calls register on import).
+ENTRY_POINT_GROUP = "lightning_export.formats"
+# Set to 0 to load no format from installed packages (only the built-in ones).
+PLUGINS_ENV = "LEXPORT_PLUGINS"
+# Formats that failed to load from an installed package: (entry point, why), said when --to names one.
+PLUGIN_ERRORS: list[tuple[str, str]] = []
 
-    for name in ("state_dict", "safetensors", "torchscript", "onnx", "exported_program", "executorch", "aoti",
-                 "openvino", "tflite", "huggingface"):
-        importlib.import_module(f"{__name__}.{name}")
+
+def _load_all() -> None:
+    """Every module of this folder (not underscored) registers its formats on import, so adding a format is adding
+    its module; then the formats of installed packages (ENTRY_POINT_GROUP). Format.rank orders the registry (the
+    order of --help and the report)."""
+    import importlib
+    import os
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    if os.environ.get(PLUGINS_ENV, "1").strip() not in ("0", "false", "no", "off"):
+        _load_plugins()
+    ordered = sorted(REGISTRY.values(), key=lambda f: (f.rank, f.name))
+    REGISTRY.clear()
+    REGISTRY.update((f.name, f) for f in ordered)
+
+
+def _load_plugins() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+            if isinstance(loaded, Format):
+                register(loaded)
+        except Exception as e:  # a broken plugin is not lexport's failure: the built-in formats still work
+            PLUGIN_ERRORS.append((f"{ep.name} = {ep.value}", f"{type(e).__name__}: {e}"))
 
 
 _load_all()

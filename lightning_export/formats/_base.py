@@ -197,6 +197,9 @@ class Format:
     # note), or raises UsageError naming the candidates. Called once the module is built.
     select: Callable[[Any, str | None], tuple[str | None, str | None]] | None = None
 
+    # Where it stands in --help, the report and the README table (lower first; ties by name).
+    rank: int = 1000
+
     def companion_files(self, path: Path) -> list[Path]:
         if self.companions is not None:
             return self.companions(path)

@@ -32,9 +32,12 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         if a.get("companions"):
             a["companions"] = [rel(c) for c in a["companions"]]
     options: dict[str, Any] = {}
+    given = _given_format_options(opts)
     for name in manifest_options():
-        value = getattr(opts, name)
-        if name == "init_args":
+        value = given.get(name, getattr(opts, name))
+        if name == "format_options":
+            value = _own_options(opts, report, rel)
+        elif name == "init_args":
             value = dict(value)
         elif isinstance(value, Path):
             value = rel(value)
@@ -52,6 +55,38 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
     options["formats"] = [a.format for a in report.artifacts]
     record["options"] = options
     return record
+
+
+def _given_format_options(opts: ExportOptions) -> dict[str, Any]:
+    """The run options a --format-option set (`onnx.opset=17` is the run's opset), as the format got them."""
+    from ..formats import get_format
+    from .options import resolve_format_options
+
+    if not opts.format_options:
+        return {}
+    resolved = resolve_format_options(opts)
+    return {key: getattr(resolved[get_format(fmt).name], key) for fmt, key, _ in opts.format_options
+            if hasattr(ExportOptions, key)}
+
+
+def _own_options(opts: ExportOptions, report: Report, rel: Any) -> dict[str, dict[str, Any]]:
+    """{format: {option: value}} of the run's formats' own options that no run option records (a format added from
+    outside declares options of its own names)."""
+    import dataclasses
+
+    from ..formats import get_format
+    from .options import resolve_format_options
+
+    resolved = resolve_format_options(opts)
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(a.format for a in report.artifacts):
+        own = resolved.get(get_format(name).name)
+        fields = {f.name: getattr(own, f.name) for f in dataclasses.fields(own)  # type: ignore[arg-type]
+                  if not hasattr(ExportOptions, f.name)} if own is not None else {}
+        if fields:
+            out[name] = {k: rel(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                         for k, v in fields.items()}
+    return out
 
 
 def write_manifest(opts: ExportOptions, report: Report) -> None:

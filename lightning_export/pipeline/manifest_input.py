@@ -156,22 +156,51 @@ def targets_from_manifest(
     return ManifestTargets(artifacts, where_ckpt, ckpt.get("sha256"), merged, warnings)
 
 
+def _recorded_format_options(recorded: Any, given: Any) -> tuple[tuple[str, str, Any], ...]:
+    """The manifest's `format_options` ({format: {option: value}}) that verify takes (declared with
+    verify_takes=True by a registered format) and the caller did not give; anything else is ignored (data)."""
+    import dataclasses
+
+    from ..formats import REGISTRY
+
+    if not isinstance(recorded, dict):
+        raise UsageError("the manifest's options.format_options must be an object of {format: {option: value}}")
+    mine = []
+    for fmt_name, own in recorded.items():
+        fmt = REGISTRY.get(fmt_name) if isinstance(fmt_name, str) else None
+        if fmt is None or not isinstance(own, dict):
+            continue
+        verify_takes = {f.name for f in dataclasses.fields(fmt.options) if f.metadata.get("verify_takes")}
+        for key, value in own.items():
+            if key in verify_takes and not any(g[0] == fmt_name and g[1] == key for g in given):
+                mine.append((fmt_name, key, value))
+    return tuple(mine)
+
+
 def _merge_options(recorded: dict[str, Any], merged: dict[str, Any], locate: _Locator,
                    warnings: list[str]) -> dict[str, Any]:
     """The manifest's options into `merged` where the caller said nothing; returns those taken from it (for
     init_args, the arguments the caller did not give)."""
-    from .options import MANIFEST_OPTIONS
+    from .options import format_option_triples, manifest_options
 
     taken: dict[str, Any] = {}
+    takes = manifest_options()
     for key in ("trust_checkpoint", "allow_globals"):
         if recorded.get(key) and not merged.get(key):
             flag = "--trust-checkpoint" if key == "trust_checkpoint" else "--allow-global " + ",".join(recorded[key])
             warnings.append(f"the manifest records {flag}: a manifest never turns it on; pass it yourself if you "
                             "trust the checkpoint")
     for key, value in recorded.items():
-        if not MANIFEST_OPTIONS.get(key, False):
+        if not takes.get(key, False):
             continue  # export-only options (the artifact holds their effect), the inputs' hashes, the trust flags
         if value is None or value == [] or value is False or value == {}:
+            continue
+        if key == "format_options":
+            triples = format_option_triples(merged.get("format_options"))
+            recorded_own = _recorded_format_options(value, triples)
+            if recorded_own:
+                merged["format_options"] = (*recorded_own, *triples)  # later triples win: the caller's
+                taken[key] = recorded_own
             continue
         if key == "init_args":
             given = merged.get("init_args") or {}

@@ -12,7 +12,7 @@ from typing import Any, TypedDict
 
 from ..agreement import DEFAULT_MIN_AGREEMENT, check_min_agreement
 from ..errors import UsageError
-from ..formats import REGISTRY
+from ..formats import REGISTRY, get_format
 from ..safeload.archive import DEFAULT_MAX_GROWTH
 
 DEFAULT_RANDOM_INPUTS = 5
@@ -54,6 +54,11 @@ class ExportOptions:
     precision: str | None = None  # fp32 | fp16 | bf16 for graph formats (none: the dtypes the module is built in)
     quantize: str | None = None  # int8 (static, calibrated on --data): onnx, executorch, openvino; int8-dynamic: onnx
     executorch_backend: str = "xnnpack"
+    # Any format's own option by name, (format, option, value) (`--format-option onnx.opset=17`): how a format added
+    # from outside gets its options without a flag of its own. A value is text from the command line (converted to
+    # the option's declared type) or already typed from the Python API. Wins over the dedicated flag of the same
+    # option.
+    format_options: tuple[tuple[str, str, Any], ...] = ()
     max_shard_size: str | None = None  # huggingface: transformers' notation (5GB = 5*10**9 bytes, 5GiB = 5*2**30)
     tokenizer: Path | None = None  # huggingface: a tokenizer.save_pretrained folder copied into the artifact
     trust_checkpoint: bool = False
@@ -91,12 +96,13 @@ RUN_MANIFEST_OPTIONS: dict[str, bool] = {
     "inputs": True, "example_inputs": True, "dynamic_batch": True, "dynamic": True, "seed": True,
     "random_inputs": True, "atol": True, "rtol": True, "strict_finite": False, "trust_checkpoint": False,
     "allow_globals": False, "max_growth": True, "meta_build": False, "precision": True, "quantize": True, "data": True,
-    "data_batches": True, "data_input": True, "min_agreement": True,
+    "data_batches": True, "data_input": True, "min_agreement": True, "format_options": True,
 }
 
 
 def manifest_options() -> dict[str, bool]:
-    """The run's options and every registered format's own (those that are run options too)."""
+    """The run's options and every registered format's own that has a run option of its name (the others are
+    recorded under `format_options`), read when asked: a format registered later counts too."""
     return {
         **RUN_MANIFEST_OPTIONS,
         **{f.name: bool(f.metadata.get("verify_takes", False)) for fmt in REGISTRY.values()
@@ -104,7 +110,85 @@ def manifest_options() -> dict[str, bool]:
     }
 
 
-MANIFEST_OPTIONS = manifest_options()  # the built-in formats'
+def parse_format_option(text: str) -> tuple[str, str, str]:
+    """`FORMAT.OPTION=VALUE` (`--format-option`) -> (format, option, value as text); the names are checked later,
+    against the registry (resolve_format_options)."""
+    name, eq, value = text.partition("=")
+    fmt, dot, key = name.strip().partition(".")
+    if not (eq and dot and fmt and key.strip()):
+        raise UsageError(f"--format-option {text!r}: give FORMAT.OPTION=VALUE", hint="e.g. --format-option onnx.opset=17")
+    return fmt.strip(), key.strip(), value.strip()
+
+
+def _field_type(options: type, name: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(options).get(name, str)
+
+
+def _convert(value: Any, kind: Any, where: str) -> Any:
+    """A --format-option value to the option's declared type (text from the command line, a typed value from the
+    Python API passed through when it already has the type)."""
+    import types
+    import typing
+
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        empty = value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+        if empty and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where) if len(inner) == 1 else value
+    if typing.get_origin(kind) is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_convert(v.strip() if isinstance(v, str) else v, args[0] if args else str, where)
+                     for v in items if not (isinstance(v, str) and not v.strip()))
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            word = str(value).strip().lower()
+            if word in ("true", "1", "yes", "on"):
+                return True
+            if word in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            number = kind(value)
+            if kind is float and not math.isfinite(number):
+                raise ValueError(value)
+            return number
+        if kind is Path:
+            return Path(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        wanted = {bool: "true or false", int: "an integer", float: "a finite number"}.get(kind, str(kind))
+        raise UsageError(f"--format-option {where}={value}: give {wanted}") from None
+    return value
+
+
+def resolve_format_options(opts: ExportOptions) -> dict[str, object]:
+    """Every registered format's own options: from the run options of the same names (--opset, ...), then
+    `format_options` over them (exit 2 naming the format's options for an unknown name or a value of the wrong
+    type)."""
+    given: dict[str, dict[str, Any]] = {}
+    for fmt_name, key, value in opts.format_options:
+        canonical = get_format(fmt_name).name  # exit 2 with the known formats
+        given.setdefault(canonical, {})[key] = value
+    resolved: dict[str, object] = {}
+    for fmt in REGISTRY.values():
+        names = fmt.option_names()
+        values = {n: getattr(opts, n) for n in names if hasattr(opts, n)}
+        for key, value in given.get(fmt.name, {}).items():
+            if key not in names:
+                raise UsageError(f"--format-option {fmt.name}.{key}: {fmt.name} has no option {key!r}",
+                                 hint=f"Its options: {', '.join(names)}." if names else f"{fmt.name} has no options.")
+            values[key] = _convert(value, _field_type(fmt.options, key), f"{fmt.name}.{key}")
+        resolved[fmt.name] = fmt.options(**values)
+    return resolved
 
 
 PathArg = str | os.PathLike[str]
@@ -140,6 +224,7 @@ class OptionsKwargs(TypedDict, total=False):
     precision: str | None
     quantize: str | None
     executorch_backend: str
+    format_options: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, str, Any]]
     max_shard_size: str | None
     tokenizer: PathArg | None
     trust_checkpoint: bool
@@ -167,6 +252,8 @@ def options_from(checkpoint: str | os.PathLike[str], options: Mapping[str, Any])
     for key in ("formats", "inputs", "allow_globals", "input_names", "output_names", "dynamic"):
         if key in options:
             options[key] = tuple(options[key])
+    if "format_options" in options:
+        options["format_options"] = format_option_triples(options["format_options"])
     if isinstance(options.get("init_args"), dict):
         options["init_args"] = tuple(options["init_args"].items())
     for key in ("config", "init_args_file", "example_inputs", "output", "output_dir", "manifest", "tokenizer"):
@@ -179,6 +266,21 @@ def options_from(checkpoint: str | os.PathLike[str], options: Mapping[str, Any])
         return ExportOptions(checkpoint=Path(checkpoint), **options)
     except TypeError as e:
         raise UsageError(str(e)) from e
+
+
+def format_option_triples(value: Any) -> tuple[tuple[str, str, Any], ...]:
+    """export(format_options=...) as ExportOptions holds it: {format: {option: value}} or (format, option, value)
+    triples."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        if not all(isinstance(own, Mapping) for own in value.values()):
+            raise UsageError("format_options: give {format: {option: value}}")
+        return tuple((str(f), str(k), v) for f, own in value.items() for k, v in own.items())
+    triples = tuple(tuple(t) for t in value)
+    if not all(len(t) == 3 for t in triples):
+        raise UsageError("format_options: give {format: {option: value}} or (format, option, value) triples")
+    return triples
 
 
 def check_ranges(opts: ExportOptions) -> None:

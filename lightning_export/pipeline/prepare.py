@@ -27,7 +27,7 @@ from ..statedict import strip_prefix
 from ..text import printable
 from .data import HeldOut, read_held_out
 from .finite import check_finite_outputs, check_finite_weights
-from .options import ExportOptions, check_ranges
+from .options import ExportOptions, check_ranges, resolve_format_options
 from .run import Step, phase
 
 
@@ -171,14 +171,6 @@ def check_flags(opts: ExportOptions) -> Supplied:
     return read_supplied(opts)
 
 
-def format_options(opts: ExportOptions) -> dict[str, object]:
-    """Every registered format's own options, from the run's options of the same names."""
-    return {
-        fmt.name: fmt.options(**{n: getattr(opts, n) for n in fmt.option_names() if hasattr(opts, n)})
-        for fmt in REGISTRY.values()
-    }
-
-
 def with_format_options(formats: list[Format], opts: ExportOptions) -> list[Format]:
     """Formats wrapped for --precision/--quantize (exit 2 where a format does not take them), then every format's
     own options checked (an option of a format this run does not write may be refused)."""
@@ -187,7 +179,7 @@ def with_format_options(formats: list[Format], opts: ExportOptions) -> list[Form
     formats = [for_run(f, opts.precision, opts.quantize) for f in formats]
     check_dynamic_formats(formats, opts)
     asked = {f.name for f in formats}
-    for name, own in format_options(opts).items():
+    for name, own in resolve_format_options(opts).items():
         fmt = REGISTRY[name]
         if fmt.check is not None:
             fmt.check(own, name in asked)
@@ -272,7 +264,7 @@ def prepare(opts: ExportOptions, report: Report, step: Step, formats: list[Forma
     with phase(CheckpointError, "checking the weights for NaN/Inf"):
         check_finite_weights(state_dict, opts, report)
     ctx = ExportContext(target=target, state_dict=state_dict, example=None)
-    own = format_options(opts)
+    own = resolve_format_options(opts)
     # Parameters left on meta: nothing runs the module (no verification; the writers read the checkpoint).
     graph = [f for f in formats if f.kind == "graph"] if built is None or not built.parameters_on_meta else []
     refs = None
