@@ -242,6 +242,43 @@ class OptionsKwargs(TypedDict, total=False):
     settings: dict[str, Any] | None
 
 
+class VerifyKwargs(TypedDict, total=False):
+    """The keyword arguments of verify(): the options that shape a verification (the module, the inputs, the
+    tolerances, the data, the safety bounds), not the export-only ones (formats, output paths, exporter choices)."""
+
+    module: str | None
+    attr: str | None
+    config: PathArg | None
+    init_args: Mapping[str, Any] | Sequence[tuple[str, Any]]
+    init_args_file: PathArg | None
+    inputs: Sequence[str]
+    example_inputs: PathArg | None
+    dynamic_batch: bool
+    dynamic: Sequence[str]
+    atol: float | None
+    rtol: float | None
+    seed: int
+    random_inputs: int
+    precision: str | None
+    quantize: str | None
+    format_options: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, str, Any]]
+    trust_checkpoint: bool
+    allow_globals: Sequence[str]
+    strict_finite: bool
+    meta_build: bool
+    max_growth: float
+    hash_checkpoint: bool
+    data: PathArg | None
+    data_batches: int | None
+    data_input: str | int | None
+    min_agreement: float
+    data_sha256: str | None
+    settings: dict[str, Any] | None
+
+
+VERIFY_OPTIONS = frozenset(VerifyKwargs.__annotations__)
+
+
 def options_from(checkpoint: str | os.PathLike[str], options: Mapping[str, Any]) -> ExportOptions:
     """ExportOptions from the keyword arguments of export()/verify(): sequences as tuples, paths as Paths."""
     options = dict(options)

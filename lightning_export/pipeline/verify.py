@@ -17,14 +17,14 @@ from ..hashing import file_sha256, folder_bytes_and_sha256
 from ..report import ArtifactResult, Report
 from .artifact import check_artifact, failed
 from .manifest_input import Expected, targets_from_manifest
-from .options import ExportOptions, OptionsKwargs, options_from
+from .options import VERIFY_OPTIONS, ExportOptions, VerifyKwargs, options_from
 from .prepare import Prepared, References
 from .run import Step, reported
 from .steps import Run, run_steps
 
 
 # `manifest` here is the manifest to read; ExportOptions.manifest (one to write) does not apply to verify.
-def verify(  # type: ignore[misc]
+def verify(
     artifacts: Iterable[str | os.PathLike[str]] | dict[Any, Any] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     *,
@@ -33,7 +33,7 @@ def verify(  # type: ignore[misc]
     trust_manifest: bool = False,
     progress: Step | None = None,
     checkpoint_sha256: str | None = None,
-    **kwargs: Unpack[OptionsKwargs],
+    **kwargs: Unpack[VerifyKwargs],
 ) -> Report:
     """Re-verify existing artifacts against their checkpoint (the format comes from each file). With a dict,
     the values are the sha256 each file must still have (None: any) or an `Expected`; with `checkpoint_sha256`,
@@ -43,6 +43,11 @@ def verify(  # type: ignore[misc]
     options given here win; `checkpoint` may name the checkpoint instead of the manifest's path). A manifest is
     untrusted: its paths must stay inside its folder (unless `allow_outside`) and it may not make lexport run code
     (unless `trust_manifest`); it never turns on trust_checkpoint or allow_globals."""
+    export_only = sorted(set(kwargs) - VERIFY_OPTIONS)
+    if export_only:
+        raise UsageError(f"verify() takes no {', '.join(export_only)}: "
+                         f"{'it applies' if len(export_only) == 1 else 'they apply'} to export()",
+                         hint=f"Its options: {', '.join(sorted(VERIFY_OPTIONS))}.")
     options: dict[str, Any] = dict(kwargs)
     notes: list[str] = []
     if manifest is not None:
