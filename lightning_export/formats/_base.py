@@ -78,6 +78,7 @@ class Written:
     exporter: str
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # format facts for the report (ONNX opset, io names)
+    traced: bool = False  # recorded by tracing: the graph holds the example's branch and sizes
 
 
 Writer = Callable[[ExportContext, Path], Written]
