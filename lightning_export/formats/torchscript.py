@@ -84,6 +84,7 @@ register(
         "TorchScript file for torch.jit.load / libtorch C++ (trace, or --torchscript-mode script)",
         write,
         load,
+        aliases=("ts", "jit"),
         atol=1e-5,
         rtol=1e-5,
         dynamic=DynamicSupport(exported=False),  # a trace takes other sizes where its ops do: verification says
