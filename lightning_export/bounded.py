@@ -21,6 +21,11 @@ class TooDeep(ValueError):
     pass
 
 
+class NotYaml(UsageError):
+    """The text does not parse as YAML (or JSON) at all, as opposed to YAML refused for its size or depth: a
+    caller that also takes plain text (--init-arg KEY=VALUE) takes the text itself."""
+
+
 def iter_containers(value: Any, max_depth: int = MAX_DEPTH) -> Iterator[Any]:
     """Every dict, list and tuple reachable from `value`, each once (by identity), depth-first, iteratively.
     Raises TooDeep past `max_depth` levels."""
@@ -65,7 +70,7 @@ def load_yaml(text: str, *, what: str) -> Any:
     except RecursionError:
         raise UsageError(f"{what}: nested too deeply to be a configuration") from None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:  # e.g. a timestamp with month 13
-        raise UsageError(f"{what}: not valid YAML or JSON: {_one_line(e)}") from None
+        raise NotYaml(f"{what}: not valid YAML or JSON: {_one_line(e)}") from None
     finally:
         loader.dispose()
 

@@ -259,12 +259,12 @@ def _append_summary(report: Report | None, error: LexportCallbackError | None) -
     """In GitHub Actions ($GITHUB_STEP_SUMMARY set), the markdown report as the CLI appends it; never fatal."""
     import os
 
-    from .summary import markdown
+    from .summary import Failure, markdown
 
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if not target:
         return
-    failure = None if error is None else {"code": error.exit_code, "kind": error.kind, "message": str(error)}
+    failure = None if error is None else Failure(error.exit_code, error.kind, str(error))
     try:
         with open(target, "a", encoding="utf-8") as f:
             f.write(markdown(report.to_json() if report is not None else {}, failure, title="lexport (LexportCallback)"))

@@ -190,11 +190,25 @@ def run_forward(module: Any, inputs: Inputs) -> Any:
         with torch.no_grad():
             return module(*inputs.args, **inputs.kwargs)
     except Exception as e:
-        raise UserModuleError(
-            f"forward of {type(module).__name__} failed on inputs {inputs.describe()}: {type(e).__name__}: {e}",
+        raise ForwardFailed(type(module).__name__, inputs.describe(), f"{type(e).__name__}: {e}") from e
+
+
+class ForwardFailed(UserModuleError):
+    """The module's forward raised on `inputs` (described); its parts as data: `reason` is what forward raised
+    (`Type: text`), `source` where the inputs came from when the pipeline says (`with_source`)."""
+
+    def __init__(self, module: str, inputs: str, reason: str, *, source: str | None = None) -> None:
+        self.module, self.inputs, self.reason, self.source = module, inputs, reason, source
+        message = f"forward of {module} failed on inputs {inputs}: {reason}"
+        super().__init__(
+            message if source is None else f"{message}\n(the inputs are {source})",
             hint="Give the inputs forward expects with --input DTYPE[D0,D1,...] (one per argument) or "
             "--example-inputs FILE.",
-        ) from e
+        )
+
+    def with_source(self, source: str) -> ForwardFailed:
+        """The same failure, saying where the inputs came from."""
+        return ForwardFailed(self.module, self.inputs, self.reason, source=source)
 
 
 def detached(value: Any) -> Any:

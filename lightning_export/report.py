@@ -22,6 +22,7 @@ class ArtifactResult:
     error: LexportError | None = None  # why this format failed (JSON: {"code", "kind", "message"})
     companions: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    traced: bool = False  # its writer traced (formats.Written.traced): verification sees the example's branch/sizes
 
     @property
     def ok(self) -> bool:

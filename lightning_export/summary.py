@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass
 from typing import Any
 
+from .errors import LexportError, error_json
 from .text import fmt_bytes
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~:.-])")  # ':' and '.': no autolinks (http://, www.)
@@ -31,6 +33,25 @@ def fenced(text: str, limit: int = MAX_BLOCK) -> str:
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}text\n{text}\n{fence}"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a run failed, as the summary shows it: the exit code, the kind, the message and what to do, apart."""
+
+    code: int
+    kind: str
+    message: str
+    hint: str | None = None
+
+    @classmethod
+    def of(cls, e: BaseException) -> Failure:
+        """A LexportError's own fields (its message, then its hint, advice and what the pipeline added); an
+        interruption or a bug in lexport as its JSON error says it."""
+        if isinstance(e, LexportError):
+            return cls(e.exit_code, e.kind, e.message, e.full_hint() or None)
+        error = error_json(e)
+        return cls(error["code"], error["kind"], error["message"])
 
 
 def _verdict(a: dict[str, Any]) -> str:
@@ -60,14 +81,13 @@ def _pct(x: Any) -> str:
     return f"{x:.2%}" if isinstance(x, (int, float)) else "-"
 
 
-def markdown(record: dict[str, Any], error: dict[str, Any] | None = None, *, title: str = "lexport") -> str:
+def markdown(record: dict[str, Any], error: Failure | None = None, *, title: str = "lexport") -> str:
     """The summary of one run: `record` is the report's JSON (or {} when the run ended before it had one),
-    `error` {code, kind, message, hint} when it failed."""
+    `error` why it failed, when it did."""
     ok = error is None and record.get("ok", False)
     artifacts = record.get("artifacts") or []
     head = (f"✅ {len(artifacts)} artifact{'s' * (len(artifacts) != 1)} written and verified" if ok else
-            f"❌ failed: {escape(error.get('kind') if error else 'verification')} (exit "
-            f"{error.get('code') if error else 1})")
+            f"❌ failed: {escape(error.kind if error else 'verification')} (exit {error.code if error else 1})")
     lines = [f"### {escape(title)}: {head}", ""]
     checkpoint = record.get("checkpoint") or {}
     facts = [f"checkpoint {escape(checkpoint['path'])}" if checkpoint.get("path") else None,
@@ -94,9 +114,9 @@ def markdown(record: dict[str, Any], error: dict[str, Any] | None = None, *, tit
                          f"{_pct(g.get('artifact_accuracy'))} | {_pct(g.get('eager_accuracy'))} |")
         lines.append("")
     if error is not None:
-        lines += ["**Error**", "", fenced(str(error.get("message", ""))), ""]
-        if error.get("hint"):
-            lines += ["**What to do**", "", fenced(str(error["hint"])), ""]
+        lines += ["**Error**", "", fenced(error.message), ""]
+        if error.hint:
+            lines += ["**What to do**", "", fenced(error.hint), ""]
     for w in (record.get("warnings") or [])[:20]:
         lines.append(f"- ⚠️ {escape(w)}")
     if record.get("warnings"):

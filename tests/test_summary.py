@@ -71,3 +71,16 @@ def test_markdown_escapes_and_fences() -> None:
     text = markdown(record)
     assert "| 1.0 kB (0.27× fp32) |" in text
     assert "| onnx | 300 | 99.00% | 95.00% | 96.00% |" in text and "on d\\.pt" in text
+
+
+def test_failure_is_read_from_the_error_fields() -> None:
+    """The summary's message and 'What to do' come from the error's own fields, apart (never split from a text)."""
+    from lightning_export.errors import Advice, UsageError
+    from lightning_export.summary import Failure, markdown
+
+    failure = Failure.of(UsageError("bad flag", hint="Use --x.", advice=Advice.MAX_GROWTH))
+    assert (failure.code, failure.kind, failure.message) == (2, "usage", "bad flag")
+    assert failure.hint == f"Use --x.\n{Advice.MAX_GROWTH.text}"
+    text = markdown({}, failure)
+    assert "```text\nbad flag\n```" in text and f"```text\nUse --x.\n{Advice.MAX_GROWTH.text}\n```" in text
+    assert Failure.of(KeyboardInterrupt()) == Failure(130, "interrupted", "interrupted (SIGINT or SIGTERM)")

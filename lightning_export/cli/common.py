@@ -30,11 +30,11 @@ def console() -> Console:
 
 def execute(
     work: Callable[[Steps], Any], *, json_out: bool, quiet: bool, render: Callable[[Console, Any], None],
-    after: Callable[[Any, dict[str, Any] | None], None] | None = None,
+    after: Callable[[Any, BaseException | None], None] | None = None,
 ) -> None:
     """Run one command's work and end the process the documented way: the table or the error on stderr, the
     exit code, and with --json exactly one strict JSON object on stdout, whatever happened (70 included).
-    `after(report, error)` runs last either way (error: {code, kind, message, hint} or None), e.g. the CI summary.
+    `after(report, error)` runs last either way (error: what ended the run, or None), e.g. the CI summary.
 
     While the work runs, stdout is pointed at stderr (file descriptor 1 too): a user's module that prints at
     import or in forward cannot put text before the JSON.
@@ -44,7 +44,7 @@ def execute(
     show = not quiet and not json_out
     report: Any = None
     error: dict[str, Any] | None = None
-    hint: str | None = None
+    failure: BaseException | None = None
     code = 0
     with _stdout_to_stderr(json_out) as real_stdout:
         try:
@@ -52,8 +52,7 @@ def execute(
                 report = work(steps)
         except LexportError as e:
             report, code = e.report, e.exit_code
-            error = error_json(e)
-            hint = e.hint
+            error, failure = error_json(e), e
             if debug:
                 import traceback
 
@@ -62,15 +61,15 @@ def execute(
                 render(stderr, report)
             if not json_out:
                 print_error(stderr, e)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             code = 130
-            error = error_json(KeyboardInterrupt())
+            error, failure = error_json(e), e
             stderr.print("[red]interrupted[/red]: nothing partial was left; artifacts already published stay")
         except Exception as e:  # noqa: BLE001 - a bug in lexport: say so, exit 70
             if debug:
                 raise
             code = 70
-            error = error_json(e)
+            error, failure = error_json(e), e
             stderr.print("[red]internal error[/red] ", end="")
             stderr.print(error["message"], markup=False)
             stderr.print("This is a bug in lexport. Re-run with LEXPORT_DEBUG=1 and report the traceback.")
@@ -78,7 +77,7 @@ def execute(
             if show:
                 render(stderr, report)
         if after is not None:
-            after(report, None if error is None else {**error, "message": _first(error, hint), "hint": hint})
+            after(report, failure)
     if json_out:
         payload = report.to_json() if report is not None else {"ok": False}
         if error is not None:
@@ -87,12 +86,6 @@ def execute(
         with contextlib.suppress(BrokenPipeError):  # `lexport ... --json | head`
             print(dumps_strict(payload), file=real_stdout, flush=True)
     raise typer.Exit(code)
-
-
-def _first(error: dict[str, Any], hint: str | None) -> str:
-    """The error's message without its hint (error_json's message has both)."""
-    message = error["message"]
-    return message[: -len(hint) - 1] if hint and message.endswith(f"\n{hint}") else message
 
 
 json_printed = threading.Event()  # main() prints the JSON itself for what ends before a command runs

@@ -161,18 +161,18 @@ def lexport(
             after=lambda report, error: append_summary(summary, report, error))
 
 
-def append_summary(path: Path | None, report: Any, error: dict[str, Any] | None) -> None:
+def append_summary(path: Path | None, report: Any, error: BaseException | None) -> None:
     """The run's markdown summary appended to --summary FILE, else to $GITHUB_STEP_SUMMARY when set; a file that
     cannot be written is a warning (the artifacts are published already; the exit code stays the run's)."""
     import os
 
-    from ..summary import markdown
+    from ..summary import Failure, markdown
     from .common import console
 
     target = path or (Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
     if target is None:
         return
-    text = markdown(report.to_json() if report is not None else {}, error)
+    text = markdown(report.to_json() if report is not None else {}, None if error is None else Failure.of(error))
     try:
         with open(target, "a", encoding="utf-8") as f:
             f.write(text)

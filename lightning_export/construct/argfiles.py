@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..bounded import load_yaml, short_repr
+from ..bounded import NotYaml, load_yaml, short_repr
 from ..errors import UsageError
 
 
@@ -17,9 +17,7 @@ def parse_init_arg(item: str) -> tuple[str, Any]:
         raise UsageError(f"--init-arg {short_repr(item)} must look like KEY=VALUE, e.g. --init-arg hidden_size=64")
     try:
         value = load_yaml(raw, what=f"--init-arg {key}") if raw.strip() else raw
-    except UsageError as e:
-        if "not valid YAML" not in e.message:
-            raise
+    except NotYaml:
         value = raw  # not YAML: the text itself, as a string
     return key, value
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,6 +78,7 @@ class Written:
     exporter: str
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # format facts for the report (ONNX opset, io names)
+    traced: bool = False  # recorded by tracing: the graph holds the example's branch and sizes
 
 
 Writer = Callable[[ExportContext, Path], Written]
@@ -196,6 +197,9 @@ class Format:
     # A format that exports one kind of submodule picks it: (the LightningModule, --attr) -> (the --attr to use, a
     # note), or raises UsageError naming the candidates. Called once the module is built.
     select: Callable[[Any, str | None], tuple[str | None, str | None]] | None = None
+    # Other names --to takes for it (lower case): names people type for the same thing, never a guess at a typo
+    # (a typo gets a suggestion, not a pick).
+    aliases: tuple[str, ...] = ()
 
     # Where it stands in --help, the report and the README table (lower first; ties by name).
     rank: int = 1000
@@ -301,27 +305,23 @@ def installed_check(require: Callable[[], object]) -> Callable[[Any, bool], None
     return check
 
 
-# Names people type for the same thing; never a guess at a typo (a typo gets a suggestion, not a pick).
-ALIASES = {
-    "pt": "state-dict",
-    "state_dict": "state-dict",
-    "statedict": "state-dict",
-    "st": "safetensors",
-    "ts": "torchscript",
-    "jit": "torchscript",
-    "pt2": "exported-program",
-    "exported_program": "exported-program",
-    "exportedprogram": "exported-program",
-    "torch.export": "exported-program",
-    "pte": "executorch",
-    "et": "executorch",
-    "aotinductor": "aoti",
-    "ov": "openvino",
-    "openvino-ir": "openvino",
-    "litert": "tflite",
-    "hf": "huggingface",
-    "transformers": "huggingface",
-}
+class _Aliases(Mapping[str, str]):
+    """Every registered format's aliases -> its name, read from the registry (each Format declares its own)."""
+
+    def _table(self) -> dict[str, str]:
+        return {alias: fmt.name for fmt in REGISTRY.values() for alias in fmt.aliases}
+
+    def __getitem__(self, key: str) -> str:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+ALIASES: Mapping[str, str] = _Aliases()
 
 
 def parse_format_list(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -332,10 +332,11 @@ def parse_format_list(values: tuple[str, ...] | list[str]) -> list[str]:
 
 def get_format(name: str) -> Format:
     key = name.strip().lower()
-    key = ALIASES.get(key, key)
+    aliases = dict(ALIASES)
+    key = aliases.get(key, key)
     if key in REGISTRY:
         return REGISTRY[key]
-    close = difflib.get_close_matches(key, [*REGISTRY, *ALIASES], n=1, cutoff=0.5)
-    close = [ALIASES.get(c, c) for c in close]
+    close = difflib.get_close_matches(key, [*REGISTRY, *aliases], n=1, cutoff=0.5)
+    close = [aliases.get(c, c) for c in close]
     hint = f"Did you mean --to {close[0]}? " if close else ""
     raise UsageError(f"unknown format {name!r}", hint=f"{hint}Formats: {', '.join(REGISTRY)}")

@@ -127,7 +127,8 @@ def write_static_int8(fp32_write: Writer, ctx: ExportContext, path: Path) -> Wri
     )
     notes.append(f"static int8: {int8_bytes:,} bytes, {info['size_ratio']:.2f}x the fp32 ONNX ({fp32_bytes:,} "
                  f"bytes), calibrated on {info['calibration_samples']} samples")
-    return Written(f"{written.exporter} + onnxruntime.quantization.quantize_static", notes, info)
+    return Written(f"{written.exporter} + onnxruntime.quantization.quantize_static", notes, info,
+                   traced=written.traced)
 
 
 def quantize_onnx_dynamic(path: Path) -> dict[str, Any]:

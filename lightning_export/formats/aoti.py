@@ -169,6 +169,7 @@ register(
         "AOTInductor package (.aoti.pt2) compiled for this machine's CPU, loaded from C++ by AOTIModelPackageLoader",
         write,
         load,
+        aliases=("aotinductor",),
         atol=1e-5,
         rtol=1e-5,
         dynamic=SUPPORT,

@@ -251,6 +251,7 @@ register(
         "ExecuTorch program (.pte) for on-device runtimes, XNNPACK-delegated by default",
         write,
         load,
+        aliases=("pte", "et"),
         atol=1e-5,
         rtol=1e-5,
         isolate=True,  # ExecuTorch crashed on 6 of 500 bit-flipped files (make fuzz)

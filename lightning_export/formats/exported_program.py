@@ -66,6 +66,7 @@ register(
         "torch.export program (.pt2) for torch.export.load, AOTInductor, ExecuTorch",
         write,
         load,
+        aliases=("pt2", "exported_program", "exportedprogram", "torch.export"),
         atol=1e-5,
         rtol=1e-5,
         dynamic=DynamicSupport(),

@@ -258,6 +258,7 @@ register(
         "folder for transformers' from_pretrained: config.json, safetensors (sharded past --max-shard-size)",
         write,
         load,
+        aliases=("hf", "transformers"),
         atol=1e-5,
         rtol=1e-4,
         # Weights and a config, no graph: the folder's class runs at any size its code takes (a position table

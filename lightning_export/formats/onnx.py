@@ -227,6 +227,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     notes: list[str] = []
     errors: list[str] = []
     traced = None  # "sizes" / "branch": the dynamo exporter refused data-dependent code, the fallback traced it
+    by_trace = False  # written by the TorchScript-based exporter, which traces
     with exporting(ctx) as chatter:
         try:
             if opts.opset is not None and opts.opset < DYNAMO_MIN_OPSET:
@@ -245,6 +246,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
             try:
                 _torchscript(ctx, path)
                 exporter = "torch.onnx.torchscript"
+                by_trace = True
                 reason = str(e) if isinstance(e, _Skip) else f"the dynamo exporter failed ({describe_exception(e)})"
                 notes.append(f"{reason}; written by the TorchScript-based exporter")
                 if is_data_dependent(e):  # the graph holds the example's sizes or branch: what verification sees
@@ -288,7 +290,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
         _check_cpu_kernels(path)
     if traced:
         info["traced_data_dependent"] = traced  # the pipeline's advice when verification then fails
-    return Written(exporter, notes, info)
+    return Written(exporter, notes, info, traced=by_trace)
 
 
 def _has_bfloat16(module: Any) -> bool:

@@ -300,6 +300,7 @@ register(
         "OpenVINO IR (.xml + .bin) for Intel CPUs, GPUs and NPUs; float32 weights by default",
         write,
         load,
+        aliases=("ov", "openvino-ir"),
         atol=1e-4,
         rtol=1e-4,
         dynamic=DynamicSupport(),

@@ -127,6 +127,7 @@ register(
         "safetensors file of the state dict (no pickle; tied weights kept under every key)",
         write,
         load,
+        aliases=("st",),
         needs_module=False,
         sniff=_sniff,
         size_estimate=size_estimate,

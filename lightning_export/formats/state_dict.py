@@ -114,6 +114,7 @@ register(
         "bare state dict for model.load_state_dict (torch.save)",
         write,
         load,
+        aliases=("pt", "state_dict", "statedict"),
         needs_module=False,
         # A torch.save zip that is neither TorchScript (code/) nor a torch.export archive: asked last.
         sniff=lambda s: s.has_member("/data.pkl") and not s.has_dir("/code/") and not s.has_member("archive_format"),

@@ -223,6 +223,7 @@ register(
         "LiteRT (TFLite) flatbuffer for Android, iOS and microcontrollers; static shapes",
         write,
         load,
+        aliases=("litert",),
         atol=1e-4,
         rtol=1e-4,
         isolate=True,  # LiteRT crashed on 1 of 500 bit-flipped files (make fuzz)

@@ -25,8 +25,9 @@ NOTE = "TorchScript is deprecated in torch >= 2.10; exported-program (.pt2) is i
 def write(ctx: ExportContext, path: Path) -> Written:
     import torch
 
+    mode = ctx.options_as(TorchScriptOptions).torchscript_mode
     with exporting(ctx):
-        if ctx.options_as(TorchScriptOptions).torchscript_mode == "script":
+        if mode == "script":
             scripted = torch.jit.script(ctx.target)
             exporter = "torch.jit.script"
         else:
@@ -57,7 +58,7 @@ def write(ctx: ExportContext, path: Path) -> Written:
     if ctx.dynamic is not None:
         info = {"shapes": "captured at the example's shapes; verified at other sizes of the --dynamic dims",
                 "dynamic_dims": dynamic_info(ctx.dynamic)}
-    return Written(exporter, [NOTE], info)
+    return Written(exporter, [NOTE], info, traced=mode != "script")
 
 
 def check(opts: TorchScriptOptions, requested: bool) -> None:
@@ -83,6 +84,7 @@ register(
         "TorchScript file for torch.jit.load / libtorch C++ (trace, or --torchscript-mode script)",
         write,
         load,
+        aliases=("ts", "jit"),
         atol=1e-5,
         rtol=1e-5,
         dynamic=DynamicSupport(exported=False),  # a trace takes other sizes where its ops do: verification says

@@ -106,6 +106,7 @@ def _export_one(fmt: Format, ctx: ExportContext, dest: Path, opts: ExportOptions
                 ) from e
             raise export_failure(f"{fmt.name} export failed", e) from e
         result.exporter = written.exporter
+        result.traced = written.traced
         result.notes.extend(written.notes)
         result.info.update(written.info)
         if not dest.name.endswith(fmt.suffix) and not fmt.folder:

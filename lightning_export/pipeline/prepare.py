@@ -147,10 +147,10 @@ class References:
                 data = inputs.random_like(self.sets[0], self.seed + 1000 + n, sizes=sizes)
                 try:
                     ref = inputs.detached(inputs.run_forward(self.target, data))
-                except UserModuleError as e:
+                except inputs.ForwardFailed as e:
                     raise UsageError(
                         f"{dynamic.spec.flags()}: the module itself fails at {label} (the example has "
-                        f"{_example_sizes(dynamic)}): {e.message.split(': ', 1)[-1][:400]}",
+                        f"{_example_sizes(dynamic)}): {e.reason[:400]}",
                         hint=f"Export with the dims forward takes at any size only: {dynamic.without_run(sizes)} (or "
                         "bound them with DIM:MIN..MAX).",
                     ) from e
@@ -371,9 +371,8 @@ def _references(opts: ExportOptions, report: Report, step: Step, graph: list[For
         refs.dynamic = ctx.dynamic
         try:
             reference = refs.get(0)
-        except UserModuleError as e:
-            e.message += f"\n(the inputs are {source})"
-            raise
+        except inputs.ForwardFailed as e:
+            raise e.with_source(source) from e.__cause__
         check_finite_outputs(reference, opts, report)
         # A peft adapter is deployed merged: the formats export a merged copy, checked against the unmerged module
         # (refs keeps it).

@@ -117,9 +117,8 @@ def say_what_else_worked(report: Report) -> None:
         if a.error:
             return "export failed"
         if a.verification is not None and not a.verification.passed:
-            traced = a.exporter in ("torch.jit.trace", "torch.onnx.torchscript")
             what = "the example's sizes" if sizes else "one branch"
-            return "failed verification" + (f" ({a.exporter} traced {what})" if traced else "")
+            return "failed verification" + (f" ({a.exporter} traced {what})" if a.traced else "")
         return "verified" if a.verification is not None else "written, not verified"
 
     for a in failed:

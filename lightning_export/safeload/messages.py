@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..text import printable
 from .policy import allow_global_flag, hint_refusal, module_exists, py3_name, qualname
+from .references import ReferenceCalled
 from .subject import CHECKPOINT, Subject
 
 
@@ -23,9 +24,6 @@ def describe_unsafe(path: Path) -> list[str]:
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
-
-
-_CALLED_RE = re.compile(r"the file calls ([A-Za-z_][\w.]*) while loading; a checkpoint only refers to it")
 
 
 _BLOCKED_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) whose module \S+ is blocked")
@@ -43,6 +41,18 @@ def _weights_only_detail(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
+def _reference_called(e: BaseException) -> ReferenceCalled | None:
+    """The ReferenceCalled behind torch's UnpicklingError (torch re-raises it with its own text), if any."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen and len(seen) < 16:
+        if isinstance(cur, ReferenceCalled):
+            return cur
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def unpickling_error(
     path: Path, e: pickle.UnpicklingError, is_zip: bool, allowed: list[Any], allow_globals: tuple[str, ...],
     subject: Subject = CHECKPOINT,
@@ -50,10 +60,10 @@ def unpickling_error(
     detail = printable(_weights_only_detail(e))
     name = subject.name(path)
     full = f"{e}\n{e.__context__ or ''}"
-    called = _CALLED_RE.search(full)
-    if called:  # a function allowed only as a reference (torchmetrics' reducers), called by the file
+    called = _reference_called(e)
+    if called is not None:  # a function allowed only as a reference (torchmetrics' reducers), called by the file
         return CheckpointError(
-            f"{name} calls {printable(called.group(1))} while loading: a {subject.noun} only refers to it (torchmetrics "
+            f"{name} calls {printable(called.name)} while loading: a {subject.noun} only refers to it (torchmetrics "
             "keeps it in a Metric's state), so lexport refuses the file",
             hint="This file is very likely malicious. Only if you trust it completely: --trust-checkpoint "
             "(full unpickling: runs code from the file).",

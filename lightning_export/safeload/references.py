@@ -16,6 +16,15 @@ from .placeholders import WALK_BUDGET
 from .policy import REFERENCE_FUNCTIONS, qualname
 
 
+class ReferenceCalled(pickle.UnpicklingError):
+    """The file called a function it may only refer to; `name` is the function (safeload.messages reads it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the file calls {name} while loading; a checkpoint only refers to it (torchmetrics keeps "
+                         "it in a Metric's state), so lexport does not call it")
+        self.name = name
+
+
 class ReferenceOnly:
     """Stands for `function` while unpickling: referring to it is fine, calling it is refused."""
 
@@ -25,10 +34,7 @@ class ReferenceOnly:
         self.function, self.name = function, name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise pickle.UnpicklingError(
-            f"the file calls {self.name} while loading; a checkpoint only refers to it (torchmetrics keeps it in a "
-            "Metric's state), so lexport does not call it"
-        )
+        raise ReferenceCalled(self.name)
 
     def __repr__(self) -> str:
         return f"<reference to {self.name}>"
