@@ -64,6 +64,29 @@ def test_plugin_option_names_and_values_are_checked(site, ckpts, tmp_path) -> No
     assert not (tmp_path / "w.npz").exists()
 
 
+def test_a_plugin_that_cannot_load_or_takes_a_built_in_name_is_left_out(site, ckpts, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    info = bad / "lexport_bad-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lexport-bad\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nbroken = not_a_module_here:NPZ\n"
+                                           "onnx = onnx_clash:ONNX\n")
+    (bad / "onnx_clash.py").write_text("import dataclasses\nfrom npz_format import NPZ\n"
+                                       "ONNX = dataclasses.replace(NPZ, name='onnx')\n")
+    env = _env(site)
+    env["PYTHONPATH"] = f"{bad}:{env['PYTHONPATH']}"
+    res = run_lexport(ckpts["classifier"], "--to", "broken", env=env)
+    said = " ".join(res.stderr.split())
+    assert res.code == 2 and "unknown format 'broken'" in said, res
+    assert "did not load (broken = not_a_module_here:NPZ): ModuleNotFoundError" in said, res
+    assert "did not load (onnx = onnx_clash:ONNX): ValueError: format onnx: onnx already names onnx" in said, res
+    res = run_lexport(ckpts["classifier"], "--to", "onnx,npz", "--module", "fixtures.modules:MyClassifierModule",
+                      "--attr", "model", "--output-dir", tmp_path / "out", "--json", env=env)
+    assert res.code == 0, res  # the built-in onnx, not the clash; the good plugin still there
+    assert [(a["format"], a["exporter"].startswith("torch.onnx")) for a in res.json()["artifacts"]] == [
+        ("onnx", True), ("npz", False)]
+
+
 def test_without_plugins_the_format_is_unknown(site, ckpts, tmp_path) -> None:
     res = run_lexport(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz",
                       env=_env(site, LEXPORT_PLUGINS="0"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._base import (
     ALIASES,
+    PLUGIN_ERRORS,
     PRECISIONS,
     REGISTRY,
     DynamicSupport,
@@ -47,8 +48,6 @@ __all__ = [
 ENTRY_POINT_GROUP = "lightning_export.formats"
 # Set to 0 to load no format from installed packages (only the built-in ones).
 PLUGINS_ENV = "LEXPORT_PLUGINS"
-# Formats that failed to load from an installed package: (entry point, why), said when --to names one.
-PLUGIN_ERRORS: list[tuple[str, str]] = []
 
 
 def _load_all() -> None:

@@ -236,8 +236,17 @@ def register(fmt: Format) -> Format:
     """Add a format to the registry (--to, lexport verify's detection, the manifest's options)."""
     if not dataclasses.is_dataclass(fmt.options):
         raise TypeError(f"{fmt.name}: Format.options must be a dataclass type")
+    taken = {n: f.name for f in REGISTRY.values() if f is not fmt for n in (f.name, *f.aliases)}
+    clash = [n for n in (fmt.name, *fmt.aliases) if n in taken]
+    if clash:  # a plugin never replaces a format, nor takes one of its names
+        raise ValueError(f"format {fmt.name}: {', '.join(clash)} already names {taken[clash[0]]}")
     REGISTRY[fmt.name] = fmt
     return fmt
+
+
+# Formats that failed to load from an installed package: (entry point, why), said when --to names a format that
+# is not there.
+PLUGIN_ERRORS: list[tuple[str, str]] = []
 
 
 def detect_format(path: Path) -> Format:
@@ -339,4 +348,5 @@ def get_format(name: str) -> Format:
     close = difflib.get_close_matches(key, [*REGISTRY, *aliases], n=1, cutoff=0.5)
     close = [aliases.get(c, c) for c in close]
     hint = f"Did you mean --to {close[0]}? " if close else ""
-    raise UsageError(f"unknown format {name!r}", hint=f"{hint}Formats: {', '.join(REGISTRY)}")
+    broken = "".join(f". An installed package's format did not load ({ep}): {why}" for ep, why in PLUGIN_ERRORS)
+    raise UsageError(f"unknown format {name!r}", hint=f"{hint}Formats: {', '.join(REGISTRY)}{broken}")

@@ -170,6 +170,7 @@ register(
         write,
         load,
         aliases=("aotinductor",),
+        rank=70,
         atol=1e-5,
         rtol=1e-5,
         dynamic=SUPPORT,

@@ -252,6 +252,7 @@ register(
         write,
         load,
         aliases=("pte", "et"),
+        rank=60,
         atol=1e-5,
         rtol=1e-5,
         isolate=True,  # ExecuTorch crashed on 6 of 500 bit-flipped files (make fuzz)

@@ -67,6 +67,7 @@ register(
         write,
         load,
         aliases=("pt2", "exported_program", "exportedprogram", "torch.export"),
+        rank=50,
         atol=1e-5,
         rtol=1e-5,
         dynamic=DynamicSupport(),

@@ -259,6 +259,7 @@ register(
         write,
         load,
         aliases=("hf", "transformers"),
+        rank=100,
         atol=1e-5,
         rtol=1e-4,
         # Weights and a config, no graph: the folder's class runs at any size its code takes (a position table

@@ -480,6 +480,7 @@ register(
         size_estimate=graph_estimate,
         sniff=_sniff,
         options=OnnxOptions,
+        rank=40,
         check=check,
         prepare=prepare,
         precisions=PRECISIONS,

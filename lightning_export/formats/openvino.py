@@ -301,6 +301,7 @@ register(
         write,
         load,
         aliases=("ov", "openvino-ir"),
+        rank=80,
         atol=1e-4,
         rtol=1e-4,
         dynamic=DynamicSupport(),

@@ -128,6 +128,7 @@ register(
         write,
         load,
         aliases=("st",),
+        rank=20,
         needs_module=False,
         sniff=_sniff,
         size_estimate=size_estimate,

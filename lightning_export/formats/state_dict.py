@@ -115,6 +115,7 @@ register(
         write,
         load,
         aliases=("pt", "state_dict", "statedict"),
+        rank=10,
         needs_module=False,
         # A torch.save zip that is neither TorchScript (code/) nor a torch.export archive: asked last.
         sniff=lambda s: s.has_member("/data.pkl") and not s.has_dir("/code/") and not s.has_member("archive_format"),

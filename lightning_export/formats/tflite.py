@@ -224,6 +224,7 @@ register(
         write,
         load,
         aliases=("litert",),
+        rank=90,
         atol=1e-4,
         rtol=1e-4,
         isolate=True,  # LiteRT crashed on 1 of 500 bit-flipped files (make fuzz)

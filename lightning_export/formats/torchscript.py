@@ -85,6 +85,7 @@ register(
         write,
         load,
         aliases=("ts", "jit"),
+        rank=30,
         atol=1e-5,
         rtol=1e-5,
         dynamic=DynamicSupport(exported=False),  # a trace takes other sizes where its ops do: verification says
