@@ -9,9 +9,9 @@ layout. 2048 x 10 gives 168 MB of weights and a 504 MB folder (weights + exp_avg
 
 Cases, each in a fresh subprocess, interleaved round-robin (order rotated each round), medians:
 
-- ``lexport_reader``: lightning_export.sources.dcp.load_sharded (weights only, tensor by tensor, CRC-checked), then
-  torch.save of the "model." submodule's state dict: what `lexport FOLDER --attr model --to state-dict` does once
-  checkpoint.py hands folders to sharded.py.
+- ``lexport_reader``: lightning_export.sources.dcp.ShardedCheckpoint's read_meta and state_dict (weights only,
+  tensor by tensor, CRC-checked), then torch.save of the "model." submodule's state dict: what
+  `lexport FOLDER --attr model --to state-dict` does once checkpoint.py hands folders to sharded.py.
 - ``lexport_stream``: ShardedCheckpoint.iter_tensors, each tensor dropped once read: the reader's own peak, what a
   streaming writer would see.
 - ``lexport_cli``: the real CLI, with its verification (the default): `lexport FOLDER --attr model --to
@@ -47,8 +47,9 @@ MB = 1e6
 
 READER = """
 import sys, torch
-from lightning_export.sources.dcp import load_sharded
-meta, sd = load_sharded(sys.argv[1])
+from lightning_export.sources.dcp import ShardedCheckpoint
+sharded = ShardedCheckpoint(sys.argv[1])
+meta, sd = sharded.read_meta(), sharded.state_dict()
 torch.save({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}, sys.argv[2])
 """
 

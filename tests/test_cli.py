@@ -94,6 +94,12 @@ def test_help_and_version_are_fast_and_import_no_torch():
     res = run_lexport("--help")
     elapsed = time.perf_counter() - started
     assert res.code == 0 and "Exit codes" in res.stdout and "exported-program" in res.stdout
+    # help texts are rich markup: a literal [tool.lexport] must be escaped there, or rich eats it as a style tag
+    assert "FILE ([tool.lexport] of a pyproject.toml" in res.stdout
+    assert "Also apply [tool.lexport.profiles.NAME] of the settings" in res.stdout
+    panels = [p for p in ("Inputs:", "Verification", "Output", "Precision and int8", "Data (", "Safety (",
+                          "Format options", "Settings and report") if f"─ {p}" in res.stdout]
+    assert panels == sorted(panels, key=lambda p: res.stdout.index(f"─ {p}")) and len(panels) == 8, panels
     assert elapsed < 5  # generous: the 0.5 s target is measured by `make bench`, not asserted here
     res = run_lexport("--version")
     assert res.code == 0 and res.stdout.startswith("lexport ")

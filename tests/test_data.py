@@ -102,18 +102,19 @@ def test_data_file_loads(trained: dict) -> None:
 
 def test_data_file_with_a_global_is_refused(tmp_path: Path) -> None:
     import hostile as H
+    import hostile_pickle as P
 
     marker = tmp_path / "ran"
     base = tmp_path / "base.pt"
-    torch.save([(torch.zeros(2, 3), H.PLACEHOLDER)], base)
+    torch.save([(torch.zeros(2, 3), P.PLACEHOLDER)], base)
     evil = H.with_pickle(base, tmp_path / "evil.pt",
-                         lambda pkl: H.splice(pkl, H.call("os", "system", f"touch {marker}")))
+                         lambda pkl: P.splice(pkl, P.call("os", "system", f"touch {marker}")))
     with pytest.raises(UsageError, match="tries to run code") as e:
         load_batches_file(evil)
     assert "--trust-checkpoint" not in str(e.value) and not marker.exists()
     # A harmless class is not imported either (the checkpoint loader's placeholder), and a data file needs none.
     odd = H.with_pickle(base, tmp_path / "odd.pt",
-                        lambda pkl: H.splice(pkl, H.call("argparse", "Namespace")))
+                        lambda pkl: P.splice(pkl, P.call("argparse", "Namespace")))
     with pytest.raises(UsageError, match="argparse.Namespace"):
         load_batches_file(odd)
 
@@ -122,9 +123,10 @@ def test_data_file_claiming_more_than_it_holds_is_refused(tmp_path: Path) -> Non
     import struct
 
     import hostile as H
+    import hostile_pickle as P
 
     # A list holding one batch whose tensor declares 10**9 float32 elements over a 4-byte record.
-    o = H.Ops(proto=True)
+    o = P.Ops(proto=True)
     o.empty_list().mark().tensor("0", "FloatStorage", 10**9, 0, (10**9,), (1,)).appends()
     records = [("data.pkl", o.stop()), (".format_version", b"1"), (".storage_alignment", b"64"),
                ("byteorder", b"little"), ("data/0", struct.pack("<f", 1.0)), ("version", b"3\n"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hostile as H
+import hostile_pickle as P
 import pytest
 import torch
 from conftest import invoke
@@ -166,8 +167,8 @@ def test_truncation_points(sources: list[Source], cut: int) -> None:
 # ===================================================================================================================
 # Fuzzing pickle *structures*, not only bytes.
 #
-# Each example is a checkpoint whose data.pkl is written opcode by opcode from a hypothesis strategy (tests/hostile.py
-# Ops): shared and self references, depth up to 10**5, declared storage sizes vs record sizes, tensor sizes, strides
+# Each example is a checkpoint whose data.pkl is written opcode by opcode from a hypothesis strategy
+# (tests/hostile_pickle.py Ops): shared and self references, depth up to 10**5, declared storage sizes vs record sizes, tensor sizes, strides
 # and offsets, odd key types, BUILD on tensors and OrderedDicts, allowed globals called with garbage and disallowed
 # globals that would create a marker file. The zip around it is real (zipfile: correct CRCs; records sometimes
 # deflated). Run in-process, each example must end with a documented code, no traceback, within PER_EXAMPLE_SECONDS,
@@ -222,7 +223,7 @@ class _Ctx:
         return self.next_base
 
 
-def _emit_scalar(c: _Ctx, o: H.Ops) -> None:
+def _emit_scalar(c: _Ctx, o: P.Ops) -> None:
     kind = c.draw(st.sampled_from(["int", "bigint", "float", "str", "none", "bool", "bytes"]))
     if kind == "int":
         o.int(c.draw(st.integers(-(2**31), 2**31 - 1)))
@@ -240,7 +241,7 @@ def _emit_scalar(c: _Ctx, o: H.Ops) -> None:
         o.bool(c.draw(st.booleans()))
 
 
-def _emit_key(c: _Ctx, o: H.Ops) -> None:
+def _emit_key(c: _Ctx, o: P.Ops) -> None:
     kind = c.draw(st.sampled_from(["str", "str", "int", "none", "float", "tuple", "bool", "ref"]))
     if kind == "str":
         o.str(c.draw(st.sampled_from(ODD_STRINGS) | st.text(max_size=8)))
@@ -259,7 +260,7 @@ def _emit_key(c: _Ctx, o: H.Ops) -> None:
         _emit_ref(c, o)
 
 
-def _emit_ref(c: _Ctx, o: H.Ops) -> None:
+def _emit_ref(c: _Ctx, o: P.Ops) -> None:
     pool = c.done + c.open + c.tensors
     if not pool:
         o.none()
@@ -272,7 +273,7 @@ def _emit_ref(c: _Ctx, o: H.Ops) -> None:
     o.get(idx)
 
 
-def _emit_value(c: _Ctx, o: H.Ops, depth: int) -> None:
+def _emit_value(c: _Ctx, o: P.Ops, depth: int) -> None:
     kinds = ["scalar", "scalar", "ref"]
     if depth < 4:
         kinds += ["list", "dict", "tuple", "odict", "selfref", "deep", "chain", "call", "evil", "class_path",
@@ -316,11 +317,11 @@ def _emit_value(c: _Ctx, o: H.Ops, depth: int) -> None:
     elif kind == "deep":
         d = c.draw(st.sampled_from([2, 100, 1000, 5000, 30_000, 100_000]))
         c.features.add(f"deep{d}")
-        o.extend(H.nested_lists(d) if c.draw(st.booleans()) else H.nested_dicts(d))
+        o.extend(P.nested_lists(d) if c.draw(st.booleans()) else P.nested_dicts(d))
     elif kind == "chain":
         levels = c.draw(st.integers(1, 80))
         c.features.add("shared-chain" if levels < 30 else "shared-chain-30+")
-        o.extend(H.shared_refs(levels, memo_base=c.base()))
+        o.extend(P.shared_refs(levels, memo_base=c.base()))
     elif kind == "call":
         module, name, args = c.draw(st.sampled_from(ALLOWED_CALLS))
         c.features.add(f"call:{module}.{name}")
@@ -356,15 +357,15 @@ def _emit_value(c: _Ctx, o: H.Ops, depth: int) -> None:
 
 
 def _call(module: str, name: str, args: tuple, c: _Ctx) -> bytes:
-    frag = H.Ops(c.base())
+    frag = P.Ops(c.base())
     frag.global_(module, name).mark()
     for a in args:
-        H._push_plain(frag, a)
+        P.push_plain(frag, a)
     frag.tuple().reduce()
     return bytes(frag.b)
 
 
-def _emit_tensor(c: _Ctx, o: H.Ops, storages: list[tuple[str, str, int, int]]) -> None:
+def _emit_tensor(c: _Ctx, o: P.Ops, storages: list[tuple[str, str, int, int]]) -> None:
     key, stype, itemsize, numel = c.draw(st.sampled_from(storages))
     ndim = c.draw(st.integers(0, 3))
     dims = st.integers(0, 6) | st.sampled_from([0, 1, 10**6, 10**12, -1, 2**62])
@@ -418,7 +419,7 @@ def _draw_pickle_checkpoint(draw, marker: Path) -> tuple[str, bytes, dict[str, b
             c.features.add("declared-big")
         storages.append((key, stype, itemsize, numel))
 
-    o = H.Ops(proto=True)
+    o = P.Ops(proto=True)
     o.empty_dict()
     top = o.put()
     c.open.append(top)

@@ -527,7 +527,8 @@ def test_dynamic_dims_are_verified_at_other_sizes_in_the_folder(hf_ckpts, tmp_pa
 def test_a_hostile_folder_given_to_verify_fails_cleanly(hf_ckpts, tmp_path, case):
     """A folder handed to `lexport verify` is untrusted: config.json may name only a PreTrainedModel class, weights
     come from safetensors only (a pickled pytorch_model.bin beside them is never read), config.json is bounded."""
-    from hostile import call, payloads, write_torch_zip
+    from hostile import payloads, write_torch_zip
+    from hostile_pickle import call
 
     folder, marker = tmp_path / "evil-hf", tmp_path / "MARKER"
     folder.mkdir()

@@ -151,6 +151,7 @@ def test_example_inputs_file_is_used_for_export_and_verification(ckpts, tmp_path
 def test_hostile_example_inputs_files_are_refused(ckpts, tmp_path, make) -> None:
     """A 2 kB file claiming 4 GB, or naming a global, is exit 2 naming the flag; nothing is written."""
     import hostile as H
+    import hostile_pickle as P
     from conftest import invoke
 
     path = tmp_path / "ex.pt"
@@ -158,7 +159,7 @@ def test_hostile_example_inputs_files_are_refused(ckpts, tmp_path, make) -> None
         torch.save((torch.zeros(1).expand(10**9),), path)
         assert path.stat().st_size < 4096
     else:
-        H.save_with_fragment(path, H.call("os", "system", "touch PWNED"), where="top")
+        H.save_with_fragment(path, P.call("os", "system", "touch PWNED"), where="top")
     res = invoke(ckpts["classifier"], "--module", "fixtures.modules:MyClassifierModule", "--attr", "model",
                  "--to", "onnx", "--example-inputs", path, "--output-dir", tmp_path / "out", "--json")
     assert res.code == 2, res

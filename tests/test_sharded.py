@@ -16,16 +16,25 @@ import pickle
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import invoke, peak_above_imports_script
 
 from lightning_export.errors import CheckpointError
-from lightning_export.sources.dcp import ShardedCheckpoint, folder_sha256, load_sharded
+from lightning_export.sources.dcp import ShardedCheckpoint, folder_sha256
 from lightning_export.sources.dcp_layout import is_sharded_folder, read_dcp_metadata
 
 MODULE = "fixtures.modules:MyClassifierModule"
+
+
+def load_sharded(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, state_dict) of a sharded folder, through the public ShardedCheckpoint, as the source module reads it:
+    every check runs before the first tensor byte, and a bad meta.pt fails before the weights are read."""
+    sharded = ShardedCheckpoint(folder)
+    meta = sharded.read_meta()
+    return meta, sharded.state_dict()
 
 
 @pytest.fixture(scope="session")

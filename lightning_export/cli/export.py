@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ..errors import EXIT_CODES
 from ..formats import REGISTRY
@@ -15,7 +16,8 @@ from . import options as o
 from .common import Steps, execute
 from .render import render_report
 
-_FORMATS_HELP = "; ".join(f"{f.name} ({f.suffix})" for f in REGISTRY.values())
+# Registered names and suffixes are a plugin's text, not markup: escaped, as the help is rich markup.
+_FORMATS_HELP = escape("; ".join(f"{f.name} ({f.suffix})" for f in REGISTRY.values()))
 _EXIT_HELP = "\n\n".join(f"{code}  {text}" for code, text in EXIT_CODES.items())
 
 EPILOG = f"""Examples:
@@ -56,7 +58,6 @@ def _version(value: bool) -> None:
 def lexport(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Lightning .ckpt file, or a file holding a plain state dict.", show_default=False)],
-    to: Annotated[list[str], typer.Option("--to", "-t", metavar="FORMAT", help=f"Format to write (repeatable, or comma-separated): {', '.join(REGISTRY)}.", rich_help_panel=o.OUTPUT)] = [],  # noqa: B006
     module: o.Module = None,
     attr: o.Attr = None,
     config: o.Config = None,
@@ -64,21 +65,20 @@ def lexport(
     init_args: o.InitArgs = None,
     input_spec: o.InputSpecs = [],
     example_inputs: o.ExampleInputs = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify every artifact against the eager module.", rich_help_panel=o.VERIFICATION)] = True,  # noqa: E501
     dynamic_batch: o.DynamicBatch = False,
     dynamic: o.Dynamic = [],  # noqa: B006
-    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Output file (one format only).", rich_help_panel=o.OUTPUT)] = None,
-    output_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Output directory; files are named <checkpoint stem><suffix>. Default: beside the checkpoint.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
-    force: o.Force = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify every artifact against the eager module.", rich_help_panel=o.VERIFICATION)] = True,  # noqa: E501
-    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep an artifact that failed verification, as NAME.FAILED.<suffix>.", rich_help_panel=o.OUTPUT)] = False,  # noqa: E501
     atol: o.Atol = None,
     rtol: o.Rtol = None,
     seed: o.Seed = 0,
     random_inputs: o.RandomInputs = 5,
-    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset version (default: the dynamo exporter's; below 18 the TorchScript-based exporter writes it).", rich_help_panel=o.OUTPUT)] = None,
-    input_names: o.InputNames = [],  # noqa: B006
-    output_names: o.OutputNames = [],  # noqa: B006
-    torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="trace or script.", rich_help_panel=o.OUTPUT)] = "trace",
+    strict_finite: o.StrictFinite = False,
+    to: Annotated[list[str], typer.Option("--to", "-t", metavar="FORMAT", help=f"Format to write (repeatable, or comma-separated): {escape(', '.join(REGISTRY))}.", rich_help_panel=o.OUTPUT)] = [],  # noqa: B006
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Output file (one format only).", rich_help_panel=o.OUTPUT)] = None,
+    output_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Output directory; files are named <checkpoint stem><suffix>. Default: beside the checkpoint.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
+    force: o.Force = False,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep an artifact that failed verification, as NAME.FAILED.<suffix>.", rich_help_panel=o.OUTPUT)] = False,  # noqa: E501
+    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the --json record plus every option that shaped the bytes to FILE, atomically (for lexport verify --manifest and as a build artifact).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
     precision: o.Precision = None,
     quantize: o.Quantize = None,
     data: o.Data = None,
@@ -86,20 +86,22 @@ def lexport(
     data_input: o.DataInput = None,
     format_option: Annotated[list[str], typer.Option("--format-option", metavar="FORMAT.OPTION=VALUE", help="Set a format's own option (repeatable): onnx.opset=17, or an option of a format added by a plugin. Wins over the option's own flag.", rich_help_panel="Format options")] = [],  # noqa: B006, E501
     min_agreement: o.MinAgreement = None,
-    executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).", rich_help_panel=o.OUTPUT)] = "xnnpack",  # noqa: E501
-    max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
-    tokenizer: Annotated[Path | None, typer.Option(metavar="DIR", help="huggingface: a tokenizer saved with save_pretrained, checked (AutoTokenizer loads it) and copied into the folder.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
-    strict_finite: o.StrictFinite = False,
-    manifest: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the --json record plus every option that shaped the bytes to FILE, atomically (for lexport verify --manifest and as a build artifact).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
-    settings: Annotated[Path | None, typer.Option("--settings", metavar="FILE", help="Read defaults from FILE ([tool.lexport] of a pyproject.toml, or a TOML file of keys). Default: the nearest pyproject.toml with [tool.lexport], from the current directory up.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
-    profile: Annotated[str | None, typer.Option("--profile", metavar="NAME", help="Also apply [tool.lexport.profiles.NAME] of the settings.", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
-    summary: Annotated[Path | None, typer.Option("--summary", metavar="FILE.md", help="Append a markdown report (artifacts, sizes, drift, agreement; a failure's message and hint) to FILE.md. Default: $GITHUB_STEP_SUMMARY when it is set (GitHub Actions shows it on the run's page).", rich_help_panel=o.OUTPUT)] = None,  # noqa: E501
+    opset: Annotated[int | None, typer.Option(metavar="N", help="onnx: opset version (default: the dynamo exporter's; below 18 the TorchScript-based exporter writes it).", rich_help_panel=o.FORMAT_OPTIONS)] = None,
+    input_names: o.InputNames = [],  # noqa: B006
+    output_names: o.OutputNames = [],  # noqa: B006
+    torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="torchscript: trace or script.", rich_help_panel=o.FORMAT_OPTIONS)] = "trace",
+    executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).", rich_help_panel=o.FORMAT_OPTIONS)] = "xnnpack",  # noqa: E501
+    max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).", rich_help_panel=o.FORMAT_OPTIONS)] = None,  # noqa: E501
+    tokenizer: Annotated[Path | None, typer.Option(metavar="DIR", help="huggingface: a tokenizer saved with save_pretrained, checked (AutoTokenizer loads it) and copied into the folder.", rich_help_panel=o.FORMAT_OPTIONS)] = None,  # noqa: E501
+    settings: Annotated[Path | None, typer.Option("--settings", metavar="FILE", help="Read defaults from FILE (\\[tool.lexport] of a pyproject.toml, or a TOML file of keys). Default: the nearest pyproject.toml with \\[tool.lexport], from the current directory up.", rich_help_panel=o.REPORT)] = None,  # noqa: E501
+    profile: Annotated[str | None, typer.Option("--profile", metavar="NAME", help="Also apply \\[tool.lexport.profiles.NAME] of the settings.", rich_help_panel=o.REPORT)] = None,  # noqa: E501
+    summary: Annotated[Path | None, typer.Option("--summary", metavar="FILE.md", help="Append a markdown report (artifacts, sizes, drift, agreement; a failure's message and hint) to FILE.md. Default: $GITHUB_STEP_SUMMARY when it is set (GitHub Actions shows it on the run's page).", rich_help_panel=o.REPORT)] = None,  # noqa: E501
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", rich_help_panel=o.OUTPUT)] = False,  # noqa: E501
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", rich_help_panel=o.REPORT)] = False,  # noqa: E501
 ) -> None:
     def options(eff: Any) -> Any:
         from ..construct.argfiles import parse_init_arg

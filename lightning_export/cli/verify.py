@@ -28,8 +28,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 def verify(
     paths: Annotated[list[Path], typer.Argument(metavar="[ARTIFACT... CHECKPOINT]", help="Artifacts, then the checkpoint they came from (with --manifest: no artifact; the checkpoint, to use instead of the manifest's path).", show_default=False)] = [],  # noqa: B006,E501
     manifest: Annotated[Path | None, typer.Option(metavar="FILE", rich_help_panel=o.INPUTS, help="A manifest written by lexport --manifest: the artifacts, the checkpoint (unless named) and the options come from it. Untrusted: its paths must stay inside its folder, and it may name no code to run.")] = None,  # noqa: E501
-    allow_outside: Annotated[bool, typer.Option("--allow-outside", rich_help_panel=o.SAFETY, help="With --manifest: its paths may leave its folder (absolute, '..', symlinks out). Only for a manifest you trust.")] = False,  # noqa: E501
-    trust_manifest: Annotated[bool, typer.Option("--trust-manifest", rich_help_panel=o.SAFETY, help="With --manifest: it is your own; honour its module file paths, the classes its config and init arguments name, and paths outside its folder. Never turns on --trust-checkpoint or --allow-global.")] = False,  # noqa: E501
     module: o.Module = None,
     attr: o.Attr = None,
     config: o.Config = None,
@@ -43,15 +41,17 @@ def verify(
     rtol: o.Rtol = None,
     seed: Annotated[int | None, typer.Option(metavar="INT", help="Seed of the random verification inputs (default: the manifest's, else 0).", rich_help_panel=o.VERIFICATION)] = None,  # noqa: E501
     random_inputs: Annotated[int | None, typer.Option(metavar="N", min=0, help="Random inputs checked besides the example (default: the manifest's, else 5).", rich_help_panel=o.VERIFICATION)] = None,  # noqa: E501
-    trust_checkpoint: o.TrustCheckpoint = False,
-    allow_global: o.AllowGlobal = [],  # noqa: B006
-    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).", rich_help_panel=o.SAFETY)] = None,  # noqa: E501
     precision: o.Precision = None,
     quantize: o.Quantize = None,
     data: o.Data = None,
     data_batches: o.DataBatches = None,
     data_input: o.DataInput = None,
     min_agreement: o.MinAgreement = None,
+    trust_checkpoint: o.TrustCheckpoint = False,
+    allow_global: o.AllowGlobal = [],  # noqa: B006
+    max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).", rich_help_panel=o.SAFETY)] = None,  # noqa: E501
+    allow_outside: Annotated[bool, typer.Option("--allow-outside", rich_help_panel=o.SAFETY, help="With --manifest: its paths may leave its folder (absolute, '..', symlinks out). Only for a manifest you trust.")] = False,  # noqa: E501
+    trust_manifest: Annotated[bool, typer.Option("--trust-manifest", rich_help_panel=o.SAFETY, help="With --manifest: it is your own; honour its module file paths, the classes its config and init arguments name, and paths outside its folder. Never turns on --trust-checkpoint or --allow-global.")] = False,  # noqa: E501
     json_out: o.JsonOut = False,
     quiet: o.Quiet = False,
 ) -> None:

@@ -24,7 +24,6 @@ from .manifest_trust import check_code_options
 MAX_MANIFEST_BYTES = 16 << 20  # what an export writes is a few KB
 READS_MANIFEST_VERSION = 1
 ALLOW_OUTSIDE_FLAG = "--allow-outside"
-TRUST_FLAG = "--trust-manifest"
 # Recorded options whose files are located like the artifacts (inside the manifest's folder).
 PATH_OPTIONS = ("config", "init_args_file", "example_inputs", "data")
 

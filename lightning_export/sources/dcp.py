@@ -353,18 +353,6 @@ def load_meta(root: Path, *, trust: bool = False, allow_globals: tuple[str, ...]
     return obj
 
 
-def load_sharded(
-    folder: str | os.PathLike[str], *, trust: bool = False, allow_globals: tuple[str, ...] = (), lazy: bool = False
-) -> tuple[dict[str, Any], Any]:
-    """(meta, state_dict) of a Lightning sharded folder: meta.pt's dict (epoch, global_step, hyper_parameters,
-    ...) and the module's weights under Lightning's key names, as CPU tensors (``lazy``: a LazyStateDict, which
-    reads a tensor when asked for it). Optimizer entries are never read. Everything is checked before the first
-    byte of a tensor is read; CheckpointError (exit 3) otherwise."""
-    sharded = ShardedCheckpoint(folder, trust=trust)
-    meta = sharded.read_meta(trust=trust, allow_globals=allow_globals)  # a bad meta.pt fails before the big read
-    return meta, LazyStateDict(sharded) if lazy else sharded.state_dict()
-
-
 def as_lightning_checkpoint(meta: dict[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The dict a .ckpt would have held (without optimizer states): what base.as_checkpoint expects."""
     obj = {k: v for k, v in meta.items() if k not in ("state_dict", "optimizer_states")}
