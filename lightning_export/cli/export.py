@@ -92,8 +92,8 @@ def lexport(
     opset: Annotated[int | None, typer.Option(metavar="N", help="onnx: opset version (default: the dynamo exporter's; below 18 the TorchScript-based exporter writes it).", rich_help_panel=o.FORMAT_OPTIONS)] = None,
     input_names: o.InputNames = [],  # noqa: B006
     output_names: o.OutputNames = [],  # noqa: B006
-    torchscript_mode: Annotated[str, typer.Option(metavar="MODE", help="torchscript: trace or script.", rich_help_panel=o.FORMAT_OPTIONS)] = "trace",
-    executorch_backend: Annotated[str, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).", rich_help_panel=o.FORMAT_OPTIONS)] = "xnnpack",  # noqa: E501
+    torchscript_mode: Annotated[str | None, typer.Option(metavar="MODE", help="torchscript: trace (default) or script.", rich_help_panel=o.FORMAT_OPTIONS)] = None,  # noqa: E501
+    executorch_backend: Annotated[str | None, typer.Option(metavar="BACKEND", help="executorch: xnnpack (delegated, default) or portable (no delegate).", rich_help_panel=o.FORMAT_OPTIONS)] = None,  # noqa: E501
     max_shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="huggingface: shard the weights past SIZE (200KB = 200,000 bytes, 5GiB = 5*2^30; default 50GB, as save_pretrained).", rich_help_panel=o.FORMAT_OPTIONS)] = None,  # noqa: E501
     tokenizer: Annotated[Path | None, typer.Option(metavar="DIR", help="huggingface: a tokenizer saved with save_pretrained, checked (AutoTokenizer loads it) and copied into the folder.", rich_help_panel=o.FORMAT_OPTIONS)] = None,  # noqa: E501
     settings: Annotated[Path | None, typer.Option("--settings", metavar="FILE", help="Read defaults from FILE (\\[tool.lexport] of a pyproject.toml, or a TOML file of keys). Default: the nearest pyproject.toml with \\[tool.lexport], from the current directory up.", rich_help_panel=o.REPORT)] = None,  # noqa: E501

@@ -58,15 +58,21 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
 
 
 def _given_format_options(opts: ExportOptions) -> dict[str, Any]:
-    """The run options a --format-option set (`onnx.opset=17` is the run's opset), as the format got them."""
-    from ..formats import get_format
+    """The run options that are a format's options, as the format got them: its default when not given, the
+    --format-option value (`onnx.opset=17` is the run's opset) when given that way."""
+    import dataclasses
+
+    from ..formats import REGISTRY
     from .options import resolve_format_options
 
-    if not opts.format_options:
-        return {}
     resolved = resolve_format_options(opts)
-    return {key: getattr(resolved[get_format(fmt).name], key) for fmt, key, _ in opts.format_options
-            if hasattr(ExportOptions, key)}
+    values: dict[str, Any] = {}
+    for fmt in REGISTRY.values():
+        own = resolved[fmt.name]
+        for f in dataclasses.fields(own):  # type: ignore[arg-type]
+            if hasattr(ExportOptions, f.name):
+                values.setdefault(f.name, getattr(own, f.name))
+    return values
 
 
 def _own_options(opts: ExportOptions, report: Report, rel: Any) -> dict[str, dict[str, Any]]:

@@ -49,11 +49,11 @@ class ExportOptions:
     # ONNX graph names, one per input/output tensor (comma-separated values are split); empty: the defaults.
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
-    torchscript_mode: str = "trace"
+    torchscript_mode: str | None = None  # torchscript: trace (its default) or script
     # Deployment options, declared by the formats that honour them (formats/_precision.py, executorch).
     precision: str | None = None  # fp32 | fp16 | bf16 for graph formats (none: the dtypes the module is built in)
     quantize: str | None = None  # int8 (static, calibrated on --data): onnx, executorch, openvino; int8-dynamic: onnx
-    executorch_backend: str = "xnnpack"
+    executorch_backend: str | None = None  # executorch: xnnpack (its default) or portable
     # Any format's own option by name, (format, option, value) (`--format-option onnx.opset=17`): how a format added
     # from outside gets its options without a flag of its own. A value is text from the command line (converted to
     # the option's declared type) or already typed from the Python API. Wins over the dedicated flag of the same
@@ -181,7 +181,8 @@ def resolve_format_options(opts: ExportOptions) -> dict[str, object]:
     resolved: dict[str, object] = {}
     for fmt in REGISTRY.values():
         names = fmt.option_names()
-        values = {n: getattr(opts, n) for n in names if hasattr(opts, n)}
+        # A run option of the same name (--opset, ...) when given; None leaves the format's own default.
+        values = {n: getattr(opts, n) for n in names if getattr(opts, n, None) is not None}
         for key, value in given.get(fmt.name, {}).items():
             if key not in names:
                 raise UsageError(f"--format-option {fmt.name}.{key}: {fmt.name} has no option {key!r}",
@@ -220,10 +221,10 @@ class OptionsKwargs(TypedDict, total=False):
     opset: int | None
     input_names: Sequence[str]
     output_names: Sequence[str]
-    torchscript_mode: str
+    torchscript_mode: str | None
     precision: str | None
     quantize: str | None
-    executorch_backend: str
+    executorch_backend: str | None
     format_options: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, str, Any]]
     max_shard_size: str | None
     tokenizer: PathArg | None
