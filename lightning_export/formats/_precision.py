@@ -106,6 +106,16 @@ def _refused(fmt: Format, flag: str, value: str) -> UsageError:
     return UsageError(message, hint=f"{flag} {value} applies to {', '.join(takers)}." if takers else None)
 
 
+def _takers(*, calibrated: bool) -> list[tuple[str, list[str]]]:
+    """(--quantize value, the formats that take it) for the values that are (or are not) calibrated on --data."""
+    out: dict[str, list[str]] = {}
+    for fmt in REGISTRY.values():
+        for value, q in fmt.quantizations.items():
+            if q.calibrated == calibrated:
+                out.setdefault(value, []).append(fmt.name)
+    return list(out.items())
+
+
 def check_quantize_request(formats: list[Format], quantize: str | None, has_data: bool, dynamic: bool = False) -> None:
     """UsageError (exit 2) before any slow work: a calibrated --quantize without --data, a format that does not take
     the value (or not with --dynamic), or a quantizer's optional extra that is not installed."""
@@ -117,10 +127,11 @@ def check_quantize_request(formats: list[Format], quantize: str | None, has_data
         if q is None:
             raise _refused(fmt, "--quantize", quantize)
         if q.calibrated and not has_data:
+            uncalibrated = [f"--quantize {value} ({', '.join(names)})" for value, names in _takers(calibrated=False)]
             raise UsageError(
                 f"--quantize {quantize} is static quantization: its activation ranges are calibrated on real "
                 "batches; pass --data FILE.pt (a list of batches) or --data config (the data: section of --config)",
-                hint="--quantize int8-dynamic (onnx) needs no data.",
+                hint=f"{' and '.join(uncalibrated)} needs no data." if uncalibrated else None,
             )
         if dynamic and not q.takes_dynamic:
             raise UsageError(
