@@ -79,7 +79,8 @@ def test_a_plugin_that_cannot_load_or_takes_a_built_in_name_is_left_out(site, ck
     said = " ".join(res.stderr.split())
     assert res.code == 2 and "unknown format 'broken'" in said, res
     assert "did not load (broken = not_a_module_here:NPZ): ModuleNotFoundError" in said, res
-    assert "did not load (onnx = onnx_clash:ONNX): ValueError: format onnx: onnx already names onnx" in said, res
+    assert ("did not load (onnx = onnx_clash:ONNX): ValueError: the name 'onnx' of format 'onnx' is taken: it names "
+            "the format 'onnx', registered first") in said, res
     res = run_lexport(ckpts["classifier"], "--to", "onnx,npz", "--module", "fixtures.modules:MyClassifierModule",
                       "--attr", "model", "--output-dir", tmp_path / "out", "--json", env=env)
     assert res.code == 0, res  # the built-in onnx, not the clash; the good plugin still there
@@ -90,7 +91,15 @@ def test_a_plugin_that_cannot_load_or_takes_a_built_in_name_is_left_out(site, ck
 def test_without_plugins_the_format_is_unknown(site, ckpts, tmp_path) -> None:
     res = run_lexport(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz",
                       env=_env(site, LEXPORT_PLUGINS="0"))
-    assert res.code == 2 and "unknown format 'npz'" in res.stderr, res
+    said = " ".join(res.stderr.split())
+    assert res.code == 2 and "unknown format 'npz'" in said and "LEXPORT_PLUGINS=0 is set" in said, res
+    assert run_lexport(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz", env=_env(site)).code == 0
+    res = run_lexport("verify", tmp_path / "w.npz", ckpts["classifier"], "--format-option", "npz.compress=1",
+                      env=_env(site))
+    assert res.code == 0, res  # verify takes a format's options too
+    res = run_lexport("verify", tmp_path / "w.npz", ckpts["classifier"], env=_env(site, LEXPORT_PLUGINS="0"))
+    said = " ".join(res.stderr.split())
+    assert res.code == 2 and "not an artifact lexport recognises" in said and "LEXPORT_PLUGINS=0 is set" in said
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def lexport(
     trust_checkpoint: o.TrustCheckpoint = False,
     allow_global: o.AllowGlobal = [],
     max_growth: o.MaxGrowth = DEFAULT_MAX_GROWTH,
-    format_option: Annotated[list[str], typer.Option("--format-option", metavar="FORMAT.OPTION=VALUE", help="Set a format's own option (repeatable): onnx.opset=17, or an option of a format added by a plugin. Wins over the option's own flag.", rich_help_panel=o.FORMAT_OPTIONS)] = [],  # noqa: B006, E501
+    format_option: o.FormatOption = [],  # noqa: B006
     opset: Annotated[int | None, typer.Option(metavar="N", help="onnx: opset version (default: the dynamo exporter's; below 18 the TorchScript-based exporter writes it).", rich_help_panel=o.FORMAT_OPTIONS)] = None,
     input_names: o.InputNames = [],  # noqa: B006
     output_names: o.OutputNames = [],  # noqa: B006

@@ -48,6 +48,7 @@ def verify(
     data_input: o.DataInput = None,
     min_agreement: o.MinAgreement = None,
     trust_checkpoint: o.TrustCheckpoint = False,
+    format_option: o.FormatOption = [],  # noqa: B006
     allow_global: o.AllowGlobal = [],  # noqa: B006
     max_growth: Annotated[float | None, typer.Option("--max-growth", metavar="FACTOR", help=f"As for an export (default: the manifest's, else {DEFAULT_MAX_GROWTH:g}).", rich_help_panel=o.SAFETY)] = None,  # noqa: E501
     allow_outside: Annotated[bool, typer.Option("--allow-outside", rich_help_panel=o.SAFETY, help="With --manifest: its paths may leave its folder (absolute, '..', symlinks out). Only for a manifest you trust.")] = False,  # noqa: E501
@@ -73,6 +74,10 @@ def verify(
         options = {k: v for k, v in given.items() if v is not None and v != () and v is not False}
         options["init_args"] = dict(parse_init_arg(item) for item in init_arg)
         options["hash_checkpoint"] = json_out  # a full read of the checkpoint: only for the JSON record
+        if format_option:
+            from ..pipeline.options import parse_format_option
+
+            options["format_options"] = tuple(parse_format_option(item) for item in format_option)
         if manifest is not None:
             if len(paths) > 1:
                 raise UsageError("with --manifest, the artifacts come from the manifest: name at most the checkpoint")

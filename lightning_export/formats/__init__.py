@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._base import (
     ALIASES,
     PLUGIN_ERRORS,
+    PLUGINS_ENV,
     PRECISIONS,
     REGISTRY,
     DynamicSupport,
@@ -26,6 +27,7 @@ from ._base import (
     module_bytes,
     option,
     parse_format_list,
+    plugins_disabled,
     register,
     require_installed,
     storage_bytes,
@@ -35,7 +37,7 @@ from ._graph import captured_stdout, exporting, graph_estimate, quiet_torch_logs
 from ._precision import check_quantize_request, for_run, normalize_precision, normalize_quantize, quantizations
 
 __all__ = [
-    "ALIASES", "DynamicSupport", "ENTRY_POINT_GROUP", "PLUGIN_ERRORS", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
+    "ALIASES", "DynamicSupport", "ENTRY_POINT_GROUP", "PLUGIN_ERRORS", "PLUGINS_ENV", "plugins_disabled", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
     "Sniffed", "Writer", "Written", "captured_stdout", "check_quantize_request", "detect_format", "exporting",
     "for_run", "get_format", "graph_estimate", "installed_check", "module_bytes", "normalize_precision",
     "normalize_quantize", "option", "parse_format_list", "quantizations", "quiet_torch_logs", "register",
@@ -46,8 +48,6 @@ __all__ = [
 # The entry-point group through which an installed package adds formats: `name = "pkg.module:FORMAT"` (a Format,
 # registered when loaded) or `name = "pkg.module"` (a module that calls register on import).
 ENTRY_POINT_GROUP = "lightning_export.formats"
-# Set to 0 to load no format from installed packages (only the built-in ones).
-PLUGINS_ENV = "LEXPORT_PLUGINS"
 
 
 def _load_all() -> None:
@@ -55,13 +55,12 @@ def _load_all() -> None:
     its module; then the formats of installed packages (ENTRY_POINT_GROUP). Format.rank orders the registry (the
     order of --help and the report)."""
     import importlib
-    import os
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
-    if os.environ.get(PLUGINS_ENV, "1").strip() not in ("0", "false", "no", "off"):
+    if not plugins_disabled():
         _load_plugins()
     ordered = sorted(REGISTRY.values(), key=lambda f: (f.rank, f.name))
     REGISTRY.clear()

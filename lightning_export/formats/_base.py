@@ -239,14 +239,30 @@ def register(fmt: Format) -> Format:
     taken = {n: f.name for f in REGISTRY.values() if f is not fmt for n in (f.name, *f.aliases)}
     clash = [n for n in (fmt.name, *fmt.aliases) if n in taken]
     if clash:  # a plugin never replaces a format, nor takes one of its names
-        raise ValueError(f"format {fmt.name}: {', '.join(clash)} already names {taken[clash[0]]}")
+        raise ValueError(f"the name {clash[0]!r} of format {fmt.name!r} is taken: it names the format "
+                         f"{taken[clash[0]]!r}, registered first (built-in or another package's)")
     REGISTRY[fmt.name] = fmt
     return fmt
 
 
 # Formats that failed to load from an installed package: (entry point, why), said when --to names a format that
-# is not there.
+# is not there or verify finds no format for a file.
 PLUGIN_ERRORS: list[tuple[str, str]] = []
+# Set to 0 to load no format from installed packages (only the built-in ones).
+PLUGINS_ENV = "LEXPORT_PLUGINS"
+
+
+def plugins_disabled() -> bool:
+    import os
+
+    return os.environ.get(PLUGINS_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def plugins_not_loaded() -> str:
+    """Why a format of an installed package may be missing, for a hint ("" when nothing is amiss)."""
+    if plugins_disabled():
+        return f" {PLUGINS_ENV}=0 is set: no format of an installed package is loaded."
+    return "".join(f" An installed package's format did not load ({ep}): {why}." for ep, why in PLUGIN_ERRORS)
 
 
 def detect_format(path: Path) -> Format:
@@ -280,7 +296,7 @@ def detect_format(path: Path) -> Format:
             return fmt
     raise UsageError(
         f"{path} is not an artifact lexport recognises",
-        hint=f"Formats it reads: {', '.join(f.name for f in REGISTRY.values() if f.sniff)}.",
+        hint=f"Formats it reads: {', '.join(f.name for f in REGISTRY.values() if f.sniff)}.{plugins_not_loaded()}",
     )
 
 
@@ -290,7 +306,8 @@ def _detect_folder(path: Path) -> Format:
         if fmt.folder and fmt.sniff is not None and fmt.sniff(seen):
             return fmt
     raise UsageError(f"{path} is a directory that is not an artifact lexport recognises",
-                     hint=f"Folders it reads: {', '.join(f.name for f in REGISTRY.values() if f.folder) or 'none'}.")
+                     hint=f"Folders it reads: {', '.join(f.name for f in REGISTRY.values() if f.folder) or 'none'}."
+                          f"{plugins_not_loaded()}")
 
 
 def require_installed(require: Callable[[], object]) -> None:
@@ -348,5 +365,4 @@ def get_format(name: str) -> Format:
     close = difflib.get_close_matches(key, [*REGISTRY, *aliases], n=1, cutoff=0.5)
     close = [aliases.get(c, c) for c in close]
     hint = f"Did you mean --to {close[0]}? " if close else ""
-    broken = "".join(f". An installed package's format did not load ({ep}): {why}" for ep, why in PLUGIN_ERRORS)
-    raise UsageError(f"unknown format {name!r}", hint=f"{hint}Formats: {', '.join(REGISTRY)}{broken}")
+    raise UsageError(f"unknown format {name!r}", hint=f"{hint}Formats: {', '.join(REGISTRY)}.{plugins_not_loaded()}")
