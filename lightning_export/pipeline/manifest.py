@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         if name == "format_options":
             value = _own_options(opts, report, rel)
         elif name == "init_args":
-            value = dict(value)
+            value = dict(opts.init_args)
         elif isinstance(value, Path):
             value = rel(value)
         elif isinstance(value, tuple):
@@ -57,7 +58,7 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
     return record
 
 
-def _given_format_options(opts: ExportOptions) -> dict[str, Any]:
+def _given_format_options(opts: ExportOptions) -> dict[str, object]:
     """The run options that are a format's options, as the format got them: its default when not given, the
     --format-option value (`onnx.opset=17` is the run's opset) when given that way."""
     import dataclasses
@@ -66,7 +67,7 @@ def _given_format_options(opts: ExportOptions) -> dict[str, Any]:
     from .options import resolve_format_options
 
     resolved = resolve_format_options(opts)
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     for fmt in REGISTRY.values():
         own = resolved[fmt.name]
         for f in dataclasses.fields(own):  # type: ignore[arg-type]
@@ -75,7 +76,7 @@ def _given_format_options(opts: ExportOptions) -> dict[str, Any]:
     return values
 
 
-def _own_options(opts: ExportOptions, report: Report, rel: Any) -> dict[str, dict[str, Any]]:
+def _own_options(opts: ExportOptions, report: Report, rel: Callable[[Path], str]) -> dict[str, dict[str, object]]:
     """{format: {option: value}} of the run's formats' own options that no run option records (a format added from
     outside declares options of its own names)."""
     import dataclasses
@@ -84,7 +85,7 @@ def _own_options(opts: ExportOptions, report: Report, rel: Any) -> dict[str, dic
     from .options import resolve_format_options
 
     resolved = resolve_format_options(opts)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, object]] = {}
     for name in dict.fromkeys(a.format for a in report.artifacts):
         own = resolved.get(get_format(name).name)
         fields = {f.name: getattr(own, f.name) for f in dataclasses.fields(own)  # type: ignore[arg-type]

@@ -13,7 +13,10 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .options import FormatOption
 
 from ..bounded import TooDeep, iter_containers
 from ..errors import UsageError
@@ -155,7 +158,7 @@ def targets_from_manifest(
     return ManifestTargets(artifacts, where_ckpt, ckpt.get("sha256"), merged, warnings)
 
 
-def _recorded_format_options(recorded: Any, given: Any) -> tuple[tuple[str, str, Any], ...]:
+def _recorded_format_options(recorded: object, given: tuple[FormatOption, ...]) -> tuple[FormatOption, ...]:
     """The manifest's `format_options` ({format: {option: value}}) that verify takes (declared with
     verify_takes=True by a registered format) and the caller did not give; anything else is ignored (data)."""
     import dataclasses
@@ -164,7 +167,7 @@ def _recorded_format_options(recorded: Any, given: Any) -> tuple[tuple[str, str,
 
     if not isinstance(recorded, dict):
         raise UsageError("the manifest's options.format_options must be an object of {format: {option: value}}")
-    mine = []
+    mine: list[FormatOption] = []
     for fmt_name, own in recorded.items():
         fmt = REGISTRY.get(fmt_name) if isinstance(fmt_name, str) else None
         if fmt is None or not isinstance(own, dict):

@@ -20,6 +20,15 @@ MAX_RANDOM_INPUTS = 1000
 MAX_SEED = 2**63 - 1
 
 
+# A format's own option as a run holds it: (format, option, value); the value is text from the command line or a
+# typed value from the Python API, converted to the option's declared type when the run resolves it.
+FormatOption = tuple[str, str, object]
+# How export()/verify() take them: {format: {option: value}} or FormatOption triples.
+FormatOptionsArg = Mapping[str, Mapping[str, object]] | Sequence[FormatOption]
+# --init-arg values as export()/verify() take them: a dict, or (name, value) pairs (values as YAML types them).
+InitArgsArg = Mapping[str, Any] | Sequence[tuple[str, Any]]
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """Every option of a run; the CLI builds one of these and calls `run`."""
@@ -58,7 +67,7 @@ class ExportOptions:
     # from outside gets its options without a flag of its own. A value is text from the command line (converted to
     # the option's declared type) or already typed from the Python API. Wins over the dedicated flag of the same
     # option.
-    format_options: tuple[tuple[str, str, Any], ...] = ()
+    format_options: tuple[FormatOption, ...] = ()
     max_shard_size: str | None = None  # huggingface: transformers' notation (5GB = 5*10**9 bytes, 5GiB = 5*2**30)
     tokenizer: Path | None = None  # huggingface: a tokenizer.save_pretrained folder copied into the artifact
     trust_checkpoint: bool = False
@@ -120,13 +129,13 @@ def parse_format_option(text: str) -> tuple[str, str, str]:
     return fmt.strip(), key.strip(), value.strip()
 
 
-def _field_type(options: type, name: str) -> Any:
+def _field_type(options: type, name: str) -> object:
     import typing
 
     return typing.get_type_hints(options).get(name, str)
 
 
-def _convert(value: Any, kind: Any, where: str) -> Any:
+def _convert(value: object, kind: object, where: str) -> object:
     """A --format-option value to the option's declared type (text from the command line, a typed value from the
     Python API passed through when it already has the type)."""
     import types
@@ -140,7 +149,7 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], where) if len(inner) == 1 else value
     if typing.get_origin(kind) is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
         return tuple(_convert(v.strip() if isinstance(v, str) else v, args[0] if args else str, where)
                      for v in items if not (isinstance(v, str) and not v.strip()))
     try:
@@ -154,18 +163,23 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
                 return False
             raise ValueError(value)
         if kind in (int, float):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise ValueError(value)
-            number = kind(value)
-            if kind is float and not math.isfinite(number):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            number = int(value) if kind is int else float(value)
+            if not math.isfinite(number):
                 raise ValueError(value)
             return number
         if kind is Path:
+            if not isinstance(value, (str, os.PathLike)):
+                raise ValueError(value)
             return Path(value)
         if kind is str:
             return str(value)
     except (TypeError, ValueError):
-        wanted = {bool: "true or false", int: "an integer", float: "a finite number"}.get(kind, str(kind))
+        names: dict[object, str] = {bool: "true or false", int: "an integer", float: "a finite number", Path: "a path"}
+        wanted = names.get(kind, str(kind))
         raise UsageError(f"--format-option {where}={value}: give {wanted}") from None
     return value
 
@@ -174,7 +188,7 @@ def resolve_format_options(opts: ExportOptions) -> dict[str, object]:
     """Every registered format's own options: from the run options of the same names (--opset, ...), then
     `format_options` over them (exit 2 naming the format's options for an unknown name or a value of the wrong
     type)."""
-    given: dict[str, dict[str, Any]] = {}
+    given: dict[str, dict[str, object]] = {}
     for fmt_name, key, value in opts.format_options:
         canonical = get_format(fmt_name).name  # exit 2 with the known formats
         given.setdefault(canonical, {})[key] = value
@@ -203,7 +217,7 @@ class OptionsKwargs(TypedDict, total=False):
     module: str | None
     attr: str | None
     config: PathArg | None
-    init_args: Mapping[str, Any] | Sequence[tuple[str, Any]]
+    init_args: InitArgsArg
     init_args_file: PathArg | None
     inputs: Sequence[str]
     example_inputs: PathArg | None
@@ -225,7 +239,7 @@ class OptionsKwargs(TypedDict, total=False):
     precision: str | None
     quantize: str | None
     executorch_backend: str | None
-    format_options: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, str, Any]]
+    format_options: FormatOptionsArg
     max_shard_size: str | None
     tokenizer: PathArg | None
     trust_checkpoint: bool
@@ -250,7 +264,7 @@ class VerifyKwargs(TypedDict, total=False):
     module: str | None
     attr: str | None
     config: PathArg | None
-    init_args: Mapping[str, Any] | Sequence[tuple[str, Any]]
+    init_args: InitArgsArg
     init_args_file: PathArg | None
     inputs: Sequence[str]
     example_inputs: PathArg | None
@@ -262,7 +276,7 @@ class VerifyKwargs(TypedDict, total=False):
     random_inputs: int
     precision: str | None
     quantize: str | None
-    format_options: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, str, Any]]
+    format_options: FormatOptionsArg
     trust_checkpoint: bool
     allow_globals: Sequence[str]
     strict_finite: bool
@@ -306,7 +320,7 @@ def options_from(checkpoint: str | os.PathLike[str], options: Mapping[str, Any])
         raise UsageError(str(e)) from e
 
 
-def format_option_triples(value: Any) -> tuple[tuple[str, str, Any], ...]:
+def format_option_triples(value: FormatOptionsArg | None) -> tuple[FormatOption, ...]:
     """export(format_options=...) as ExportOptions holds it: {format: {option: value}} or (format, option, value)
     triples."""
     if value is None:
@@ -315,10 +329,10 @@ def format_option_triples(value: Any) -> tuple[tuple[str, str, Any], ...]:
         if not all(isinstance(own, Mapping) for own in value.values()):
             raise UsageError("format_options: give {format: {option: value}}")
         return tuple((str(f), str(k), v) for f, own in value.items() for k, v in own.items())
-    triples = tuple(tuple(t) for t in value)
-    if not all(len(t) == 3 for t in triples):
+    items = [tuple(t) for t in value]
+    if not all(len(t) == 3 for t in items):
         raise UsageError("format_options: give {format: {option: value}} or (format, option, value) triples")
-    return triples
+    return tuple((str(t[0]), str(t[1]), t[2]) for t in items)
 
 
 def check_ranges(opts: ExportOptions) -> None:
