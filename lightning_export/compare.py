@@ -8,7 +8,27 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .agreement import Agreement
     from .errors import Advice
+
+
+@dataclass
+class HeldOutCheck:
+    """With --data: what the held-out batches said of an artifact (top-1 agreement and accuracies), whether the
+    --min-agreement gate applied, and how many samples were read."""
+
+    result: Agreement
+    gated: bool
+    min_agreement: float | None  # the gate, when gated
+    source: str | None  # where the batches came from (a file, a datamodule)
+    samples_read: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {**self.result.to_json(), "min_agreement": self.min_agreement, "gated": self.gated,
+               "source": self.source}
+        if self.samples_read is not None:
+            out["samples_read"] = self.samples_read
+        return out
 
 
 @dataclass
@@ -31,9 +51,9 @@ class Verification:
     rtol: float | None
     outputs: list[OutputCheck] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    # With --data: top-1 agreement and accuracies on the held-out batches (agreement.Agreement.to_json() plus the
-    # gate), and the same in words for the human report.
-    agreement: dict[str, Any] | None = None
+    # With --data: top-1 agreement and accuracies on the held-out batches and the gate, and the same in words for the
+    # human report.
+    agreement: HeldOutCheck | None = None
     agreement_text: str | None = None
     gate_problem: str | None = None  # the --min-agreement gate's failure (also among `problems`)
     # What works instead, when the failure has a known cause (a graph traced at the example's data-dependent
@@ -65,7 +85,7 @@ class Verification:
             "problems": self.problems,
         }
         if self.agreement is not None:
-            out["agreement"] = self.agreement
+            out["agreement"] = self.agreement.to_json()
         if self.advice:
             out["advice"] = self.advice.value
         if self.shapes_checked is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agreement import gate, measure
-from ..compare import Verification, compare_outputs, compare_tensor_maps
+from ..compare import HeldOutCheck, Verification, compare_outputs, compare_tensor_maps
 from ..errors import UsageError, describe_exception
 from ..formats import ExportContext, Format
 from ..inputs import batch_size
@@ -73,7 +73,7 @@ def check_artifact(fmt: Format, path: Path, ctx: ExportContext, opts: ExportOpti
                    [r[4] for r in held])
         read, ran_samples = refs.held_out.prepared.verification_samples, refs.held_out.ran(program_batch)
         if v.agreement is not None:
-            v.agreement["samples_read"] = read
+            v.agreement.samples_read = read
         if ran_samples < read:
             v.agreement_text = (f"{v.agreement_text} ({ran_samples} of the {read} held-out samples ran: re-batched to the "
                                 f"example's batch size {program_batch}, the rest fill no batch)")
@@ -117,8 +117,7 @@ def _agreement(v: Verification, fmt: Format, opts: ExportOptions, held_out: Held
     quantized or reduced-precision artifact fails with the figures."""
     result = measure(expected, actual, labels if all(x is not None for x in labels) else None, masks)
     gated = is_gated(opts)
-    v.agreement = {**result.to_json(), "min_agreement": opts.min_agreement if gated else None, "gated": gated,
-                   "source": held_out.record.get("source")}
+    v.agreement = HeldOutCheck(result, gated, opts.min_agreement if gated else None, held_out.record.get("source"))
     if gated:
         problem = gate(result, opts.min_agreement, what=f"{fmt.name} {opts.quantize or opts.precision}")
         if problem is not None:
