@@ -218,6 +218,30 @@ def tensors_bit_equal(a: Any, b: Any) -> bool:
     return True
 
 
+def _attr_mismatch(expected: list[str], actual: list[str]) -> str | None:
+    """When the two key sets are one another under a submodule prefix, the --attr that makes them meet."""
+    def under(longer: list[str], shorter: list[str]) -> str | None:
+        first = longer[0]
+        for i, ch in enumerate(first):
+            if ch == ".":
+                prefix = first[: i + 1]
+                if len(longer) == len(shorter) and {prefix + k for k in shorter} == set(longer):
+                    return prefix[:-1]
+        return None
+
+    if not expected or not actual:
+        return None
+    attr = under(expected, actual)
+    if attr is not None:
+        return (f"the artifact holds the weights of {attr!r} (its keys are the checkpoint's without {attr + '.'!r}): "
+                f"verify with --attr {attr}, as it was exported")
+    attr = under(actual, expected)
+    if attr is not None:
+        return (f"the artifact's keys all start with {attr + '.'!r}: it was exported with another --attr than this "
+                "verify's; give the --attr it was exported with")
+    return None
+
+
 def compare_tensor_maps(expected: Mapping[str, Any], actual: Any) -> Verification:
     """Bit-exact: same keys, dtypes, shapes and bytes. `actual` maps names to tensors (loaded lazily)."""
     problems: list[str] = []
@@ -228,6 +252,10 @@ def compare_tensor_maps(expected: Mapping[str, Any], actual: Any) -> Verificatio
         problems.append(f"missing keys: {', '.join(missing[:10])}")
     if extra:
         problems.append(f"unexpected keys: {', '.join(extra[:10])}")
+    if missing and extra:
+        said = _attr_mismatch(list(expected), sorted(actual_keys))
+        if said:
+            problems.append(said)
     for k in expected:
         if k in actual_keys:
             # One pair at a time, dropped before the next is read: `expected` may read each tensor from a sharded

@@ -119,6 +119,23 @@ def test_verify_fails_on_a_changed_safetensors_weight(release: dict, tmp_path: P
     assert any("values differ" in p for p in a["verification"]["problems"])
 
 
+def test_verify_of_weights_without_their_attr_names_the_attr(ckpts: dict, tmp_path: Path) -> None:
+    """A weights file exported with --attr model, verified without it (or the reverse): the key sets differ by the
+    prefix, and the failure says which --attr makes them meet instead of listing keys only."""
+    sub, whole = tmp_path / "model.safetensors", tmp_path / "whole.safetensors"
+    assert invoke(ckpts["classifier"], "--to", "safetensors", "--attr", "model", "-o", sub).code == 0
+    assert invoke(ckpts["classifier"], "--to", "safetensors", "-o", whole).code == 0
+    res = invoke("verify", sub, ckpts["classifier"], "--json")
+    assert res.code == 1, res
+    problems = res.json()["artifacts"][0]["verification"]["problems"]
+    assert any("holds the weights of 'model'" in p and "verify with --attr model" in p for p in problems), problems
+    res = invoke("verify", whole, ckpts["classifier"], "--attr", "model", "--json")
+    assert res.code == 1, res
+    problems = res.json()["artifacts"][0]["verification"]["problems"]
+    assert any("keys all start with 'model.'" in p for p in problems), problems
+    assert invoke("verify", sub, ckpts["classifier"], "--attr", "model").code == 0
+
+
 def test_verify_fails_on_a_changed_onnx_initializer(release: dict, tmp_path: Path) -> None:
     import onnx
     from onnx import numpy_helper
