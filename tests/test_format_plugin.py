@@ -148,3 +148,7 @@ def test_a_built_in_option_through_format_option_is_the_flag(ckpts, tmp_path) ->
     assert res.code == 0, res
     assert res.json()["artifacts"][0]["info"]["opset"] == 17
     assert json.loads(manifest.read_text())["options"]["opset"] == 17
+    res = invoke(ckpts["classifier"], "--to", "safetensors", "-o", tmp_path / "w.safetensors",
+                 "--format-option", "onnx.opset=17", "--json")  # a format the run does not write: said, not silent
+    assert res.code == 0 and any("--format-option for onnx: not a format this run" in w
+                                 for w in res.json()["warnings"]), res

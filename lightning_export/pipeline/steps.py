@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..formats import ExportContext, Format
+from ..formats import ExportContext, Format, get_format
 from ..report import ArtifactResult, Report
 from .options import ExportOptions
 from .prepare import Prepared, check_flags, check_input_flags, check_manifest_path, prepare, with_format_options
@@ -30,6 +30,10 @@ class Run:
 def run_steps(run: Run, opts: ExportOptions, report: Report, step: Step) -> None:
     given = check_flags(opts)
     formats = with_format_options(run.formats(opts), opts)
+    unused = sorted({get_format(f).name for f, _, _ in opts.format_options} - {f.name for f in formats})
+    if unused:
+        report.warnings.append(f"--format-option for {', '.join(unused)}: not a format this run writes or verifies; "
+                               "not used")
     specs = check_input_flags(opts)
     paths = run.paths(opts, formats)
     check_manifest_path(opts, paths)
