@@ -152,3 +152,84 @@ def test_a_built_in_option_through_format_option_is_the_flag(ckpts, tmp_path) ->
                  "--format-option", "onnx.opset=17", "--json")  # a format the run does not write: said, not silent
     assert res.code == 0 and any("--format-option for onnx: not a format this run" in w
                                  for w in res.json()["warnings"]), res
+
+
+def _typed_format():
+    """A format with options of several declared types, verify-taken, one named like a run option (opset) and one
+    like a run option the manifest must keep meaning the run's (seed)."""
+    import dataclasses
+    import sys
+
+    from lightning_export.formats import option
+
+    sys.path.insert(0, str(REPO / "fixtures"))
+    try:
+        from npz_format import NPZ
+    finally:
+        sys.path.remove(str(REPO / "fixtures"))
+
+    @dataclasses.dataclass(frozen=True)
+    class TypedOptions:
+        level: int = option(1, verify_takes=True)
+        opset: int | None = option(None, verify_takes=True)
+        root: Path | None = option(None, verify_takes=True)
+        seed: int = option(0)
+
+    return dataclasses.replace(NPZ, name="typednpz", options=TypedOptions)
+
+
+@pytest.fixture
+def typed_format():
+    fmt = register(_typed_format())
+    yield fmt
+    del REGISTRY["typednpz"]
+
+
+def test_a_manifest_s_format_options_are_typed_and_bounded(typed_format, ckpts, tmp_path) -> None:
+    from lightning_export.pipeline.options import manifest_options
+
+    assert manifest_options()["seed"] is True  # a format's export-only `seed` does not change the run's
+    out, manifest = tmp_path / "w.npz", tmp_path / "m.json"
+    res = invoke(ckpts["classifier"], "--to", "typednpz", "-o", out, "--manifest", manifest,
+                 "--format-option", "typednpz.opset=13", "--format-option", "typednpz.level=3",
+                 "--format-option", f"typednpz.root={tmp_path / 'sub'}")
+    assert res.code == 0, res
+    record = json.loads(manifest.read_text())
+    assert record["options"]["opset"] == 13  # the run's format's value, not onnx's default
+    assert record["options"]["format_options"]["typednpz"]["level"] == 3
+    assert record["options"]["format_options"]["typednpz"]["root"] == "sub"  # relative to the manifest
+
+    def verify_with(change) -> tuple[int, str]:
+        edited = json.loads(manifest.read_text())
+        change(edited["options"])
+        path = tmp_path / "edited.json"
+        path.write_text(json.dumps(edited))
+        res = invoke("verify", "--manifest", path, ckpts["classifier"], "--json")
+        return res.code, res.stdout + res.stderr
+
+    code, said = verify_with(lambda o: None)
+    assert code == 0 and "a path is not taken from a manifest" in said, said
+    code, said = verify_with(lambda o: o["format_options"]["typednpz"].update(level="abc"))
+    assert code == 2 and "options.format_options.typednpz.level = abc: give an integer" in said, said
+    code, said = verify_with(lambda o: o["format_options"]["typednpz"].update(level=1e300))
+    assert code == 2 and "give an integer" in said, said
+    code, said = verify_with(lambda o: o["format_options"]["typednpz"].update(level=[1, {"a": 2}]))
+    assert code == 2 and "give an integer" in said, said
+    code, said = verify_with(lambda o: o.update(opset="abc"))
+    assert code == 2 and "give an integer" in said, said
+
+
+def test_register_refuses_names_and_option_types_it_cannot_serve() -> None:
+    import dataclasses
+
+    fmt = _typed_format()
+    with pytest.raises(ValueError, match="lower-case"):
+        register(dataclasses.replace(fmt, name="NPZ"))
+
+    @dataclasses.dataclass(frozen=True)
+    class ListOptions:
+        sizes: list[int] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="sizes: type"):
+        register(dataclasses.replace(fmt, name="listnpz", options=ListOptions))
+    assert "NPZ" not in REGISTRY and "listnpz" not in REGISTRY

@@ -22,6 +22,7 @@ from ._base import (
     Writer,
     Written,
     detect_format,
+    format_option_types,
     get_format,
     installed_check,
     module_bytes,
@@ -37,7 +38,7 @@ from ._graph import captured_stdout, exporting, graph_estimate, quiet_torch_logs
 from ._precision import check_quantize_request, for_run, normalize_precision, normalize_quantize, quantizations
 
 __all__ = [
-    "ALIASES", "DynamicSupport", "ENTRY_POINT_GROUP", "PLUGIN_ERRORS", "PLUGINS_ENV", "plugins_disabled", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
+    "ALIASES", "DynamicSupport", "ENTRY_POINT_GROUP", "format_option_types", "PLUGIN_ERRORS", "PLUGINS_ENV", "plugins_disabled", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
     "Sniffed", "Writer", "Written", "captured_stdout", "check_quantize_request", "detect_format", "exporting",
     "for_run", "get_format", "graph_estimate", "installed_check", "module_bytes", "normalize_precision",
     "normalize_quantize", "option", "parse_format_list", "quantizations", "quiet_torch_logs", "register",
@@ -68,6 +69,7 @@ def _load_all() -> None:
 
 
 def _load_plugins() -> None:
+    import types
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -75,6 +77,8 @@ def _load_plugins() -> None:
             loaded = ep.load()
             if isinstance(loaded, Format):
                 register(loaded)
+            elif not isinstance(loaded, types.ModuleType):  # a module registers its formats on import
+                raise TypeError(f"it names a {type(loaded).__name__}, not a Format or a module")
         except Exception as e:  # a broken plugin is not lexport's failure: the built-in formats still work
             PLUGIN_ERRORS.append((f"{ep.name} = {ep.value}", f"{type(e).__name__}: {e}"))
 

@@ -232,10 +232,41 @@ class Sniffed:
 REGISTRY: dict[str, Format] = {}
 
 
+SCALAR_OPTION_TYPES: tuple[type, ...] = (bool, int, float, str, Path)
+
+
+def format_option_types(options: type) -> dict[str, object]:
+    """The declared types of a format's options, each one lexport can convert from text: bool, int, float, str,
+    Path, `X | None` of those, or `tuple[X, ...]` of those; TypeError (at register) for anything else."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(options)
+    for name, kind in hints.items():
+        inner = kind
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            rest = [a for a in typing.get_args(kind) if a is not type(None)]
+            inner = rest[0] if len(rest) == 1 else None
+        if typing.get_origin(inner) is tuple:
+            items = typing.get_args(inner)
+            inner = items[0] if len(items) == 2 and items[1] is Ellipsis else None
+        if inner not in SCALAR_OPTION_TYPES:
+            raise TypeError(f"option {name}: type {kind} is not one lexport converts (bool, int, float, str, Path, "
+                            "X | None, tuple[X, ...])")
+    return dict(hints)
+
+
 def register(fmt: Format) -> Format:
     """Add a format to the registry (--to, lexport verify's detection, the manifest's options)."""
+    import re
+
     if not dataclasses.is_dataclass(fmt.options):
         raise TypeError(f"{fmt.name}: Format.options must be a dataclass type")
+    bad = [n for n in (fmt.name, *fmt.aliases) if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", n)]
+    if bad or "." in fmt.name:  # --to lowercases what it is given; FORMAT.OPTION splits at the first dot
+        raise ValueError(f"format {fmt.name!r}: a name is lower-case letters, digits, '-' and '_' (an alias may "
+                         f"have '.'): {', '.join(bad) or fmt.name}")
+    format_option_types(fmt.options)  # TypeError for a type --format-option cannot convert to
     taken = {n: f.name for f in REGISTRY.values() if f is not fmt for n in (f.name, *f.aliases)}
     clash = [n for n in (fmt.name, *fmt.aliases) if n in taken]
     if clash:  # a plugin never replaces a format, nor takes one of its names

@@ -33,12 +33,12 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         if a.get("companions"):
             a["companions"] = [rel(c) for c in a["companions"]]
     options: dict[str, Any] = {}
-    given = _given_format_options(opts)
+    given = _given_format_options(opts, report)
     for name in manifest_options():
         value = given.get(name, getattr(opts, name))
         if name == "format_options":
-            value = _own_options(opts, report, rel)
-        elif name == "init_args":
+            continue  # below, once the run options it must not repeat are recorded
+        if name == "init_args":
             value = dict(opts.init_args)
         elif isinstance(value, Path):
             value = rel(value)
@@ -53,32 +53,41 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         options["data"] = rel(opts.data)
         options["data_sha256"] = report.data["sha256"]  # what was read (verify --manifest re-reads this file)
         record["data"] = {**report.data, "path": rel(report.data["path"])}
+    options["format_options"] = _own_options(opts, report, options, rel)
     options["formats"] = [a.format for a in report.artifacts]
     record["options"] = options
     return record
 
 
-def _given_format_options(opts: ExportOptions) -> dict[str, object]:
-    """The run options that are a format's options, as the format got them: its default when not given, the
-    --format-option value (`onnx.opset=17` is the run's opset) when given that way."""
+def _run_formats_first(report: Report) -> list[str]:
+    """Registered format names, the run's own first (their values are what the artifacts were made with)."""
+    from ..formats import REGISTRY, get_format
+
+    ran = [get_format(a.format).name for a in report.artifacts]
+    return list(dict.fromkeys([*ran, *REGISTRY]))
+
+
+def _given_format_options(opts: ExportOptions, report: Report) -> dict[str, object]:
+    """The run options that are a format's options, as the format got them (the run's formats first): its
+    default when not given, the --format-option value (`onnx.opset=17` is the run's opset) when given that way."""
     import dataclasses
 
-    from ..formats import REGISTRY
     from .options import resolve_format_options
 
     resolved = resolve_format_options(opts)
     values: dict[str, object] = {}
-    for fmt in REGISTRY.values():
-        own = resolved[fmt.name]
-        for f in dataclasses.fields(own):  # type: ignore[arg-type]
+    for name in _run_formats_first(report):
+        for f in dataclasses.fields(resolved[name]):  # type: ignore[arg-type]
             if hasattr(ExportOptions, f.name):
-                values.setdefault(f.name, getattr(own, f.name))
+                values.setdefault(f.name, getattr(resolved[name], f.name))
     return values
 
 
-def _own_options(opts: ExportOptions, report: Report, rel: Callable[[Path], str]) -> dict[str, dict[str, object]]:
-    """{format: {option: value}} of the run's formats' own options that no run option records (a format added from
-    outside declares options of its own names)."""
+def _own_options(opts: ExportOptions, report: Report, recorded: dict[str, object],
+                 rel: Callable[[Path], str]) -> dict[str, dict[str, object]]:
+    """{format: {option: value}} of the run's formats' own options that the run options do not record: the fields
+    of their own names (a format added from outside), and a field named like a run option whose value differs
+    from the one recorded there."""
     import dataclasses
 
     from ..formats import get_format
@@ -86,13 +95,16 @@ def _own_options(opts: ExportOptions, report: Report, rel: Callable[[Path], str]
 
     resolved = resolve_format_options(opts)
     out: dict[str, dict[str, object]] = {}
-    for name in dict.fromkeys(a.format for a in report.artifacts):
-        own = resolved.get(get_format(name).name)
-        fields = {f.name: getattr(own, f.name) for f in dataclasses.fields(own)  # type: ignore[arg-type]
-                  if not hasattr(ExportOptions, f.name)} if own is not None else {}
+    for name in dict.fromkeys(get_format(a.format).name for a in report.artifacts):
+        own = resolved[name]
+        fields = {}
+        for f in dataclasses.fields(own):  # type: ignore[arg-type]
+            value = getattr(own, f.name)
+            plain = rel(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            if not hasattr(ExportOptions, f.name) or recorded.get(f.name) != plain:
+                fields[f.name] = plain
         if fields:
-            out[name] = {k: rel(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-                         for k, v in fields.items()}
+            out[name] = fields
     return out
 
 

@@ -158,12 +158,16 @@ def targets_from_manifest(
     return ManifestTargets(artifacts, where_ckpt, ckpt.get("sha256"), merged, warnings)
 
 
-def _recorded_format_options(recorded: object, given: tuple[FormatOption, ...]) -> tuple[FormatOption, ...]:
+def _recorded_format_options(recorded: object, given: tuple[FormatOption, ...],
+                             warnings: list[str]) -> tuple[FormatOption, ...]:
     """The manifest's `format_options` ({format: {option: value}}) that verify takes (declared with
-    verify_takes=True by a registered format) and the caller did not give; anything else is ignored (data)."""
+    verify_takes=True by a registered format) and the caller did not give, converted to their declared types
+    (exit 2 naming the manifest's field); anything else is ignored (data). A path is never taken from it: it would
+    escape the manifest's folder rules; the caller passes --format-option for it."""
     import dataclasses
 
-    from ..formats import REGISTRY
+    from ..formats import REGISTRY, format_option_types
+    from .options import convert_format_option
 
     if not isinstance(recorded, dict):
         raise UsageError("the manifest's options.format_options must be an object of {format: {option: value}}")
@@ -173,9 +177,16 @@ def _recorded_format_options(recorded: object, given: tuple[FormatOption, ...]) 
         if fmt is None or not isinstance(own, dict):
             continue
         verify_takes = {f.name for f in dataclasses.fields(fmt.options) if f.metadata.get("verify_takes")}
+        types = format_option_types(fmt.options)
         for key, value in own.items():
-            if key in verify_takes and not any(g[0] == fmt_name and g[1] == key for g in given):
-                mine.append((fmt_name, key, value))
+            if key not in verify_takes or any(g[0] == fmt_name and g[1] == key for g in given):
+                continue
+            if "Path" in str(types[key]):
+                warnings.append(f"the manifest records {fmt_name}.{key}: a path is not taken from a manifest; pass "
+                                f"--format-option {fmt_name}.{key}=PATH yourself")
+                continue
+            label = f"the manifest's options.format_options.{fmt_name}.{key} = "
+            mine.append((fmt_name, key, convert_format_option(value, types[key], label)))
     return tuple(mine)
 
 
@@ -199,7 +210,7 @@ def _merge_options(recorded: dict[str, Any], merged: dict[str, Any], locate: _Lo
             continue
         if key == "format_options":
             triples = format_option_triples(merged.get("format_options"))
-            recorded_own = _recorded_format_options(value, triples)
+            recorded_own = _recorded_format_options(value, triples, warnings)
             if recorded_own:
                 merged["format_options"] = (*recorded_own, *triples)  # later triples win: the caller's
                 taken[key] = recorded_own

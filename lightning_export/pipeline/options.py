@@ -12,7 +12,7 @@ from typing import Any, TypedDict
 
 from ..agreement import DEFAULT_MIN_AGREEMENT, check_min_agreement
 from ..errors import UsageError
-from ..formats import REGISTRY, get_format
+from ..formats import REGISTRY, format_option_types, get_format
 from ..safeload.archive import DEFAULT_MAX_GROWTH
 
 DEFAULT_RANDOM_INPUTS = 5
@@ -112,10 +112,10 @@ RUN_MANIFEST_OPTIONS: dict[str, bool] = {
 def manifest_options() -> dict[str, bool]:
     """The run's options and every registered format's own that has a run option of its name (the others are
     recorded under `format_options`), read when asked: a format registered later counts too."""
-    return {
-        **RUN_MANIFEST_OPTIONS,
+    return {  # a format's field never changes what the run's own option of that name means
         **{f.name: bool(f.metadata.get("verify_takes", False)) for fmt in REGISTRY.values()
            for f in dataclasses.fields(fmt.options) if hasattr(ExportOptions, f.name)},
+        **RUN_MANIFEST_OPTIONS,
     }
 
 
@@ -129,15 +129,18 @@ def parse_format_option(text: str) -> tuple[str, str, str]:
     return fmt.strip(), key.strip(), value.strip()
 
 
-def _field_type(options: type, name: str) -> object:
-    import typing
-
-    return typing.get_type_hints(options).get(name, str)
+MAX_OPTION_INT = 2**63 - 1
 
 
-def _convert(value: object, kind: object, where: str) -> object:
-    """A --format-option value to the option's declared type (text from the command line, a typed value from the
-    Python API passed through when it already has the type)."""
+def _short(value: object) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def convert_format_option(value: object, kind: object, label: str) -> object:
+    """A format option's value to its declared type (format_option_types): text from the command line or a
+    manifest, or a typed value from the Python API (passed through when it already has the type). `label` names
+    where the value came from in the exit-2 message, up to the value (`--format-option onnx.opset=`, `--opset `)."""
     import types
     import typing
 
@@ -146,17 +149,19 @@ def _convert(value: object, kind: object, where: str) -> object:
         empty = value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
         if empty and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where) if len(inner) == 1 else value
+        (inner,) = [a for a in args if a is not type(None)]  # format_option_types allows one
+        return convert_format_option(value, inner, label)
     if typing.get_origin(kind) is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-        return tuple(_convert(v.strip() if isinstance(v, str) else v, args[0] if args else str, where)
+        items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+        if items is None:
+            raise UsageError(f"{label}{_short(value)}: give a comma-separated list")
+        return tuple(convert_format_option(v.strip() if isinstance(v, str) else v, args[0], label)
                      for v in items if not (isinstance(v, str) and not v.strip()))
     try:
         if kind is bool:
             if isinstance(value, bool):
                 return value
-            word = str(value).strip().lower()
+            word = value.strip().lower() if isinstance(value, str) else None
             if word in ("true", "1", "yes", "on"):
                 return True
             if word in ("false", "0", "no", "off"):
@@ -168,7 +173,7 @@ def _convert(value: object, kind: object, where: str) -> object:
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             number = int(value) if kind is int else float(value)
-            if not math.isfinite(number):
+            if not math.isfinite(number) or abs(number) > MAX_OPTION_INT:
                 raise ValueError(value)
             return number
         if kind is Path:
@@ -176,12 +181,14 @@ def _convert(value: object, kind: object, where: str) -> object:
                 raise ValueError(value)
             return Path(value)
         if kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
             return str(value)
     except (TypeError, ValueError):
-        names: dict[object, str] = {bool: "true or false", int: "an integer", float: "a finite number", Path: "a path"}
-        wanted = names.get(kind, str(kind))
-        raise UsageError(f"--format-option {where}={value}: give {wanted}") from None
-    return value
+        names: dict[object, str] = {bool: "true or false", int: "an integer", float: "a finite number",
+                                    Path: "a path", str: "a text"}
+        raise UsageError(f"{label}{_short(value)}: give {names.get(kind, str(kind))}") from None
+    raise UsageError(f"{label.rstrip(' =')}: options of type {kind} are not supported")
 
 
 def resolve_format_options(opts: ExportOptions) -> dict[str, object]:
@@ -195,13 +202,15 @@ def resolve_format_options(opts: ExportOptions) -> dict[str, object]:
     resolved: dict[str, object] = {}
     for fmt in REGISTRY.values():
         names = fmt.option_names()
+        types = format_option_types(fmt.options)
         # A run option of the same name (--opset, ...) when given; None leaves the format's own default.
-        values = {n: getattr(opts, n) for n in names if getattr(opts, n, None) is not None}
+        values = {n: convert_format_option(getattr(opts, n), types[n], f"--{n.replace('_', '-')} ") for n in names
+                  if getattr(opts, n, None) is not None}
         for key, value in given.get(fmt.name, {}).items():
             if key not in names:
                 raise UsageError(f"--format-option {fmt.name}.{key}: {fmt.name} has no option {key!r}",
                                  hint=f"Its options: {', '.join(names)}." if names else f"{fmt.name} has no options.")
-            values[key] = _convert(value, _field_type(fmt.options, key), f"{fmt.name}.{key}")
+            values[key] = convert_format_option(value, types[key], f"--format-option {fmt.name}.{key}=")
         resolved[fmt.name] = fmt.options(**values)
     return resolved
 
@@ -329,10 +338,9 @@ def format_option_triples(value: FormatOptionsArg | None) -> tuple[FormatOption,
         if not all(isinstance(own, Mapping) for own in value.values()):
             raise UsageError("format_options: give {format: {option: value}}")
         return tuple((str(f), str(k), v) for f, own in value.items() for k, v in own.items())
-    items = [tuple(t) for t in value]
-    if not all(len(t) == 3 for t in items):
+    if not (isinstance(value, (list, tuple)) and all(isinstance(t, (list, tuple)) and len(t) == 3 for t in value)):
         raise UsageError("format_options: give {format: {option: value}} or (format, option, value) triples")
-    return tuple((str(t[0]), str(t[1]), t[2]) for t in items)
+    return tuple((str(t[0]), str(t[1]), t[2]) for t in value)
 
 
 def check_ranges(opts: ExportOptions) -> None:

@@ -30,10 +30,7 @@ class Run:
 def run_steps(run: Run, opts: ExportOptions, report: Report, step: Step) -> None:
     given = check_flags(opts)
     formats = with_format_options(run.formats(opts), opts)
-    unused = sorted({get_format(f).name for f, _, _ in opts.format_options} - {f.name for f in formats})
-    if unused:
-        report.warnings.append(f"--format-option for {', '.join(unused)}: not a format this run writes or verifies; "
-                               "not used")
+    _warn_unused_format_options(run, opts, formats, report)
     specs = check_input_flags(opts)
     paths = run.paths(opts, formats)
     check_manifest_path(opts, paths)
@@ -45,3 +42,22 @@ def run_steps(run: Run, opts: ExportOptions, report: Report, step: Step) -> None
     say_what_else_worked(report)
     if opts.hash_checkpoint:
         report.checkpoint["sha256"] = prepared.ckpt.sha256
+
+
+def _warn_unused_format_options(run: Run, opts: ExportOptions, formats: list[Format], report: Report) -> None:
+    """A --format-option this run cannot use is said, not silently dropped: one for a format it does not write or
+    verify, and on verify one the format declares export-only (the artifact already holds its effect)."""
+    import dataclasses
+
+    names = {f.name for f in formats}
+    unused = sorted({get_format(f).name for f, _, _ in opts.format_options} - names)
+    if unused:
+        report.warnings.append(f"--format-option for {', '.join(unused)}: not a format this run writes or verifies; "
+                               "not used")
+    if run.verb == "verifying":
+        for fmt_name, key, _ in opts.format_options:
+            fmt = get_format(fmt_name)
+            takes = {f.name for f in dataclasses.fields(fmt.options) if f.metadata.get("verify_takes")}
+            if fmt.name in names and key not in takes:
+                report.warnings.append(f"--format-option {fmt.name}.{key}: export-only (the artifact holds its "
+                                       "effect); verify does not use it")
