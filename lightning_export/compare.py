@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .agreement import Agreement
     from .errors import Advice
+
+
+class JsonRecord(Protocol):
+    """A result that says itself as JSON at the edge (agreement.Agreement)."""
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -17,7 +22,7 @@ class HeldOutCheck:
     """With --data: what the held-out batches said of an artifact (top-1 agreement and accuracies), whether the
     --min-agreement gate applied, and how many samples were read."""
 
-    result: Agreement
+    result: JsonRecord  # agreement.Agreement (compare sits below agreement: typed by what it is asked)
     gated: bool
     min_agreement: float | None  # the gate, when gated
     source: str | None  # where the batches came from (a file, a datamodule)
