@@ -162,17 +162,20 @@ class Steps:
     def begin(self, task: Any) -> None:
         with self._lock:
             self._tasks.append(task)
-        self.refresh()
+        self.refresh(draw=True)
 
     def end(self, task: Any) -> None:
-        self.refresh()  # drawn once complete, then gone
+        self.refresh(draw=True)  # drawn once complete, then gone
         with self._lock:
             self._tasks.remove(task)
 
-    def refresh(self) -> None:
+    def refresh(self, *, draw: bool = False) -> None:
+        """The status line with the running tasks; `draw`: on the terminal now, not at the next of rich's frames
+        (a task that begins and ends between two frames is still seen)."""
         status = self._status
         if status is not None:
-            status.update(self._renderable())
+            # Status.update redraws at once only when given a spinner: the one console.status uses.
+            status.update(self._renderable(), **({"spinner": "dots"} if draw else {}))
 
     def _renderable(self) -> Any:
         from rich.console import Group
