@@ -217,6 +217,8 @@ def test_a_manifest_s_format_options_are_typed_and_bounded(typed_format, ckpts, 
     assert code == 2 and "give an integer" in said, said
     code, said = verify_with(lambda o: o.update(opset="abc"))
     assert code == 2 and "give an integer" in said, said
+    code, said = verify_with(lambda o: o.update(format_options=[1, 2]))
+    assert code == 2 and "options.format_options must be an object" in said, said
 
 
 def test_register_refuses_names_and_option_types_it_cannot_serve() -> None:

@@ -218,54 +218,6 @@ def resolve_format_options(opts: ExportOptions) -> dict[str, object]:
 PathArg = str | os.PathLike[str]
 
 
-class OptionsKwargs(TypedDict, total=False):
-    """The keyword arguments of export() and verify(): ExportOptions' fields (but the checkpoint), in the types a
-    caller passes (sequences for tuples, str or PathLike for paths); tests/test_api.py keeps the two in step."""
-
-    formats: str | Sequence[str]
-    module: str | None
-    attr: str | None
-    config: PathArg | None
-    init_args: InitArgsArg
-    init_args_file: PathArg | None
-    inputs: Sequence[str]
-    example_inputs: PathArg | None
-    dynamic_batch: bool
-    dynamic: Sequence[str]
-    output: PathArg | None
-    output_dir: PathArg | None
-    force: bool
-    verify: bool
-    keep_failed: bool
-    atol: float | None
-    rtol: float | None
-    seed: int
-    random_inputs: int
-    opset: int | None
-    input_names: Sequence[str]
-    output_names: Sequence[str]
-    torchscript_mode: str | None
-    precision: str | None
-    quantize: str | None
-    executorch_backend: str | None
-    format_options: FormatOptionsArg
-    max_shard_size: str | None
-    tokenizer: PathArg | None
-    trust_checkpoint: bool
-    allow_globals: Sequence[str]
-    strict_finite: bool
-    meta_build: bool
-    max_growth: float
-    hash_checkpoint: bool
-    data: PathArg | None
-    data_batches: int | None
-    data_input: str | int | None
-    min_agreement: float
-    data_sha256: str | None
-    manifest: PathArg | None
-    settings: dict[str, Any] | None
-
-
 class VerifyKwargs(TypedDict, total=False):
     """The keyword arguments of verify(): the options that shape a verification (the module, the inputs, the
     tolerances, the data, the safety bounds), not the export-only ones (formats, output paths, exporter choices)."""
@@ -298,6 +250,27 @@ class VerifyKwargs(TypedDict, total=False):
     min_agreement: float
     data_sha256: str | None
     settings: dict[str, Any] | None
+
+
+class OptionsKwargs(VerifyKwargs, total=False):
+    """The keyword arguments of export(): ExportOptions' fields (but the checkpoint), in the types a caller passes
+    (sequences for tuples, str or PathLike for paths): verify()'s and the export-only ones; tests/test_api.py keeps
+    them in step with ExportOptions."""
+
+    formats: str | Sequence[str]
+    output: PathArg | None
+    output_dir: PathArg | None
+    force: bool
+    verify: bool
+    keep_failed: bool
+    opset: int | None
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    torchscript_mode: str | None
+    executorch_backend: str | None
+    max_shard_size: str | None
+    tokenizer: PathArg | None
+    manifest: PathArg | None
 
 
 VERIFY_OPTIONS = frozenset(VerifyKwargs.__annotations__)
