@@ -95,8 +95,9 @@ def test_without_plugins_the_format_is_unknown(site, ckpts, tmp_path) -> None:
     assert res.code == 2 and "unknown format 'npz'" in said and "LEXPORT_PLUGINS=0 is set" in said, res
     assert run_lexport(ckpts["classifier"], "--to", "npz", "-o", tmp_path / "w.npz", env=_env(site)).code == 0
     res = run_lexport("verify", tmp_path / "w.npz", ckpts["classifier"], "--format-option", "npz.compress=1",
-                      env=_env(site))
-    assert res.code == 0, res  # verify takes a format's options too
+                      "--json", env=_env(site))
+    assert res.code == 0, res  # verify takes a format's options too, and says compress is export-only
+    assert any("npz.compress: export-only" in w for w in res.json()["warnings"]), res
     res = run_lexport("verify", tmp_path / "w.npz", ckpts["classifier"], env=_env(site, LEXPORT_PLUGINS="0"))
     said = " ".join(res.stderr.split())
     assert res.code == 2 and "not an artifact lexport recognises" in said and "LEXPORT_PLUGINS=0 is set" in said

@@ -38,11 +38,12 @@ from ._graph import captured_stdout, exporting, graph_estimate, quiet_torch_logs
 from ._precision import check_quantize_request, for_run, normalize_precision, normalize_quantize, quantizations
 
 __all__ = [
-    "ALIASES", "DynamicSupport", "ENTRY_POINT_GROUP", "format_option_types", "PLUGIN_ERRORS", "PLUGINS_ENV", "plugins_disabled", "PRECISIONS", "REGISTRY", "ExportContext", "Format", "NoOptions", "Quantization",
-    "Sniffed", "Writer", "Written", "captured_stdout", "check_quantize_request", "detect_format", "exporting",
-    "for_run", "get_format", "graph_estimate", "installed_check", "module_bytes", "normalize_precision",
-    "normalize_quantize", "option", "parse_format_list", "quantizations", "quiet_torch_logs", "register",
-    "require_installed", "storage_bytes", "submodule_flags", "weights_estimate",
+    "ALIASES", "captured_stdout", "check_quantize_request", "detect_format", "DynamicSupport", "ENTRY_POINT_GROUP",
+    "ExportContext", "exporting", "for_run", "Format", "format_option_types", "get_format", "graph_estimate",
+    "installed_check", "module_bytes", "NoOptions", "normalize_precision", "normalize_quantize", "option",
+    "parse_format_list", "PLUGIN_ERRORS", "plugins_disabled", "PLUGINS_ENV", "PRECISIONS", "Quantization",
+    "quantizations", "quiet_torch_logs", "register", "REGISTRY", "require_installed", "Sniffed", "storage_bytes",
+    "submodule_flags", "weights_estimate", "Writer", "Written",
 ]
 
 

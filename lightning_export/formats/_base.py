@@ -212,6 +212,11 @@ class Format:
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.options))
 
+    def verify_option_names(self) -> frozenset[str]:
+        """The options `lexport verify` takes (declared with option(..., verify_takes=True)); the others are
+        export-only: the artifact holds their effect."""
+        return frozenset(f.name for f in dataclasses.fields(self.options) if f.metadata.get("verify_takes"))
+
 
 @dataclass(frozen=True)
 class Sniffed:

@@ -12,7 +12,7 @@ from .. import outputs
 from ..errors import OutputError
 from ..hashing import file_sha256
 from ..report import Report, strict_json
-from .options import ExportOptions, manifest_options
+from .options import ExportOptions, manifest_options, resolve_format_options
 
 MANIFEST_VERSION = 1
 
@@ -33,7 +33,8 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         if a.get("companions"):
             a["companions"] = [rel(c) for c in a["companions"]]
     options: dict[str, Any] = {}
-    given = _given_format_options(opts, report)
+    resolved = resolve_format_options(opts)
+    given = _given_format_options(resolved, report)
     for name in manifest_options():
         value = given.get(name, getattr(opts, name))
         if name == "format_options":
@@ -53,7 +54,7 @@ def manifest_record(opts: ExportOptions, report: Report) -> dict[str, Any]:
         options["data"] = rel(opts.data)
         options["data_sha256"] = report.data["sha256"]  # what was read (verify --manifest re-reads this file)
         record["data"] = {**report.data, "path": rel(report.data["path"])}
-    options["format_options"] = _own_options(opts, report, options, rel)
+    options["format_options"] = _own_options(resolved, report, options, rel)
     options["formats"] = [a.format for a in report.artifacts]
     record["options"] = options
     return record
@@ -67,14 +68,11 @@ def _run_formats_first(report: Report) -> list[str]:
     return list(dict.fromkeys([*ran, *REGISTRY]))
 
 
-def _given_format_options(opts: ExportOptions, report: Report) -> dict[str, object]:
+def _given_format_options(resolved: dict[str, object], report: Report) -> dict[str, object]:
     """The run options that are a format's options, as the format got them (the run's formats first): its
     default when not given, the --format-option value (`onnx.opset=17` is the run's opset) when given that way."""
     import dataclasses
 
-    from .options import resolve_format_options
-
-    resolved = resolve_format_options(opts)
     values: dict[str, object] = {}
     for name in _run_formats_first(report):
         for f in dataclasses.fields(resolved[name]):  # type: ignore[arg-type]
@@ -83,7 +81,7 @@ def _given_format_options(opts: ExportOptions, report: Report) -> dict[str, obje
     return values
 
 
-def _own_options(opts: ExportOptions, report: Report, recorded: dict[str, object],
+def _own_options(resolved: dict[str, object], report: Report, recorded: dict[str, object],
                  rel: Callable[[Path], str]) -> dict[str, dict[str, object]]:
     """{format: {option: value}} of the run's formats' own options that the run options do not record: the fields
     of their own names (a format added from outside), and a field named like a run option whose value differs
@@ -91,9 +89,7 @@ def _own_options(opts: ExportOptions, report: Report, recorded: dict[str, object
     import dataclasses
 
     from ..formats import get_format
-    from .options import resolve_format_options
 
-    resolved = resolve_format_options(opts)
     out: dict[str, dict[str, object]] = {}
     for name in dict.fromkeys(get_format(a.format).name for a in report.artifacts):
         own = resolved[name]

@@ -164,7 +164,6 @@ def _recorded_format_options(recorded: object, given: tuple[FormatOption, ...],
     verify_takes=True by a registered format) and the caller did not give, converted to their declared types
     (exit 2 naming the manifest's field); anything else is ignored (data). A path is never taken from it: it would
     escape the manifest's folder rules; the caller passes --format-option for it."""
-    import dataclasses
 
     from ..formats import REGISTRY, format_option_types
     from .options import convert_format_option
@@ -176,7 +175,7 @@ def _recorded_format_options(recorded: object, given: tuple[FormatOption, ...],
         fmt = REGISTRY.get(fmt_name) if isinstance(fmt_name, str) else None
         if fmt is None or not isinstance(own, dict):
             continue
-        verify_takes = {f.name for f in dataclasses.fields(fmt.options) if f.metadata.get("verify_takes")}
+        verify_takes = fmt.verify_option_names()
         types = format_option_types(fmt.options)
         for key, value in own.items():
             if key not in verify_takes or any(g[0] == fmt_name and g[1] == key for g in given):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -113,8 +112,8 @@ def manifest_options() -> dict[str, bool]:
     """The run's options and every registered format's own that has a run option of its name (the others are
     recorded under `format_options`), read when asked: a format registered later counts too."""
     return {  # a format's field never changes what the run's own option of that name means
-        **{f.name: bool(f.metadata.get("verify_takes", False)) for fmt in REGISTRY.values()
-           for f in dataclasses.fields(fmt.options) if hasattr(ExportOptions, f.name)},
+        **{name: name in fmt.verify_option_names() for fmt in REGISTRY.values()
+           for name in fmt.option_names() if hasattr(ExportOptions, name)},
         **RUN_MANIFEST_OPTIONS,
     }
 

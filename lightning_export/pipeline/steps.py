@@ -47,8 +47,6 @@ def run_steps(run: Run, opts: ExportOptions, report: Report, step: Step) -> None
 def _warn_unused_format_options(run: Run, opts: ExportOptions, formats: list[Format], report: Report) -> None:
     """A --format-option this run cannot use is said, not silently dropped: one for a format it does not write or
     verify, and on verify one the format declares export-only (the artifact already holds its effect)."""
-    import dataclasses
-
     names = {f.name for f in formats}
     unused = sorted({get_format(f).name for f, _, _ in opts.format_options} - names)
     if unused:
@@ -57,7 +55,6 @@ def _warn_unused_format_options(run: Run, opts: ExportOptions, formats: list[For
     if run.verb == "verifying":
         for fmt_name, key, _ in opts.format_options:
             fmt = get_format(fmt_name)
-            takes = {f.name for f in dataclasses.fields(fmt.options) if f.metadata.get("verify_takes")}
-            if fmt.name in names and key not in takes:
+            if fmt.name in names and key not in fmt.verify_option_names():
                 report.warnings.append(f"--format-option {fmt.name}.{key}: export-only (the artifact holds its "
                                        "effect); verify does not use it")
